@@ -1,0 +1,40 @@
+# Two commands for users: `make run` and `make test`. Both create or reuse the project-local venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= launch/configs/demo.yaml
+export RAY_AUTH_MODE ?= disabled
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv run test test-slow bench lint clean
+
+venv: $(STAMP)
+
+# torch first, pinned: it resolves to the CPU wheel on disk; a bare `torch` may pull a multi-GB CUDA build.
+# The stamp depends on pyproject.toml, so a second `make test` installs nothing.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/dpalign run --config $(CONFIG)
+
+# pytest exits 5 when it collects no test: not a failure of the suite itself.
+test: $(STAMP)
+	$(PY) -m pytest -q || [ $$? -eq 5 ]
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
+
+bench: $(STAMP)
+	$(PY) benchmarks/accounting.py --json
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check accounting trainers controller cluster launch tests benchmarks
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,40 @@
+"""The `dpalign` command line: one subcommand per module in `launch/commands/`.
+
+Subcommand modules are imported when the parser is built, so they keep heavy imports (torch, Ray, DeepSpeed)
+inside their ``main`` functions; `dpalign --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Order is the order shown by `dpalign --help`. A module appears here once its command works.
+COMMANDS: tuple[str, ...] = ("data", "pretrain")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpalign",
+        description="Differentially private RLHF on Ray: DP-SFT -> DP reward model -> DP-PPO, "
+        "with per-user (epsilon, delta) accounting and a learned clip/noise controller.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"launch.commands.{name}")
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

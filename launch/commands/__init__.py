@@ -1,0 +1,1 @@
+"""dpalign CLI subcommands: one module each, cheap to import (heavy imports happen inside main)."""

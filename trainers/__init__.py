@@ -1,0 +1,1 @@
+"""dpalign trainers: the DP gradient engine, the three stage recipes, data, models and rollout actors."""

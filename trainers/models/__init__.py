@@ -1,0 +1,1 @@
+"""Models: tokenizer, GPT-2-architecture base model, LoRA adapters (peft), save/load."""
