@@ -46,7 +46,7 @@ def test_tokenize_marks_exactly_the_response_and_eos(tokenizer: PreTrainedTokeni
     responses = [" answer: it was fine", " was great and the actors were wonderful"]
     batch = tokenize_sft_pairs(tokenizer, prompts, responses, max_length=64)
     eos = tokenizer.eos_token_id
-    for i, (p, r) in enumerate(zip(prompts, responses)):
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(r, add_special_tokens=False)["input_ids"] + [eos]
         n = len(p_ids) + len(r_ids)

@@ -106,7 +106,7 @@ def tokenize_sft_pairs(
 
     rows: list[list[int]] = []
     prompt_lens: list[int] = []
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
         r = list(r) + ([int(tokenizer.eos_token_id)] if append_eos else [])
         if not r:
             raise ValueError(f"response {i} tokenizes to no tokens and append_eos is off: it has no loss")
