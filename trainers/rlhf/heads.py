@@ -20,11 +20,14 @@ import torch
 from torch import Tensor, nn
 
 
-def last_token_index(attention_mask: Tensor) -> Tensor:
+def last_token_index(attention_mask: Tensor, *, validate: bool = True) -> Tensor:
     """Index of the last real (mask = 1) token of each row, for left OR right padding.
 
     Args:
         attention_mask: [R, T] 0/1.
+        validate: refuse rows without a real token. Model forward passes use False: the check is
+            data-dependent control flow, which per-sample-gradient engines built on ``torch.func.vmap`` cannot
+            trace (an empty row then reads column T - 1, harmlessly; validate at tokenization instead).
 
     Returns:
         [R] int64 column index.
@@ -36,7 +39,7 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
         raise ValueError(f"attention_mask must be [R, T], got {tuple(attention_mask.shape)}")
     am = attention_mask.long()
     empty = am.sum(dim=1) == 0
-    if empty.any():
+    if validate and empty.any():
         raise ValueError(f"attention_mask row {int(empty.nonzero()[0])} has no real token")
     T = am.shape[1]
     # argmax returns the FIRST maximum, so flip to find the last 1.
@@ -115,7 +118,7 @@ class ScoreModel(nn.Module):
             attention_mask=attention_mask,
             position_ids=position_ids_from_attention_mask(attention_mask),
         ).last_hidden_state  # [R, T, H]
-        idx = last_token_index(attention_mask)  # [R]
+        idx = last_token_index(attention_mask, validate=False)  # [R]
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # [R, H]
         return self.head(last).squeeze(-1)  # [R]
 
