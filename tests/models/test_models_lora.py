@@ -34,7 +34,7 @@ def _randomize_b(model, seed: int = 0) -> None:
     """LoRA initializes B to zero (a no-op adapter); give it values so merging has something to prove."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for a, b in lora_groups(model).values():
+        for _a, b in lora_groups(model).values():
             b.copy_(0.1 * torch.randn(b.shape, generator=gen))
 
 
