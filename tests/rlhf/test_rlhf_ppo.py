@@ -352,3 +352,18 @@ def test_per_record_losses_trace_under_vmap() -> None:
     c, r = torch.randn(R, generator=gen), torch.randn(R, generator=gen)
     g_bt = vmap(grad(lambda a, b: bradley_terry_loss_per_record(a[None], b[None]).sum()))(c, r)
     torch.testing.assert_close(g_bt, -torch.sigmoid(r - c))
+
+
+def test_garbage_on_padding_cannot_poison_a_record() -> None:
+    """Padding log-probs may be -inf or huge (pad tokens); the loss and gradients stay finite and unchanged."""
+    gen = torch.Generator().manual_seed(5)
+    new, old, adv, v, v_old, ret = (torch.randn(2, 4, generator=gen) for _ in range(6))
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    clean, _ = ppo_loss_per_record(new, old, adv, v, v_old, ret, mask)
+    new2, old2 = new.clone(), old.clone()
+    new2[0, 2], old2[0, 2], old2[0, 3] = 0.0, -200.0, float("-inf")
+    new2 = new2.requires_grad_()
+    dirty, _ = ppo_loss_per_record(new2, old2, adv, v, v_old, ret, mask)
+    torch.testing.assert_close(dirty.detach(), clean)
+    (g,) = torch.autograd.grad(dirty.sum(), new2)
+    assert torch.isfinite(g).all() and (g[0, 2:] == 0).all()

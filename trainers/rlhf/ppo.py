@@ -296,8 +296,10 @@ class PPOStats:
 
 def masked_mean_per_record(x: Tensor, mask: Tensor) -> Tensor:
     """Mean of x [R, T] over each row's real positions -> [R]; 0 for a row with none."""
-    m = mask.to(x.dtype)
-    return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+    m = mask.bool()
+    # where, not x * mask: padding may hold inf/nan (e.g. log-probs of pad tokens), and nan * 0 = nan.
+    total = torch.where(m, x, torch.zeros_like(x)).sum(dim=1)  # [R]
+    return total / m.sum(dim=1).clamp(min=1).to(x.dtype)
 
 
 def ppo_loss_per_record(
@@ -357,7 +359,9 @@ def ppo_loss_per_record(
     advantages, old_logprobs = advantages.detach(), old_logprobs.detach()
     old_values, returns = old_values.detach(), returns.detach()
 
-    log_ratio = new_logprobs - old_logprobs  # [R, T]
+    # Zero the log-ratio on padding BEFORE exp: a large padding log-ratio would overflow to inf, and inf * 0
+    # (or the backward of a masked-out inf) is nan, which would poison the whole record's loss and gradient.
+    log_ratio = torch.where(mask.bool(), new_logprobs - old_logprobs, torch.zeros_like(new_logprobs))  # [R, T]
     ratio = torch.exp(log_ratio)
     pg_unclipped = -advantages * ratio
     pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
