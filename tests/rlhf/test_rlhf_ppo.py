@@ -137,11 +137,13 @@ def test_gae_no_leakage_across_trajectories_or_past_the_end(
     assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
     # Garbage at padded positions of every row, and arbitrary changes to row 0, leave other rows unchanged.
     noise_r, noise_v = torch.randn(R, T, generator=gen) * 100, torch.randn(R, T, generator=gen) * 100
+    noise_r[:, ::2], noise_v[:, 1::2] = float("nan"), float("inf")  # padding may even be non-finite
     rewards2 = torch.where(mask == 1, rewards, noise_r)
     values2 = torch.where(mask == 1, values, noise_v)
     rewards2[0] += torch.randn(T, generator=gen)
     values2[0] += torch.randn(T, generator=gen)
     adv2, ret2 = gae_advantages(rewards2, values2, mask, gamma=gamma, lam=lam)
+    assert torch.isfinite(adv2).all() and torch.isfinite(ret2).all()
     torch.testing.assert_close(adv2[1:], adv[1:])
     torch.testing.assert_close(ret2[1:], ret[1:])
 

@@ -24,6 +24,7 @@ from trainers.rlhf.ppo import (
     gae_advantages,
     kl_per_token,
     logprobs_from_logits,
+    masked_fill_zero,
     normalize_advantages,
 )
 
@@ -202,8 +203,7 @@ def make_experience(
         old_logprobs = logprobs_from_logits(response_slice(policy_logits, prompt_len, T), response)  # [R, T]
         ref_logprobs = logprobs_from_logits(response_slice(ref_logits, prompt_len, T), response)  # [R, T]
         old_values = response_slice(values, prompt_len, T).float()  # [R, T]
-        m = action_mask.to(old_logprobs.dtype)
-        kl = kl_per_token(old_logprobs, ref_logprobs, estimator=kl_estimator) * m  # [R, T]
+        kl = masked_fill_zero(kl_per_token(old_logprobs, ref_logprobs, estimator=kl_estimator), action_mask)
         rewards = compute_token_rewards(
             scores.float(), old_logprobs, ref_logprobs, action_mask, beta=beta, kl_estimator=kl_estimator
         )  # [R, T]
@@ -217,9 +217,9 @@ def make_experience(
         action_mask=action_mask.long(),
         prompt_len=int(prompt_len),
         user_index=user_index.long(),
-        old_logprobs=old_logprobs * m,
-        ref_logprobs=ref_logprobs * m,
-        values=old_values * m,
+        old_logprobs=masked_fill_zero(old_logprobs, action_mask),
+        ref_logprobs=masked_fill_zero(ref_logprobs, action_mask),
+        values=masked_fill_zero(old_values, action_mask),
         scores=scores.detach().float(),
         kl=kl,
         rewards=rewards,

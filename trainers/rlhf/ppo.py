@@ -93,6 +93,12 @@ def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, *, estimator: KLEstimat
     raise ValueError(f"kl estimator must be 'k1' or 'k3', got {estimator!r}")
 
 
+def masked_fill_zero(x: Tensor, mask: Tensor) -> Tensor:
+    """x where mask is 1, else 0. ``torch.where`` rather than ``x * mask``: padding may hold inf or nan (log-probs
+    of pad tokens, values past the end), and nan * 0 = nan would leak into sums over the record."""
+    return torch.where(mask.bool(), x, torch.zeros_like(x))
+
+
 def last_action_index(mask: Tensor) -> Tensor:
     """Column of the last real action in each row of ``mask`` [R, T] -> [R]; refuses an empty row."""
     m = mask.long()
@@ -136,8 +142,7 @@ def compute_token_rewards(
             f"expected score [R], logprobs/ref_logprobs/mask [R, T]; got {tuple(score.shape)}, "
             f"{tuple(logprobs.shape)}, {tuple(mask.shape)}"
         )
-    m = mask.to(logprobs.dtype)
-    rewards = -beta * kl_per_token(logprobs, ref_logprobs, estimator=kl_estimator) * m  # [R, T]
+    rewards = masked_fill_zero(-beta * kl_per_token(logprobs, ref_logprobs, estimator=kl_estimator), mask)  # [R, T]
     last = last_action_index(mask)  # [R]
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last] += score.to(rewards.dtype)
@@ -188,7 +193,7 @@ def gae_advantages(
         advantages[:, t] = torch.where(valid, adv_t, torch.zeros_like(adv_t))
         next_adv = torch.where(valid, adv_t, next_adv)
         next_value = torch.where(valid, values[:, t], next_value)
-    returns = (advantages + values) * m  # [R, T]
+    returns = masked_fill_zero(advantages + values, m)  # [R, T]
     return advantages, returns
 
 
@@ -228,11 +233,11 @@ def whiten_per_trajectory(values: Tensor, mask: Tensor, *, eps: float = 1e-8) ->
     Returns:
         [R, T], 0 on padding.
     """
-    m = mask.to(values.dtype)  # [R, T]
-    n = m.sum(dim=1, keepdim=True).clamp(min=1.0)  # [R, 1]
-    mean = (values * m).sum(dim=1, keepdim=True) / n  # [R, 1]
-    var = (((values - mean) * m) ** 2).sum(dim=1, keepdim=True) / n  # [R, 1] biased (population) variance
-    return (values - mean) * torch.rsqrt(var + eps) * m
+    n = mask.to(values.dtype).sum(dim=1, keepdim=True).clamp(min=1.0)  # [R, 1]
+    x = masked_fill_zero(values, mask)  # [R, T]
+    mean = x.sum(dim=1, keepdim=True) / n  # [R, 1]
+    var = masked_fill_zero((x - mean) ** 2, mask).sum(dim=1, keepdim=True) / n  # [R, 1] population variance
+    return masked_fill_zero((x - mean) * torch.rsqrt(var + eps), mask)
 
 
 def normalize_advantages(
@@ -257,14 +262,13 @@ def normalize_advantages(
         [R, T], 0 on padding.
     """
     name = check_advantage_normalization(mode)
-    m = mask.to(advantages.dtype)
     if name == "none":
-        return advantages * m
+        return masked_fill_zero(advantages, mask)
     if name == "per_trajectory":
         return whiten_per_trajectory(advantages, mask, eps=eps)
     if not (scale > 0.0 and math.isfinite(scale)):
         raise ValueError(f"advantage scale must be a finite public constant > 0, got {scale}")
-    return advantages / scale * m
+    return masked_fill_zero(advantages / scale, mask)
 
 
 # ------------------------------------------------------------------------------------------------- PPO loss
@@ -296,10 +300,8 @@ class PPOStats:
 
 def masked_mean_per_record(x: Tensor, mask: Tensor) -> Tensor:
     """Mean of x [R, T] over each row's real positions -> [R]; 0 for a row with none."""
-    m = mask.bool()
-    # where, not x * mask: padding may hold inf/nan (e.g. log-probs of pad tokens), and nan * 0 = nan.
-    total = torch.where(m, x, torch.zeros_like(x)).sum(dim=1)  # [R]
-    return total / m.sum(dim=1).clamp(min=1).to(x.dtype)
+    total = masked_fill_zero(x, mask).sum(dim=1)  # [R]
+    return total / mask.bool().sum(dim=1).clamp(min=1).to(x.dtype)
 
 
 def ppo_loss_per_record(
@@ -361,7 +363,7 @@ def ppo_loss_per_record(
 
     # Zero the log-ratio on padding BEFORE exp: a large padding log-ratio would overflow to inf, and inf * 0
     # (or the backward of a masked-out inf) is nan, which would poison the whole record's loss and gradient.
-    log_ratio = torch.where(mask.bool(), new_logprobs - old_logprobs, torch.zeros_like(new_logprobs))  # [R, T]
+    log_ratio = masked_fill_zero(new_logprobs - old_logprobs, mask)  # [R, T]
     ratio = torch.exp(log_ratio)
     pg_unclipped = -advantages * ratio
     pg_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
