@@ -11,6 +11,7 @@ from trainers.rlhf.experience import (
     Experience,
     action_mask_from_response,
     make_experience,
+    ppo_loss_on_experience,
     response_slice,
     rollout_masks,
 )
@@ -133,3 +134,19 @@ def test_make_experience_refuses_batch_whitening(rollout: dict) -> None:
             ref_logits=rollout["ref_logits"], values=rollout["values"], scores=rollout["scores"],
             beta=0.1, gamma=1.0, lam=0.95, advantage_normalization="none",
         )
+
+
+def test_first_epoch_loss_on_experience(rollout: dict) -> None:
+    """Before any update the ratio is 1: approx KL 0, nothing clipped, policy loss = -mean advantage per record;
+    the gradient reaches the policy logits only through the record's own actions."""
+    exp = build(rollout)
+    logits = rollout["policy_logits"].clone().requires_grad_()
+    values = rollout["values"].clone()
+    loss, stats = ppo_loss_on_experience(exp, logits, values, clip_eps=0.2, value_clip=0.2, vf_coef=0.1,
+                                         with_entropy=True)
+    m = exp.action_mask.float()
+    torch.testing.assert_close(stats.approx_kl, torch.zeros(4), atol=1e-6, rtol=0)
+    assert (stats.clipfrac == 0).all() and stats.entropy is not None and (stats.entropy > 0).all()
+    torch.testing.assert_close(stats.policy_loss, -(exp.advantages * m).sum(1) / m.sum(1), atol=1e-5, rtol=1e-5)
+    (g,) = torch.autograd.grad(loss[1], logits)
+    assert g[[0, 2, 3]].abs().sum() == 0 and g[1, : exp.prompt_len - 1].abs().sum() == 0

@@ -20,12 +20,15 @@ from torch import Tensor
 
 from trainers.rlhf.ppo import (
     KLEstimator,
+    PPOStats,
     compute_token_rewards,
+    entropy_from_logits,
     gae_advantages,
     kl_per_token,
     logprobs_from_logits,
     masked_fill_zero,
     normalize_advantages,
+    ppo_loss_per_record,
 )
 
 
@@ -225,4 +228,46 @@ def make_experience(
         rewards=rewards,
         advantages=advantages,
         returns=returns,
+    )
+
+
+def ppo_loss_on_experience(
+    exp: Experience,
+    logits: Tensor,
+    values: Tensor,
+    *,
+    clip_eps: float,
+    value_clip: float | None,
+    vf_coef: float,
+    with_entropy: bool = False,
+) -> tuple[Tensor, PPOStats]:
+    """The per-record PPO loss of a (mini)batch of experience, from the current actor-critic's outputs.
+
+    This is the function a DP-PPO step hands to the engine as its per-record loss: call the actor on
+    ``exp.sequences``/``exp.attention_mask`` (``PolicyValueModel``), then this, per PPO epoch and minibatch.
+
+    Args:
+        exp: the rollout (or ``exp.select(minibatch)``).
+        logits: [R, S, V] current policy logits on ``exp.sequences``.
+        values: [R, S] current values on ``exp.sequences``.
+
+    Returns:
+        (loss [R], per-record stats), as ``ppo_loss_per_record``.
+    """
+    T = exp.action_mask.shape[1]
+    resp_logits = response_slice(logits, exp.prompt_len, T)  # [R, T, V]
+    new_logprobs = logprobs_from_logits(resp_logits, exp.response_ids)  # [R, T]
+    entropy = entropy_from_logits(resp_logits.detach()) if with_entropy else None
+    return ppo_loss_per_record(
+        new_logprobs,
+        exp.old_logprobs,
+        exp.advantages,
+        response_slice(values, exp.prompt_len, T).float(),
+        exp.values,
+        exp.returns,
+        exp.action_mask,
+        clip_eps=clip_eps,
+        value_clip=value_clip,
+        vf_coef=vf_coef,
+        entropy=entropy,
     )
