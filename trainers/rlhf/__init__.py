@@ -11,6 +11,7 @@ Modules:
     heads       last-token index, position ids from padding, the score model and the policy-with-value-head.
     ppo         log-probs, per-token KL, token rewards, per-trajectory GAE, user-safe advantage normalization,
                 the clipped PPO per-record loss, KL controllers.
-    experience  the rollout record (`Experience`) and the pure function that builds it from model outputs.
+    experience  the rollout record (`Experience`), the pure function that builds it from model outputs, and
+                `ppo_loss_on_experience`, the per-record loss a DP-PPO step hands to the engine.
     config      `PPOObjectiveConfig`: the hyperparameters of the PPO objective, validated at load time.
 """
