@@ -76,3 +76,24 @@ class PrivacyEvent:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrivacyEvent:
+        """Rebuild an event from a ledger line (extra keys such as "type" or "time" are ignored).
+
+        Numbers are checked for type here because JSON is untyped: a step of 1.5 or a rate of "0.01" is refused.
+        """
+        for key in ("step", "repeats"):
+            if key in data and (isinstance(data[key], bool) or not isinstance(data[key], int)):
+                raise ValueError(f"{key} must be an integer, got {data[key]!r}")
+        for key in ("sampling_rate", "noise_multiplier"):
+            if isinstance(data.get(key), bool) or not isinstance(data.get(key), (int, float)):
+                raise ValueError(f"{key} must be a number, got {data.get(key)!r}")
+        return cls(
+            stage=str(data["stage"]),
+            step=data["step"],
+            purpose=str(data["purpose"]),
+            sampling_rate=float(data["sampling_rate"]),
+            noise_multiplier=float(data["noise_multiplier"]),
+            repeats=data.get("repeats", 1),
+        )

@@ -1,0 +1,658 @@
+"""The write-ahead privacy ledger: one append-only ``ledger.jsonl`` per run, and the privacy filter.
+
+Contract (DESIGN.md section 2, "Ledger"; schema in docs/ledger_schema.md):
+* every noisy release is one ``event`` line, written, flushed and fsync'ed BEFORE ``record`` returns, so the
+  engine uses or saves a release only after it is on disk;
+* nothing is ever rolled back: resuming reopens the file and appends, so a crash can over-count (a release that
+  was recorded but never used), never under-count;
+* a torn last line (a crash inside ``write``) belongs to a ``record`` call that never returned, so its release
+  was never used; it is moved to a side file ``ledger.jsonl.torn`` for forensics, the file is cut back to its
+  last complete line, and a ``resume`` line notes the repair. A malformed line that is NOT the last one is
+  corruption and is refused, never skipped;
+* the privacy filter ``admit(event)`` scores ledger + proposal on fresh accountants and says whether every
+  stage and the run stay within budget; it never changes state. ``record`` refuses a release the filter would
+  refuse.
+
+Only the driver writes the ledger; an exclusive ``flock`` keeps a second writer out.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accounting.accountants import (
+    EventRun,
+    check_accountant,
+    check_delta,
+    coalesce,
+    epsilon,
+    to_dp_event,
+)
+from accounting.composition import COMPOSITION_MODES
+from accounting.events import PrivacyEvent
+
+SCHEMA_VERSION = 1
+LINE_TYPES = ("run", "stage", "event", "stage_end", "resume")
+STAGE_STATUSES = ("completed", "refused", "failed")
+TORN_SUFFIX = ".torn"
+_CERTIFICATE_CAP = 1 << 20
+
+
+class LedgerError(RuntimeError):
+    """The ledger cannot be opened, read or written as asked; the message names the file and the fix."""
+
+
+class BudgetExceededError(LedgerError):
+    """``record`` was asked to log a release that the privacy filter refuses."""
+
+
+@dataclass(frozen=True)
+class RunHeader:
+    """First line of the ledger: the run's identity and budget.
+
+    Attributes:
+        run_id: identifier of the run (checked on resume).
+        target_epsilon, target_delta: the run's overall budget.
+        accountant: "pld" (fixed schedules) or "rdp" (privacy filter at ``rdp_order``).
+        rdp_order: the single RDP order fixed before the run (required for "rdp", None for "pld").
+        composition: "parallel" (disjoint stage user sets) or "sequential".
+    """
+
+    run_id: str
+    target_epsilon: float
+    target_delta: float
+    accountant: str
+    rdp_order: float | None
+    composition: str
+
+
+@dataclass(frozen=True)
+class StageHeader:
+    """A stage's start line: everything verify needs to recompute the stage from the file alone.
+
+    Attributes:
+        stage: stage name ("sft", "rm", "ppo", ...).
+        user_fingerprint: fingerprint of the stage's user set (``composition.user_set_fingerprint``).
+        num_users: N, the number of users in the stage (q * N is the expected batch size).
+        target_epsilon, target_delta: the stage's budget.
+        composition, accountant, rdp_order: copied from the run header, so each stage line is self-describing.
+    """
+
+    stage: str
+    user_fingerprint: str
+    num_users: int
+    target_epsilon: float
+    target_delta: float
+    composition: str
+    accountant: str
+    rdp_order: float | None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The privacy filter's answer for one proposed release; truthy when admitted.
+
+    Attributes:
+        admitted: whether the stage and the run stay within budget after the release.
+        stage: the proposal's stage.
+        stage_epsilon: the stage's epsilon (at its target delta) after the release; an upper bound when the
+            answer came from a PLD certificate (see ``Ledger.admit``).
+        overall_epsilon: the run's epsilon (at the run's delta) after the release, same caveat.
+        reason: why it was refused ("" when admitted).
+    """
+
+    admitted: bool
+    stage: str
+    stage_epsilon: float
+    overall_epsilon: float
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.admitted
+
+
+@dataclass
+class LedgerContents:
+    """Everything parsed from a ledger file.
+
+    Attributes:
+        path: the file.
+        run: the run header.
+        stages: stage headers by name, in order of first appearance.
+        events: event lines, in file order.
+        stage_end: the last stage_end line of each stage ({"status", "reason"}).
+        resumes: resume lines.
+        torn_tail: bytes after the last newline (a torn write), b"" when the file ends cleanly.
+    """
+
+    path: Path
+    run: RunHeader
+    stages: dict[str, StageHeader] = field(default_factory=dict)
+    events: list[PrivacyEvent] = field(default_factory=list)
+    stage_end: dict[str, dict[str, str]] = field(default_factory=dict)
+    resumes: list[dict[str, Any]] = field(default_factory=list)
+    torn_tail: bytes = b""
+    valid_bytes: int = 0
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
+
+
+def _require_keys(obj: dict[str, Any], keys: tuple[str, ...], where: str) -> None:
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise LedgerError(f"{where}: missing field(s) {missing}")
+
+
+def read_ledger(path: str | os.PathLike[str]) -> LedgerContents:
+    """Parse a ledger file without changing it. A torn last line is reported in ``torn_tail``, not parsed.
+
+    Raises:
+        LedgerError: missing file, no run header, an unknown schema version or line type, a malformed line
+            before the last one, an event of a stage that has no stage line, or a stage redefined differently.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LedgerError(f"{path}: no such ledger file")
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    body, tail = data[:cut], data[cut:]
+    lines = body.split(b"\n")[:-1] if body else []
+    contents: LedgerContents | None = None
+    for number, raw in enumerate(lines, start=1):
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise LedgerError(f"{where}: not a JSON line ({err}); the ledger is corrupted, refusing to skip it")
+        if not isinstance(obj, dict) or obj.get("type") not in LINE_TYPES:
+            raise LedgerError(f"{where}: line type must be one of {LINE_TYPES}, got {obj!r:.80}")
+        kind = obj["type"]
+        if contents is None:
+            if kind != "run":
+                raise LedgerError(f"{where}: the first line must be the run header, got type {kind!r}")
+            if obj.get("schema_version") != SCHEMA_VERSION:
+                raise LedgerError(
+                    f"{where}: schema_version {obj.get('schema_version')!r} is not supported "
+                    f"(this dpalign reads version {SCHEMA_VERSION})"
+                )
+            _require_keys(obj, tuple(RunHeader.__dataclass_fields__), where)
+            run = RunHeader(**{k: obj[k] for k in RunHeader.__dataclass_fields__})
+            contents = LedgerContents(path=path, run=run)
+            continue
+        if kind == "run":
+            raise LedgerError(f"{where}: a second run header; one ledger belongs to one run")
+        if kind == "stage":
+            _require_keys(obj, tuple(StageHeader.__dataclass_fields__), where)
+            header = StageHeader(**{k: obj[k] for k in StageHeader.__dataclass_fields__})
+            old = contents.stages.get(header.stage)
+            if old is not None and old != header:
+                raise LedgerError(f"{where}: stage {header.stage!r} restarted with a different header")
+            contents.stages[header.stage] = header
+        elif kind == "event":
+            _require_keys(obj, ("stage", "step", "purpose", "sampling_rate", "noise_multiplier", "repeats"), where)
+            header = contents.stages.get(obj["stage"])
+            if header is None:
+                raise LedgerError(f"{where}: event of stage {obj['stage']!r}, which has no stage line before it")
+            if obj.get("user_fingerprint", header.user_fingerprint) != header.user_fingerprint:
+                raise LedgerError(f"{where}: event's user_fingerprint differs from its stage line")
+            try:
+                contents.events.append(PrivacyEvent.from_dict(obj))
+            except (TypeError, ValueError) as err:
+                raise LedgerError(f"{where}: invalid event ({err})") from None
+        elif kind == "stage_end":
+            _require_keys(obj, ("stage", "status", "reason"), where)
+            contents.stage_end[obj["stage"]] = {"status": obj["status"], "reason": obj["reason"]}
+        else:
+            contents.resumes.append(obj)
+    if contents is None:
+        raise LedgerError(f"{path}: no complete run header line; not a ledger (or torn before its first line)")
+    contents.torn_tail = tail
+    contents.valid_bytes = cut
+    return contents
+
+
+def _stage_runs(events: list[PrivacyEvent], stage: str | None) -> list[EventRun]:
+    return coalesce(e for e in events if stage is None or e.stage == stage)
+
+
+def compute_privacy(contents: LedgerContents) -> dict[str, Any]:
+    """The privacy numbers of a ledger, recomputed from its contents alone (what report.json must contain).
+
+    Per stage: epsilon at the stage's target delta. Overall: parallel composition takes the largest stage
+    epsilon at the run's delta; sequential composition composes every event of every stage.
+    """
+    run = contents.run
+    stages: dict[str, Any] = {}
+    for name, header in contents.stages.items():
+        result = epsilon(
+            _stage_runs(contents.events, name),
+            delta=header.target_delta,
+            accountant=run.accountant,
+            rdp_order=run.rdp_order,
+        )
+        end = contents.stage_end.get(name, {"status": "running", "reason": ""})
+        stages[name] = {
+            "epsilon": result.epsilon,
+            "delta": header.target_delta,
+            "target_epsilon": header.target_epsilon,
+            "num_events": result.num_events,
+            "num_users": header.num_users,
+            "user_fingerprint": header.user_fingerprint,
+            "status": end["status"],
+            "reason": end["reason"],
+        }
+    if run.composition == "parallel":
+        overall = max(
+            (
+                epsilon(
+                    _stage_runs(contents.events, name),
+                    delta=run.target_delta,
+                    accountant=run.accountant,
+                    rdp_order=run.rdp_order,
+                ).epsilon
+                for name in contents.stages
+            ),
+            default=0.0,
+        )
+    else:
+        overall = epsilon(
+            _stage_runs(contents.events, None),
+            delta=run.target_delta,
+            accountant=run.accountant,
+            rdp_order=run.rdp_order,
+        ).epsilon
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run.run_id,
+        "epsilon": overall,
+        "delta": run.target_delta,
+        "target_epsilon": run.target_epsilon,
+        "accountant": run.accountant,
+        "rdp_order": run.rdp_order,
+        "composition": run.composition,
+        "num_events": len(contents.events),
+        "stages": stages,
+    }
+
+
+@dataclass
+class _Certificate:
+    """PLD admission certificate: ``allowed`` more copies of ``event`` in ``stage`` fit the budget."""
+
+    event: PrivacyEvent
+    allowed: int
+    used: int
+    stage_epsilon: float
+    overall_epsilon: float
+
+
+class Ledger:
+    """An open, writable ledger. Create or resume with :meth:`open`; close with :meth:`close` (or ``with``)."""
+
+    def __init__(self, path: Path, fh: Any, contents: LedgerContents) -> None:
+        self.path = path
+        self._fh = fh
+        self._contents = contents
+        self._certificate: _Certificate | None = None
+
+    # ---- opening -------------------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        run_id: str,
+        target_epsilon: float,
+        target_delta: float,
+        accountant: str = "pld",
+        composition: str = "parallel",
+        rdp_order: float | None = None,
+    ) -> Ledger:
+        """Create ``path`` with a run header, or resume it (its header must match these arguments).
+
+        Args:
+            path: usually RUN_DIR/ledger.jsonl.
+            run_id: the run's id.
+            target_epsilon, target_delta: the run's overall budget.
+            accountant: "pld" for schedules fixed before the run; "rdp" for adaptive ones (needs rdp_order).
+            composition: "parallel" or "sequential", from ``composition.composition_mode`` over the stage data.
+            rdp_order: the RDP filter order, fixed before the run (``accountants.choose_rdp_order``).
+
+        Raises:
+            ValueError: on a bad budget, accountant, composition or order.
+            LedgerError: when the file belongs to another run or setup, is corrupted, or is locked by a writer.
+        """
+        check_accountant(accountant)
+        check_delta(target_delta)
+        if not (target_epsilon > 0.0) or math.isinf(target_epsilon):
+            raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon}")
+        if composition not in COMPOSITION_MODES:
+            raise ValueError(f"composition must be one of {COMPOSITION_MODES}, got {composition!r}")
+        if accountant == "rdp":
+            if rdp_order is None or not (float(rdp_order) > 1.0) or math.isinf(rdp_order):
+                raise ValueError(
+                    "accountant='rdp' needs rdp_order > 1 fixed before the run "
+                    "(see accounting.accountants.choose_rdp_order)"
+                )
+            rdp_order = float(rdp_order)
+        elif rdp_order is not None:
+            raise ValueError("rdp_order is only meaningful with accountant='rdp'")
+        header = RunHeader(
+            run_id=str(run_id),
+            target_epsilon=float(target_epsilon),
+            target_delta=float(target_delta),
+            accountant=accountant,
+            rdp_order=rdp_order,
+            composition=composition,
+        )
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "ab")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise LedgerError(f"{path}: another process holds this ledger open for writing") from None
+        try:
+            if fh.tell() == 0:
+                contents = LedgerContents(path=path, run=header)
+                ledger = cls(path, fh, contents)
+                ledger._append({"type": "run", "schema_version": SCHEMA_VERSION, **asdict(header), "time": _now()})
+                _fsync_dir(path.parent)
+                return ledger
+            if b"\n" not in path.read_bytes():
+                # Crash while writing the run header itself: no event can exist yet. Keep the bytes, start over.
+                side = path.with_name(path.name + TORN_SUFFIX)
+                with open(side, "ab") as out:
+                    out.write(path.read_bytes() + b"\n")
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.truncate(path, 0)
+                fh.seek(0)
+                ledger = cls(path, fh, LedgerContents(path=path, run=header))
+                ledger._append({"type": "run", "schema_version": SCHEMA_VERSION, **asdict(header), "time": _now()})
+                return ledger
+            contents = read_ledger(path)
+            if contents.run != header:
+                raise LedgerError(
+                    f"{path}: belongs to a different run or setup: file has {asdict(contents.run)}, asked for "
+                    f"{asdict(header)}; use a new run directory or the original settings"
+                )
+            ledger = cls(path, fh, contents)
+            ledger._repair_torn_tail()
+            return ledger
+        except BaseException:
+            fh.close()
+            raise
+
+    def _repair_torn_tail(self) -> None:
+        tail = self._contents.torn_tail
+        torn_file = ""
+        if tail:
+            side = self.path.with_name(self.path.name + TORN_SUFFIX)
+            with open(side, "ab") as out:
+                out.write(tail + b"\n")
+                out.flush()
+                os.fsync(out.fileno())
+            os.truncate(self.path, self._contents.valid_bytes)
+            self._fh.seek(0, os.SEEK_END)
+            torn_file = side.name
+            self._contents.torn_tail = b""
+        record = {"type": "resume", "time": _now(), "torn_bytes": len(tail), "torn_file": torn_file}
+        self._append(record)
+        self._contents.resumes.append(record)
+
+    # ---- writing -------------------------------------------------------------------------------------------
+    def _append(self, obj: dict[str, Any]) -> None:
+        """Write one line and make it durable before returning (write-ahead)."""
+        line = _dumps(obj)
+        self._fh.write(line)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._contents.valid_bytes += len(line)
+
+    def begin_stage(
+        self,
+        stage: str,
+        *,
+        user_fingerprint: str,
+        num_users: int,
+        target_epsilon: float | None = None,
+        target_delta: float | None = None,
+    ) -> StageHeader:
+        """Write the stage's start line (or, on resume, check it matches the one already there).
+
+        Stage targets default to the run's; under parallel composition they may not exceed it.
+        """
+        run = self._contents.run
+        target_epsilon = run.target_epsilon if target_epsilon is None else float(target_epsilon)
+        target_delta = run.target_delta if target_delta is None else float(target_delta)
+        check_delta(target_delta)
+        if not (target_epsilon > 0.0) or math.isinf(target_epsilon):
+            raise ValueError(f"stage {stage!r}: target_epsilon must be a finite number > 0, got {target_epsilon}")
+        if target_epsilon > run.target_epsilon or target_delta > run.target_delta:
+            raise ValueError(
+                f"stage {stage!r}: target ({target_epsilon}, {target_delta}) exceeds the run's "
+                f"({run.target_epsilon}, {run.target_delta})"
+            )
+        if int(num_users) != num_users or num_users < 1:
+            raise ValueError(f"stage {stage!r}: num_users must be an integer >= 1, got {num_users}")
+        header = StageHeader(
+            stage=str(stage),
+            user_fingerprint=str(user_fingerprint),
+            num_users=int(num_users),
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            composition=run.composition,
+            accountant=run.accountant,
+            rdp_order=run.rdp_order,
+        )
+        old = self._contents.stages.get(header.stage)
+        if old is not None:
+            if old != header:
+                raise LedgerError(
+                    f"{self.path}: stage {stage!r} already started with {asdict(old)}; resuming it with "
+                    f"different settings ({asdict(header)}) would mix two user sets or budgets"
+                )
+            return old
+        self._append({"type": "stage", **asdict(header), "time": _now()})
+        self._contents.stages[header.stage] = header
+        return header
+
+    def record(self, event: PrivacyEvent, *, stage_fingerprint: str | None = None, enforce: bool = True) -> None:
+        """Append ``event`` and fsync it; returns only once the line is durable. Use the release only after.
+
+        Args:
+            event: the release.
+            stage_fingerprint: if given, must equal the stage's user fingerprint (catches a stage fed the wrong
+                dataset).
+            enforce: refuse (BudgetExceededError) a release the privacy filter refuses. Turn off only to record a
+                release that already happened (it is then counted, and later releases are refused).
+
+        Raises:
+            LedgerError: unknown or finished stage, fingerprint mismatch.
+            BudgetExceededError: the filter refuses the release (nothing is written).
+        """
+        header = self._stage_for(event)
+        if stage_fingerprint is not None and stage_fingerprint != header.user_fingerprint:
+            raise LedgerError(
+                f"stage {event.stage!r}: event's user fingerprint {stage_fingerprint} differs from the stage's "
+                f"{header.user_fingerprint}"
+            )
+        if enforce:
+            admission = self.admit(event)
+            if not admission:
+                raise BudgetExceededError(admission.reason)
+        self._append({"type": "event", **event.to_dict(), "user_fingerprint": header.user_fingerprint, "time": _now()})
+        self._contents.events.append(event)
+        cert = self._certificate
+        if cert is not None:
+            if cert.event.stage == event.stage and cert.event.same_mechanism(event):
+                cert.used += 1
+            else:
+                self._certificate = None
+
+    def end_stage(self, stage: str, *, status: str = "completed", reason: str = "") -> None:
+        """Write the stage's end line: "completed", or "refused" (budget) / "failed" with a reason for the report."""
+        if stage not in self._contents.stages:
+            raise LedgerError(f"stage {stage!r} was never started in {self.path}")
+        if status not in STAGE_STATUSES:
+            raise ValueError(f"status must be one of {STAGE_STATUSES}, got {status!r}")
+        self._append({"type": "stage_end", "stage": stage, "status": status, "reason": str(reason), "time": _now()})
+        self._contents.stage_end[stage] = {"status": status, "reason": str(reason)}
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- reading -------------------------------------------------------------------------------------------
+    @property
+    def run(self) -> RunHeader:
+        return self._contents.run
+
+    @property
+    def stages(self) -> dict[str, StageHeader]:
+        return dict(self._contents.stages)
+
+    def events(self, stage: str | None = None) -> list[PrivacyEvent]:
+        """Recorded events (of one stage, or all), in order."""
+        return [e for e in self._contents.events if stage is None or e.stage == stage]
+
+    def __iter__(self) -> Iterator[PrivacyEvent]:
+        return iter(self.events())
+
+    def dp_event(self, stage: str | None = None) -> Any:
+        """The recorded history as one dp-accounting DpEvent (e.g. the trial mechanism for tuning cost)."""
+        return to_dp_event(_stage_runs(self._contents.events, stage))
+
+    def epsilon(self, stage: str | None = None) -> float:
+        """Epsilon so far: of one stage at its target delta, or of the run (see ``compute_privacy``)."""
+        if stage is None:
+            return self._overall_epsilon(self._contents.events)
+        header = self._contents.stages.get(stage)
+        if header is None:
+            raise LedgerError(f"stage {stage!r} was never started in {self.path}")
+        return self._stage_epsilon(self._contents.events, stage, header.target_delta)
+
+    def report(self) -> dict[str, Any]:
+        """The "privacy" object of report.json (docs/ledger_schema.md); ``dpalign privacy verify`` re-derives it."""
+        return compute_privacy(self._contents)
+
+    # ---- the privacy filter --------------------------------------------------------------------------------
+    def admit(self, event: PrivacyEvent) -> Admission:
+        """Would the stage and the run stay within budget after ``event``? Never changes the ledger.
+
+        Scored on fresh accountants over ledger + proposal. Under RDP (adaptive schedules) this is exact and
+        cheap: per-mechanism RDP at the filter order, summed. Under PLD a fixed schedule would pay a full PLD
+        composition per step, so an admitted proposal also yields a certificate: the largest m (a power of two)
+        such that ledger + m copies still fit. Later proposals of the same mechanism in the same stage are
+        admitted from it while it lasts; by monotonicity of composition that answer is exact, and the epsilons it
+        returns are upper bounds.
+        """
+        header = self._stage_for(event)
+        cert = self._certificate
+        if (
+            cert is not None
+            and cert.event.stage == event.stage
+            and cert.event.same_mechanism(event)
+            and cert.used + 1 <= cert.allowed
+        ):
+            return Admission(True, event.stage, cert.stage_epsilon, cert.overall_epsilon)
+        admission = self._score(event, 1, header)
+        if admission and self.run.accountant == "pld":
+            self._certificate = self._make_certificate(event, header, admission)
+        return admission
+
+    def _score(self, event: PrivacyEvent, copies: int, header: StageHeader) -> Admission:
+        proposal = self._contents.events + [event] * copies
+        stage_eps = self._stage_epsilon(proposal, event.stage, header.target_delta)
+        run = self.run
+        if run.composition == "parallel" and len(self._contents.stages) == 1 and header.target_delta == run.target_delta:
+            overall_eps = stage_eps  # one stage at the run's delta: the same number, not worth a second PLD
+        else:
+            overall_eps = self._overall_epsilon(proposal)
+        if stage_eps > header.target_epsilon:
+            reason = (
+                f"stage {event.stage!r} budget exhausted: epsilon would be {stage_eps:.4f} > target "
+                f"{header.target_epsilon:g} at delta {header.target_delta:g} ({run.accountant})"
+            )
+            return Admission(False, event.stage, stage_eps, overall_eps, reason)
+        if overall_eps > run.target_epsilon:
+            reason = (
+                f"run budget exhausted ({run.composition} composition): epsilon would be {overall_eps:.4f} > "
+                f"target {run.target_epsilon:g} at delta {run.target_delta:g} ({run.accountant})"
+            )
+            return Admission(False, event.stage, stage_eps, overall_eps, reason)
+        return Admission(True, event.stage, stage_eps, overall_eps)
+
+    def _make_certificate(self, event: PrivacyEvent, header: StageHeader, first: Admission) -> _Certificate:
+        # Gallop to a refused count, then bisect: about 2 log2(steps) PLD evaluations per mechanism change.
+        allowed, best, refused = 1, first, None
+        while allowed < _CERTIFICATE_CAP:
+            trial = self._score(event, allowed * 2, header)
+            if not trial:
+                refused = allowed * 2
+                break
+            allowed, best = allowed * 2, trial
+        while refused is not None and refused - allowed > 1:
+            mid = (allowed + refused) // 2
+            trial = self._score(event, mid, header)
+            if trial:
+                allowed, best = mid, trial
+            else:
+                refused = mid
+        return _Certificate(event, allowed, 0, best.stage_epsilon, best.overall_epsilon)
+
+    def _stage_for(self, event: PrivacyEvent) -> StageHeader:
+        header = self._contents.stages.get(event.stage)
+        if header is None:
+            raise LedgerError(f"stage {event.stage!r} was never started in {self.path}; call begin_stage first")
+        if event.stage in self._contents.stage_end:
+            raise LedgerError(f"stage {event.stage!r} has ended in {self.path}; it takes no more releases")
+        return header
+
+    def _stage_epsilon(self, events: list[PrivacyEvent], stage: str, delta: float) -> float:
+        run = self.run
+        return epsilon(
+            _stage_runs(events, stage), delta=delta, accountant=run.accountant, rdp_order=run.rdp_order
+        ).epsilon
+
+    def _overall_epsilon(self, events: list[PrivacyEvent]) -> float:
+        run = self.run
+        if run.composition == "parallel":
+            return max(
+                (self._stage_epsilon(events, s, run.target_delta) for s in self._contents.stages), default=0.0
+            )
+        return epsilon(
+            _stage_runs(events, None), delta=run.target_delta, accountant=run.accountant, rdp_order=run.rdp_order
+        ).epsilon
+
+
+def _now() -> float:
+    return round(time.time(), 3)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the new file's directory entry durable too (a fresh ledger must survive a power cut)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
