@@ -44,7 +44,9 @@ def exposure_exact(secret_log_perplexity: float, candidate_log_perplexities: np.
     if not math.isfinite(secret_log_perplexity):
         raise ValueError(f"secret log-perplexity must be finite, got {secret_log_perplexity}")
     if not np.any(c == secret_log_perplexity):
-        raise ValueError("the candidate space must include the secret itself (its log-perplexity was not found)")
+        raise ValueError(
+            "the candidate space must include the secret itself (its log-perplexity was not found)"
+        )
     rank = 1 + int(np.sum(c < secret_log_perplexity))
     return math.log2(c.size) - math.log2(rank)
 

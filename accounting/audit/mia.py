@@ -55,7 +55,9 @@ def _as_scores(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
-def auc_with_ci(member_scores: np.ndarray, nonmember_scores: np.ndarray, *, confidence: float = 0.95) -> AucResult:
+def auc_with_ci(
+    member_scores: np.ndarray, nonmember_scores: np.ndarray, *, confidence: float = 0.95
+) -> AucResult:
     """AUC of separating members from non-members by score, with a DeLong interval (logit scale).
 
     Raises:

@@ -130,7 +130,9 @@ def guesses_from_scores(scores: np.ndarray, *, k_pos: int, k_neg: int) -> np.nda
         raise ValueError("scores must be finite (a nan/inf score would be ranked arbitrarily)")
     m = scores.shape[0]
     if k_pos < 0 or k_neg < 0 or k_pos + k_neg > m:
-        raise ValueError(f"need k_pos, k_neg >= 0 and k_pos + k_neg <= m={m}, got k_pos={k_pos}, k_neg={k_neg}")
+        raise ValueError(
+            f"need k_pos, k_neg >= 0 and k_pos + k_neg <= m={m}, got k_pos={k_pos}, k_neg={k_neg}"
+        )
     order = np.argsort(-scores, kind="stable")  # [m] highest first
     guesses = np.zeros(m, dtype=np.int64)
     guesses[order[:k_pos]] = 1

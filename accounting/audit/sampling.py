@@ -62,7 +62,9 @@ def poisson_inclusion_test(membership: np.ndarray, *, sampling_rate: float) -> P
     """
     membership = np.asarray(membership)
     if membership.ndim != 2 or membership.dtype != np.bool_:
-        raise ValueError(f"membership must be a [steps, users] bool matrix, got {membership.dtype} {membership.shape}")
+        raise ValueError(
+            f"membership must be a [steps, users] bool matrix, got {membership.dtype} {membership.shape}"
+        )
     num_steps, num_users = membership.shape
     if num_steps < 2 or num_users < 2:
         raise ValueError(f"need at least 2 steps and 2 users, got {num_steps} steps, {num_users} users")

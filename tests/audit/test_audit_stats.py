@@ -37,7 +37,12 @@ def _paper_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
 
 @pytest.mark.parametrize(
     "m,r,v,eps,delta",
-    [(1000, 100, 90, 1.0, 1e-5), (1000, 500, 400, 1.3, 1e-6), (200, 200, 130, 0.2, 1e-3), (50, 10, 0, 2.0, 0.01)],
+    [
+        (1000, 100, 90, 1.0, 1e-5),
+        (1000, 500, 400, 1.3, 1e-6),
+        (200, 200, 130, 0.2, 1e-3),
+        (50, 10, 0, 2.0, 0.01),
+    ],
 )
 def test_p_value_matches_paper_algorithm(m: int, r: int, v: int, eps: float, delta: float) -> None:
     assert p_value(m=m, r=r, v=v, epsilon=eps, delta=delta) == pytest.approx(
@@ -56,7 +61,9 @@ def test_all_correct_closed_form() -> None:
     r, beta = 100, 0.05
     p = beta ** (1 / r)
     expected = math.log(p / (1 - p))
-    assert epsilon_lower_bound(m=r, r=r, v=r, delta=0.0, confidence=1 - beta) == pytest.approx(expected, abs=1e-5)
+    assert epsilon_lower_bound(m=r, r=r, v=r, delta=0.0, confidence=1 - beta) == pytest.approx(
+        expected, abs=1e-5
+    )
 
 
 def test_bound_is_the_rejection_boundary_and_monotone() -> None:
