@@ -1,0 +1,98 @@
+"""Shared pieces of the distributed tests: a tiny LoRA GPT-2, users with several records, and a direct DP step.
+
+The DP step here is the textbook computation (per-user autograd, per-module clipping, sum, reduce, noise from a
+(seed, step) generator, divide by q*N), written independently of the engine so that the distributed mechanism
+(sharding, all-reduce before noise, same noise on every rank, DeepSpeed apply) is tested against it.
+Workers import this module by value (ray.cloudpickle.register_pickle_by_value), so it needs no path setup.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from trainers.distributed import ReduceFn, param_shape, step_seed, trainable_named_parameters
+
+VOCAB = 100
+SEQ = 8
+NUM_USERS = 16
+SAMPLING_RATE = 0.5
+CLIP = 0.05
+
+
+def tiny_lora_gpt2(seed: int = 0) -> torch.nn.Module:
+    """GPT-2 with 2 layers, hidden 32, vocab 100, no dropout (per-user gradients must be deterministic), LoRA r=4
+    on c_attn; B starts non-zero so A gets gradients."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from trainers.models.lora import add_lora
+
+    torch.manual_seed(seed)
+    base = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=2,
+            n_embd=32,
+            n_head=2,
+            vocab_size=VOCAB,
+            n_positions=32,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
+    model = add_lora(base, r=4, alpha=8)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for _, p in trainable_named_parameters(model):
+        with torch.no_grad():
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def user_records(num_users: int = NUM_USERS, seed: int = 0) -> list[Tensor]:
+    """user u -> token ids [n_records_u, SEQ] with 1 to 3 records per user."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    counts = torch.randint(1, 4, (num_users,), generator=gen)
+    return [torch.randint(0, VOCAB, (int(c), SEQ), generator=gen) for c in counts]
+
+
+def dp_gradient(
+    model: torch.nn.Module,
+    records: list[Tensor],
+    users: Tensor,
+    *,
+    clip: float,
+    noise_multiplier: float,
+    seed: int,
+    step: int,
+    expected_batch_size: float,
+    reduce_fn: ReduceFn | None = None,
+) -> list[Tensor]:
+    """Final DP gradient for ``users`` (this rank's share), one tensor per trainable parameter, in module order.
+
+    Groups: one per LoRA module (A and B together), each clipped to ``clip``; isotropic noise
+    std = noise_multiplier * clip * sqrt(K) on every coordinate (sigma_eff = noise_multiplier).
+    """
+    from trainers.models.lora import lora_groups
+
+    named = trainable_named_parameters(model)
+    params = [p for _, p in named]
+    index = {id(p): i for i, p in enumerate(params)}
+    groups = [[index[id(p)] for p in ps] for ps in lora_groups(model).values()]
+    sums = [torch.zeros(param_shape(p), dtype=p.dtype) for p in params]  # full shape also under ZeRO-3
+    for u in users.tolist():
+        ids = records[u]  # [n_records_u, SEQ]
+        out = model(input_ids=ids, labels=ids)
+        loss = out.loss * ids.shape[0]  # sum over the user's records (HF returns the mean over records)
+        grads = torch.autograd.grad(loss, params)
+        for g_idx in groups:
+            norm = torch.sqrt(sum(grads[i].pow(2).sum() for i in g_idx))
+            scale = torch.clamp(clip / (norm + 1e-12), max=1.0)
+            for i in g_idx:
+                sums[i] += grads[i] * scale
+    if reduce_fn is not None:
+        reduce_fn(sums)
+    std = noise_multiplier * clip * math.sqrt(len(groups))
+    gen = torch.Generator().manual_seed(step_seed(seed, step, "noise"))
+    return [(s + std * torch.randn(s.shape, generator=gen)) / expected_batch_size for s in sums]

@@ -1,0 +1,239 @@
+"""Two gloo learners in Ray Train give the single-process DP update; DeepSpeed ZeRO-2/3 apply it exactly.
+
+One Ray session per module (start-up dominates); the worker loops are pickled by value, so workers need no path
+setup. References are computed in the driver with one process and a plain torch optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import dist_helpers as H
+import pytest
+import torch
+
+from trainers.distributed import poisson_sample
+
+SEED = 3
+STEPS = 2
+NOISE = 1.0
+
+
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    import ray.cloudpickle
+
+    from cluster.runtime import init_ray, shutdown_ray
+
+    for module in (H, sys.modules[__name__]):
+        ray.cloudpickle.register_pickle_by_value(module)
+    init_ray(num_cpus=2, address="local")
+    yield tmp_path_factory.mktemp("ray_train")
+    shutdown_ray()
+
+
+def _dp_loop(config: dict) -> None:
+    """Every rank: same Poisson sample, own slice, clip locally, all-reduce, same noise, SGD apply; rank 0 writes
+    each event to the driver's ledger (and checks it is on disk) before applying."""
+    import ray.train
+
+    from accounting.events import PrivacyEvent
+    from cluster.ledger import remote_event_writer
+    from cluster.train import worker_info
+    from trainers.distributed import (
+        allreduce_sum_fn,
+        assert_replicated,
+        poisson_sample,
+        shard_users,
+        trainable_named_parameters,
+    )
+
+    torch.set_num_threads(1)
+    info = worker_info()
+    model = H.tiny_lora_gpt2()
+    records = H.user_records()
+    params = [p for _, p in trainable_named_parameters(model)]
+    opt = torch.optim.SGD(params, lr=1.0)
+    reduce = allreduce_sum_fn()
+    emit = remote_event_writer(config["sink"]) if info.is_main_process else None
+    local_users = 0
+    for step in range(STEPS):
+        sampled = poisson_sample(H.NUM_USERS, sampling_rate=H.SAMPLING_RATE, seed=SEED, step=step)
+        mine = shard_users(sampled, rank=info.rank, world_size=info.world_size)
+        local_users += len(mine)
+        grads = H.dp_gradient(
+            model,
+            records,
+            mine,
+            clip=H.CLIP,
+            noise_multiplier=NOISE,
+            seed=SEED,
+            step=step,
+            expected_batch_size=H.SAMPLING_RATE * H.NUM_USERS,
+            reduce_fn=reduce,
+        )
+        assert_replicated(grads)
+        if emit is not None:
+            emit(
+                PrivacyEvent(
+                    stage="test",
+                    step=step,
+                    purpose="gradient",
+                    sampling_rate=H.SAMPLING_RATE,
+                    noise_multiplier=NOISE,
+                )
+            )
+            on_disk = Path(config["ledger"]).read_text().splitlines()
+            assert len(on_disk) == step + 1, "write-ahead: the event must be on disk before the update"
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        opt.step()
+    metrics = {"local_users": local_users, "rank": info.rank}
+    if info.is_main_process:
+        with tempfile.TemporaryDirectory() as d:
+            torch.save([p.detach().clone() for p in params], Path(d) / "lora.pt")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    else:
+        ray.train.report(metrics)
+
+
+def _reference(optimizer_factory, noise: float) -> list[torch.Tensor]:
+    """One process, all sampled users, plain torch optimizer."""
+    from trainers.distributed import trainable_named_parameters
+
+    model = H.tiny_lora_gpt2()
+    records = H.user_records()
+    params = [p for _, p in trainable_named_parameters(model)]
+    opt = optimizer_factory(params)
+    for step in range(STEPS):
+        sampled = poisson_sample(H.NUM_USERS, sampling_rate=H.SAMPLING_RATE, seed=SEED, step=step)
+        grads = H.dp_gradient(
+            model,
+            records,
+            sampled,
+            clip=H.CLIP,
+            noise_multiplier=noise,
+            seed=SEED,
+            step=step,
+            expected_batch_size=H.SAMPLING_RATE * H.NUM_USERS,
+        )
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def test_two_gloo_learners_equal_single_process_and_ledger_is_write_ahead(ray_session):
+    from cluster.ledger import start_ledger_sink
+    from cluster.train import run_learners
+
+    ledger = ray_session / "ledger.jsonl"
+    sink = start_ledger_sink(ledger)
+    result = run_learners(
+        _dp_loop,
+        {"sink": sink, "ledger": str(ledger)},
+        num_workers=2,
+        max_failures=0,
+        storage_path=str(ray_session),
+        name="dp2",
+    )
+    with result.checkpoint.as_directory() as d:
+        got = torch.load(Path(d) / "lora.pt")
+    want = _reference(lambda ps: torch.optim.SGD(ps, lr=1.0), NOISE)
+    start = H.tiny_lora_gpt2()
+    moved = max(
+        (a - b).abs().max().item()
+        for a, b in zip(want, [p for p in start.parameters() if p.requires_grad], strict=True)
+    )
+    assert moved > 1e-3, "the reference update must move the LoRA weights"
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    events = [json.loads(line) for line in ledger.read_text().splitlines()]
+    assert [e["step"] for e in events] == list(range(STEPS))
+    assert all(e["noise_multiplier"] == NOISE and e["sampling_rate"] == H.SAMPLING_RATE for e in events)
+
+
+def _deepspeed_loop(config: dict) -> None:
+    """Every rank: for ZeRO-2 and ZeRO-3, with and without noise, two DP steps through DeepSpeed's optimizer
+    (per-user gradients computed through the DeepSpeed-wrapped module); rank 0 reports the LoRA weights."""
+    import deepspeed
+    import ray.train
+
+    from cluster.config import DeepSpeedConfig
+    from cluster.train import worker_info
+    from trainers.distributed import (
+        allreduce_sum_fn,
+        deepspeed_apply_fn,
+        init_deepspeed,
+        poisson_sample,
+        shard_users,
+        trainable_named_parameters,
+    )
+
+    torch.set_num_threads(1)
+    info = worker_info()
+    records = H.user_records()
+    reduce = allreduce_sum_fn()
+    out: dict[str, list[torch.Tensor]] = {}
+    for stage in (2, 3):
+        for noise in (0.0, NOISE):
+            engine, _ = init_deepspeed(
+                H.tiny_lora_gpt2(),
+                lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-6, weight_decay=0.01),
+                DeepSpeedConfig(enabled=True, zero_stage=stage),
+                device="cpu",
+            )
+            apply = deepspeed_apply_fn(engine)
+            for step in range(STEPS):
+                sampled = poisson_sample(H.NUM_USERS, sampling_rate=H.SAMPLING_RATE, seed=SEED, step=step)
+                mine = shard_users(sampled, rank=info.rank, world_size=info.world_size)
+                grads = H.dp_gradient(
+                    engine.module,
+                    records,
+                    mine,
+                    clip=H.CLIP,
+                    noise_multiplier=noise,
+                    seed=SEED,
+                    step=step,
+                    expected_batch_size=H.SAMPLING_RATE * H.NUM_USERS,
+                    reduce_fn=reduce,
+                )
+                apply(grads)
+            everything = list(engine.module.parameters())
+            with deepspeed.zero.GatheredParameters(everything, modifier_rank=None, enabled=stage == 3):
+                out[f"z{stage}_noise{noise}"] = [
+                    p.detach().clone() for _, p in trainable_named_parameters(engine.module)
+                ]
+                out[f"z{stage}_noise{noise}_frozen"] = [
+                    p.detach().clone() for p in everything if not p.requires_grad
+                ]
+    if info.is_main_process:
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(out, Path(d) / "out.pt")
+            ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(d))
+    else:
+        ray.train.report({})
+
+
+@pytest.mark.slow  # ~50 s on 2 cores: DeepSpeed import and four engine initializations per worker
+def test_deepspeed_zero2_zero3_apply_the_dp_update_like_plain_adamw(ray_session):
+    from cluster.train import run_learners
+
+    result = run_learners(_deepspeed_loop, {}, num_workers=2, storage_path=str(ray_session), name="ds2")
+    with result.checkpoint.as_directory() as d:
+        got = torch.load(Path(d) / "out.pt")
+    frozen_start = [p.detach() for p in H.tiny_lora_gpt2().parameters() if not p.requires_grad]
+    for noise in (0.0, NOISE):
+        want = _reference(lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-6, weight_decay=0.01), noise)
+        for stage in (2, 3):
+            key = f"z{stage}_noise{noise}"
+            for a, b in zip(got[key], want, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+            for a, b in zip(got[key + "_frozen"], frozen_start, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, k=key: f"{k} frozen: {m}")
+    assert not torch.allclose(got["z2_noise0.0"][0], got[f"z2_noise{NOISE}"][0]), (
+        "noise must change the update"
+    )
