@@ -1,0 +1,104 @@
+"""Tiny LoRA GPT-2 models, users with several records, per-record losses and an autograd reference."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from trainers.rlhf.sft import causal_lm_loss_per_record
+
+VOCAB = 128
+SEQ = 12
+
+
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64, tie_word_embeddings=False,
+        resid_pdrop=0.0, bos_token_id=0, eos_token_id=0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def randomize_lora(model: nn.Module, seed: int = 1) -> None:
+    """B starts at zero in peft (then A gets no gradient); random A and B make every test meaningful."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+
+
+def lora_lm(seed: int = 0) -> nn.Module:
+    from trainers.models.lora import add_lora
+
+    model = add_lora(tiny_gpt2(seed), r=4, alpha=8)
+    randomize_lora(model, seed + 1)
+    return model
+
+
+def lora_score_model(seed: int = 0) -> nn.Module:
+    from trainers.models.lora import add_lora
+    from trainers.rlhf.heads import ScoreModel
+
+    backbone = add_lora(tiny_gpt2(seed), r=4, alpha=8)
+    randomize_lora(backbone, seed + 1)
+    torch.manual_seed(seed + 2)
+    return ScoreModel(backbone)
+
+
+def lm_records(user_counts: list[int], seed: int = 0) -> tuple[dict[str, Tensor], Tensor]:
+    """Records of users with the given record counts, interleaved (a user's records are not contiguous)."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    users = torch.cat([torch.full((c,), u, dtype=torch.int64) for u, c in enumerate(user_counts)])
+    users = users[torch.randperm(users.numel(), generator=gen)]  # [R]
+    r = users.numel()
+    ids = torch.randint(0, VOCAB, (r, SEQ), generator=gen)
+    mask = torch.ones(r, SEQ, dtype=torch.int64)
+    mask[:, :3] = 0  # a prompt of 3 tokens
+    return {"input_ids": ids, "loss_mask": mask}, users
+
+
+def lm_loss(model: nn.Module):
+    def loss_fn(rec: dict[str, Tensor]) -> Tensor:
+        logits = model(input_ids=rec["input_ids"]).logits  # [R, L, V]
+        return causal_lm_loss_per_record(logits, rec["input_ids"], rec["loss_mask"])  # [R]
+
+    return loss_fn
+
+
+def pair_records(num_records: int, seed: int = 0) -> dict[str, Tensor]:
+    gen = torch.Generator().manual_seed(seed + 11)
+    return {
+        "chosen": torch.randint(0, VOCAB, (num_records, SEQ), generator=gen),
+        "rejected": torch.randint(0, VOCAB, (num_records, SEQ), generator=gen),
+    }
+
+
+def bt_loss(model: nn.Module, *, concat: bool):
+    """Bradley-Terry per record; ``concat`` scores chosen and rejected in one forward of 2R rows."""
+    from trainers.rlhf.reward import bradley_terry_loss_per_record
+
+    def loss_fn(rec: dict[str, Tensor]) -> Tensor:
+        ones = torch.ones_like(rec["chosen"])
+        if concat:
+            scores = model(torch.cat([rec["chosen"], rec["rejected"]]), torch.cat([ones, ones]))  # [2R]
+            sc, sr = scores.chunk(2)
+        else:
+            sc, sr = model(rec["chosen"], ones), model(rec["rejected"], ones)  # [R], [R]
+        return bradley_terry_loss_per_record(sc, sr)
+
+    return loss_fn
+
+
+def reference_per_user(model: nn.Module, loss_fn, records: dict[str, Tensor], users: Tensor) -> list[list[Tensor]]:
+    """Per user (sorted ids), autograd gradients of the sum of that user's record losses, computed user by user."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for u in torch.unique(users).tolist():
+        idx = torch.nonzero(users == u).flatten()
+        loss = loss_fn({k: v[idx] for k, v in records.items()}).sum()
+        out.append(list(torch.autograd.grad(loss, params)))
+    return out
