@@ -336,6 +336,20 @@ def deepspeed_apply_fn(engine: Any) -> ApplyFn:
     return apply
 
 
+def gather_trainable_state(engine: Any) -> dict[str, Tensor]:
+    """{name: full CPU copy} of every trainable tensor (LoRA A/B, heads), on every rank, also under ZeRO-3.
+
+    Collective under ZeRO-3 (every rank must call it). What rank 0 saves as the adapter checkpoint and what goes
+    to the rollout actors (only LoRA weights travel, DESIGN §4).
+    """
+    import deepspeed
+
+    named = trainable_named_parameters(engine.module)
+    stage3 = engine.zero_optimization_stage() == 3
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None, enabled=stage3):
+        return {n: p.detach().to("cpu", copy=True) for n, p in named}
+
+
 def deepspeed_named_grads(grads: Mapping[str, Tensor], engine: Any) -> list[Tensor]:
     """Order a {parameter name: gradient} mapping like ``trainable_named_parameters(engine.module)``."""
     names = [n for n, _ in trainable_named_parameters(engine.module)]
