@@ -53,7 +53,6 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_run_config(args)
 
     from trainers.data.task import build_task
-
     from trainers.models.base import ensure_base_model
 
     try:

@@ -17,7 +17,6 @@ from trainers.models.base import (
     eval_windows,
     load_base_model,
     pack,
-    read_texts,
     unigram_perplexity,
 )
 from trainers.models.config import BaseModelConfig
@@ -155,17 +154,23 @@ def test_name_or_path_loads_through_the_same_code_without_pretraining(built, tmp
     assert model.config.n_layer == TINY.n_layer and len(tok) == TINY.vocab_size
 
 
-def test_jsonl_texts_and_their_errors(tmp_path):
-    good = tmp_path / "public.jsonl"
-    good.write_text("".join(json.dumps({"text": t}) + "\n" for t in TRAIN[:3]))
-    assert read_texts(good) == TRAIN[:3]
+def test_public_files_are_read_and_validated_by_the_data_loader(tmp_path):
+    train, valid = tmp_path / "public.jsonl", tmp_path / "valid.jsonl"
+    train.write_text("".join(json.dumps({"text": t}) + "\n" for t in TRAIN))
+    valid.write_text("".join(json.dumps({"text": t}) + "\n" for t in VALID))
+    cfg = replace(TINY, pretrain_steps=2)
+    info = ensure_base_model(cfg, DataConfig(), cache_dir=tmp_path, public_train=train, public_valid=valid)
+    assert info.built and info.metrics.train_tokens > 1000
+
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"txt": "x"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl: row 2: missing 'text'"):
-        read_texts(bad)
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text(json.dumps({"text": "  "}) + "\n")
-    with pytest.raises(ValueError, match=r"empty.jsonl: row 1: 'text' is '  '"):
-        read_texts(empty)
-    with pytest.raises(FileNotFoundError, match="nope.jsonl: file not found"):
-        read_texts(tmp_path / "nope.jsonl")
+    with pytest.raises(ValueError, match=r"bad.jsonl.*row 2"):
+        ensure_base_model(
+            replace(cfg, seed=1), DataConfig(), cache_dir=tmp_path, public_train=bad, public_valid=valid
+        )
+    with pytest.raises(ValueError, match="set data.public_path and data.public_valid_path"):
+        ensure_base_model(
+            replace(cfg, seed=2), DataConfig(), cache_dir=tmp_path, public_train="", public_valid=""
+        )
+    leftovers = [p.name for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # failed builds leave no temp directory behind

@@ -101,52 +101,21 @@ class BaseModelInfo:
 # Texts and token streams
 
 
-def read_texts(path: str | os.PathLike, *, column: str = "text") -> list[str]:
-    """Read the ``column`` of a JSONL or Parquet file, failing with the file, row and fix on bad data."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"{p}: file not found (expected a JSONL or Parquet file with a '{column}' column)"
-        )
-    if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(p)
-        if column not in table.column_names:
-            raise ValueError(f"{p}: no '{column}' column (columns: {', '.join(table.column_names)}); add it")
-        rows = table.column(column).to_pylist()
-    else:
-        rows = []
-        with p.open(encoding="utf-8") as fh:
-            for i, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(
-                        f"{p}: row {i}: not valid JSON ({err.msg}); one JSON object per line"
-                    ) from None
-                if not isinstance(record, dict) or column not in record:
-                    raise ValueError(
-                        f"{p}: row {i}: missing '{column}'; every row needs a non-empty string '{column}'"
-                    )
-                rows.append(record[column])
-    for i, text in enumerate(rows, start=1):
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{p}: row {i}: '{column}' is {text!r}; it must be a non-empty string")
-    if not rows:
-        raise ValueError(f"{p}: no rows; the public corpus must not be empty")
-    return rows
-
-
-def _as_texts(texts: Texts) -> list[str]:
+def _as_texts(texts: Texts, *, what: str) -> list[str]:
+    """Texts as a list; a path is read (and validated, naming file and row) by the data package's loader."""
     if isinstance(texts, (str, os.PathLike)):
-        return read_texts(texts)
+        if not str(texts):
+            raise ValueError(
+                f"no {what} file: the embedded base model is pretrained on a public corpus; set data.public_path "
+                "and data.public_valid_path (column text), or model.name_or_path to use an existing model"
+            )
+        from trainers.data.io import load_public
+
+        return list(load_public(texts).rows["text"])
     out = list(texts)
     for i, text in enumerate(out):
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"text {i}: {text!r}; every public text must be a non-empty string")
+            raise ValueError(f"{what} text {i}: {text!r}; every public text must be a non-empty string")
     return out
 
 
@@ -316,7 +285,8 @@ def build_base_model(
     No caching here: see :func:`ensure_base_model`.
     """
     started = time.perf_counter()
-    train_texts, valid_texts = _as_texts(public_train), _as_texts(public_valid)
+    train_texts = _as_texts(public_train, what="public_train")
+    valid_texts = _as_texts(public_valid, what="public_valid")
     tokenizer = train_tokenizer(
         train_texts,
         vocab_size=model_cfg.vocab_size,
