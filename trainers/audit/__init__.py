@@ -1,0 +1,1 @@
+"""Audits of the DP engine: white-box gradient canaries (``whitebox``) and planted bugs (``planted``, tests only)."""
