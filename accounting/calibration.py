@@ -96,7 +96,9 @@ def calibrate_noise_multiplier(
     if accountant == "pld":
         hi_result = eps(hi, "pld")
         if hi_result.epsilon > target_epsilon:  # only possible through PLD discretization at the boundary
-            hi, hi_result = _bisect(lambda s: eps(s, "pld"), target_epsilon, hi, max_noise_multiplier, rel_tol)
+            hi, hi_result = _bisect(
+                lambda s: eps(s, "pld"), target_epsilon, hi, max_noise_multiplier, rel_tol
+            )
         else:
             lo = max(DEFAULT_MIN_NOISE_MULTIPLIER, hi * 0.5)
             hi, hi_result = _bisect(lambda s: eps(s, "pld"), target_epsilon, lo, hi, rel_tol, hi_result)

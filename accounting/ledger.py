@@ -34,6 +34,8 @@ from accounting.accountants import (
     check_delta,
     coalesce,
     epsilon,
+    mechanism_rdp,
+    rdp_epsilon_at_order,
     to_dp_event,
 )
 from accounting.composition import COMPOSITION_MODES
@@ -173,7 +175,9 @@ def read_ledger(path: str | os.PathLike[str]) -> LedgerContents:
         try:
             obj = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise LedgerError(f"{where}: not a JSON line ({err}); the ledger is corrupted, refusing to skip it")
+            raise LedgerError(
+                f"{where}: not a JSON line ({err}); the ledger is corrupted, refusing to skip it"
+            ) from None
         if not isinstance(obj, dict) or obj.get("type") not in LINE_TYPES:
             raise LedgerError(f"{where}: line type must be one of {LINE_TYPES}, got {obj!r:.80}")
         kind = obj["type"]
@@ -199,10 +203,14 @@ def read_ledger(path: str | os.PathLike[str]) -> LedgerContents:
                 raise LedgerError(f"{where}: stage {header.stage!r} restarted with a different header")
             contents.stages[header.stage] = header
         elif kind == "event":
-            _require_keys(obj, ("stage", "step", "purpose", "sampling_rate", "noise_multiplier", "repeats"), where)
+            _require_keys(
+                obj, ("stage", "step", "purpose", "sampling_rate", "noise_multiplier", "repeats"), where
+            )
             header = contents.stages.get(obj["stage"])
             if header is None:
-                raise LedgerError(f"{where}: event of stage {obj['stage']!r}, which has no stage line before it")
+                raise LedgerError(
+                    f"{where}: event of stage {obj['stage']!r}, which has no stage line before it"
+                )
             if obj.get("user_fingerprint", header.user_fingerprint) != header.user_fingerprint:
                 raise LedgerError(f"{where}: event's user_fingerprint differs from its stage line")
             try:
@@ -215,7 +223,9 @@ def read_ledger(path: str | os.PathLike[str]) -> LedgerContents:
         else:
             contents.resumes.append(obj)
     if contents is None:
-        raise LedgerError(f"{path}: no complete run header line; not a ledger (or torn before its first line)")
+        raise LedgerError(
+            f"{path}: no complete run header line; not a ledger (or torn before its first line)"
+        )
     contents.torn_tail = tail
     contents.valid_bytes = cut
     return contents
@@ -304,6 +314,28 @@ class Ledger:
         self._fh = fh
         self._contents = contents
         self._certificate: _Certificate | None = None
+        # Incremental view for the filter: coalesced runs per stage and overall, and RDP sums at the filter order.
+        self._runs: dict[str | None, list[EventRun]] = {}
+        self._rdp: dict[str | None, float] = {}
+        for event in contents.events:
+            self._track(event)
+
+    def _track(self, event: PrivacyEvent) -> None:
+        for key in (event.stage, None):
+            runs = self._runs.setdefault(key, [])
+            if runs and runs[-1][0].same_mechanism(event):
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((event, 1))
+            if self._contents.run.accountant == "rdp":
+                self._rdp[key] = self._rdp.get(key, 0.0) + self._event_rdp(event)
+
+    def _event_rdp(self, event: PrivacyEvent) -> float:
+        return mechanism_rdp(
+            sampling_rate=event.sampling_rate,
+            composed_noise_multiplier=event.composed_noise_multiplier,
+            order=self._contents.run.rdp_order,
+        )
 
     # ---- opening -------------------------------------------------------------------------------------------
     @classmethod
@@ -367,7 +399,9 @@ class Ledger:
             if fh.tell() == 0:
                 contents = LedgerContents(path=path, run=header)
                 ledger = cls(path, fh, contents)
-                ledger._append({"type": "run", "schema_version": SCHEMA_VERSION, **asdict(header), "time": _now()})
+                ledger._append(
+                    {"type": "run", "schema_version": SCHEMA_VERSION, **asdict(header), "time": _now()}
+                )
                 _fsync_dir(path.parent)
                 return ledger
             if b"\n" not in path.read_bytes():
@@ -380,7 +414,9 @@ class Ledger:
                 os.truncate(path, 0)
                 fh.seek(0)
                 ledger = cls(path, fh, LedgerContents(path=path, run=header))
-                ledger._append({"type": "run", "schema_version": SCHEMA_VERSION, **asdict(header), "time": _now()})
+                ledger._append(
+                    {"type": "run", "schema_version": SCHEMA_VERSION, **asdict(header), "time": _now()}
+                )
                 return ledger
             contents = read_ledger(path)
             if contents.run != header:
@@ -439,7 +475,9 @@ class Ledger:
         target_delta = run.target_delta if target_delta is None else float(target_delta)
         check_delta(target_delta)
         if not (target_epsilon > 0.0) or math.isinf(target_epsilon):
-            raise ValueError(f"stage {stage!r}: target_epsilon must be a finite number > 0, got {target_epsilon}")
+            raise ValueError(
+                f"stage {stage!r}: target_epsilon must be a finite number > 0, got {target_epsilon}"
+            )
         if target_epsilon > run.target_epsilon or target_delta > run.target_delta:
             raise ValueError(
                 f"stage {stage!r}: target ({target_epsilon}, {target_delta}) exceeds the run's "
@@ -469,7 +507,9 @@ class Ledger:
         self._contents.stages[header.stage] = header
         return header
 
-    def record(self, event: PrivacyEvent, *, stage_fingerprint: str | None = None, enforce: bool = True) -> None:
+    def record(
+        self, event: PrivacyEvent, *, stage_fingerprint: str | None = None, enforce: bool = True
+    ) -> None:
         """Append ``event`` and fsync it; returns only once the line is durable. Use the release only after.
 
         Args:
@@ -493,8 +533,11 @@ class Ledger:
             admission = self.admit(event)
             if not admission:
                 raise BudgetExceededError(admission.reason)
-        self._append({"type": "event", **event.to_dict(), "user_fingerprint": header.user_fingerprint, "time": _now()})
+        self._append(
+            {"type": "event", **event.to_dict(), "user_fingerprint": header.user_fingerprint, "time": _now()}
+        )
         self._contents.events.append(event)
+        self._track(event)
         cert = self._certificate
         if cert is not None:
             if cert.event.stage == event.stage and cert.event.same_mechanism(event):
@@ -508,7 +551,9 @@ class Ledger:
             raise LedgerError(f"stage {stage!r} was never started in {self.path}")
         if status not in STAGE_STATUSES:
             raise ValueError(f"status must be one of {STAGE_STATUSES}, got {status!r}")
-        self._append({"type": "stage_end", "stage": stage, "status": status, "reason": str(reason), "time": _now()})
+        self._append(
+            {"type": "stage_end", "stage": stage, "status": status, "reason": str(reason), "time": _now()}
+        )
         self._contents.stage_end[stage] = {"status": status, "reason": str(reason)}
 
     def close(self) -> None:
@@ -545,11 +590,11 @@ class Ledger:
     def epsilon(self, stage: str | None = None) -> float:
         """Epsilon so far: of one stage at its target delta, or of the run (see ``compute_privacy``)."""
         if stage is None:
-            return self._overall_epsilon(self._contents.events)
+            return self._overall_epsilon()
         header = self._contents.stages.get(stage)
         if header is None:
             raise LedgerError(f"stage {stage!r} was never started in {self.path}")
-        return self._stage_epsilon(self._contents.events, stage, header.target_delta)
+        return self._stage_epsilon(stage, header.target_delta)
 
     def report(self) -> dict[str, Any]:
         """The "privacy" object of report.json (docs/ledger_schema.md); ``dpalign privacy verify`` re-derives it."""
@@ -561,10 +606,12 @@ class Ledger:
 
         Scored on fresh accountants over ledger + proposal. Under RDP (adaptive schedules) this is exact and
         cheap: per-mechanism RDP at the filter order, summed. Under PLD a fixed schedule would pay a full PLD
-        composition per step, so an admitted proposal also yields a certificate: the largest m (a power of two)
-        such that ledger + m copies still fit. Later proposals of the same mechanism in the same stage are
-        admitted from it while it lasts; by monotonicity of composition that answer is exact, and the epsilons it
-        returns are upper bounds.
+        composition per step, so the check is made for m copies of the proposal at once, m = the stage's event
+        count so far (so m doubles as the ledger grows), and an admitted check becomes a certificate: the next m
+        proposals of the same mechanism in the same stage are admitted from it. By monotonicity of composition
+        the yes/no answer is the same as checking each one; the epsilons returned are then upper bounds. When the
+        m-copy check fails, the exact one-copy check decides and a bisection finds how many still fit, so a
+        stage costs about 2 log2(steps) PLD compositions in all.
         """
         header = self._stage_for(event)
         cert = self._certificate
@@ -575,19 +622,36 @@ class Ledger:
             and cert.used + 1 <= cert.allowed
         ):
             return Admission(True, event.stage, cert.stage_epsilon, cert.overall_epsilon)
-        admission = self._score(event, 1, header)
-        if admission and self.run.accountant == "pld":
-            self._certificate = self._make_certificate(event, header, admission)
-        return admission
+        if self.run.accountant == "rdp":
+            return self._score(event, 1, header)
+        m = max(1, min(_CERTIFICATE_CAP, len(self.events(event.stage))))
+        bulk = self._score(event, m, header) if m > 1 else None
+        if bulk:
+            self._certificate = _Certificate(event, m, 0, bulk.stage_epsilon, bulk.overall_epsilon)
+            return bulk
+        single = self._score(event, 1, header)
+        if single:
+            allowed, best, refused = 1, single, m
+            while refused - allowed > 1:
+                mid = (allowed + refused) // 2
+                trial = self._score(event, mid, header)
+                if trial:
+                    allowed, best = mid, trial
+                else:
+                    refused = mid
+            self._certificate = _Certificate(event, allowed, 0, best.stage_epsilon, best.overall_epsilon)
+        return single
 
     def _score(self, event: PrivacyEvent, copies: int, header: StageHeader) -> Admission:
-        proposal = self._contents.events + [event] * copies
-        stage_eps = self._stage_epsilon(proposal, event.stage, header.target_delta)
         run = self.run
-        if run.composition == "parallel" and len(self._contents.stages) == 1 and header.target_delta == run.target_delta:
-            overall_eps = stage_eps  # one stage at the run's delta: the same number, not worth a second PLD
+        stage_eps = self._epsilon_with(event.stage, header.target_delta, event, copies)
+        if run.composition == "parallel":
+            overall_eps = max(
+                self._epsilon_with(s, run.target_delta, event if s == event.stage else None, copies)
+                for s in self._contents.stages
+            )
         else:
-            overall_eps = self._overall_epsilon(proposal)
+            overall_eps = self._epsilon_with(None, run.target_delta, event, copies)
         if stage_eps > header.target_epsilon:
             reason = (
                 f"stage {event.stage!r} budget exhausted: epsilon would be {stage_eps:.4f} > target "
@@ -602,47 +666,38 @@ class Ledger:
             return Admission(False, event.stage, stage_eps, overall_eps, reason)
         return Admission(True, event.stage, stage_eps, overall_eps)
 
-    def _make_certificate(self, event: PrivacyEvent, header: StageHeader, first: Admission) -> _Certificate:
-        # Gallop to a refused count, then bisect: about 2 log2(steps) PLD evaluations per mechanism change.
-        allowed, best, refused = 1, first, None
-        while allowed < _CERTIFICATE_CAP:
-            trial = self._score(event, allowed * 2, header)
-            if not trial:
-                refused = allowed * 2
-                break
-            allowed, best = allowed * 2, trial
-        while refused is not None and refused - allowed > 1:
-            mid = (allowed + refused) // 2
-            trial = self._score(event, mid, header)
-            if trial:
-                allowed, best = mid, trial
+    def _epsilon_with(self, key: str | None, delta: float, event: PrivacyEvent | None, copies: int) -> float:
+        """Epsilon of the stage ``key`` (None: all events) plus ``copies`` of ``event``, on a fresh computation."""
+        run = self.run
+        if run.accountant == "rdp":
+            total = self._rdp.get(key, 0.0) + (copies * self._event_rdp(event) if event is not None else 0.0)
+            return rdp_epsilon_at_order(total, order=run.rdp_order, delta=delta) if total > 0 else 0.0
+        runs = list(self._runs.get(key, []))
+        if event is not None:
+            if runs and runs[-1][0].same_mechanism(event):
+                runs[-1] = (runs[-1][0], runs[-1][1] + copies)
             else:
-                refused = mid
-        return _Certificate(event, allowed, 0, best.stage_epsilon, best.overall_epsilon)
+                runs.append((event, copies))
+        return epsilon(runs, delta=delta, accountant="pld").epsilon
 
     def _stage_for(self, event: PrivacyEvent) -> StageHeader:
         header = self._contents.stages.get(event.stage)
         if header is None:
-            raise LedgerError(f"stage {event.stage!r} was never started in {self.path}; call begin_stage first")
+            raise LedgerError(
+                f"stage {event.stage!r} was never started in {self.path}; call begin_stage first"
+            )
         if event.stage in self._contents.stage_end:
             raise LedgerError(f"stage {event.stage!r} has ended in {self.path}; it takes no more releases")
         return header
 
-    def _stage_epsilon(self, events: list[PrivacyEvent], stage: str, delta: float) -> float:
-        run = self.run
-        return epsilon(
-            _stage_runs(events, stage), delta=delta, accountant=run.accountant, rdp_order=run.rdp_order
-        ).epsilon
+    def _stage_epsilon(self, stage: str, delta: float) -> float:
+        return self._epsilon_with(stage, delta, None, 0)
 
-    def _overall_epsilon(self, events: list[PrivacyEvent]) -> float:
+    def _overall_epsilon(self) -> float:
         run = self.run
         if run.composition == "parallel":
-            return max(
-                (self._stage_epsilon(events, s, run.target_delta) for s in self._contents.stages), default=0.0
-            )
-        return epsilon(
-            _stage_runs(events, None), delta=run.target_delta, accountant=run.accountant, rdp_order=run.rdp_order
-        ).epsilon
+            return max((self._stage_epsilon(s, run.target_delta) for s in self._contents.stages), default=0.0)
+        return self._epsilon_with(None, run.target_delta, None, 0)
 
 
 def _now() -> float:

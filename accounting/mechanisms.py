@@ -28,7 +28,7 @@ def effective_noise_multiplier(*, clip_norms: Sequence[float], noise_stds: Seque
     if len(clip_norms) != len(noise_stds):
         raise ValueError(f"{len(clip_norms)} clip norms but {len(noise_stds)} noise stds")
     total = 0.0
-    for k, (c, s) in enumerate(zip(clip_norms, noise_stds)):
+    for k, (c, s) in enumerate(zip(clip_norms, noise_stds, strict=True)):
         c, s = float(c), float(s)
         if not (math.isfinite(c) and c >= 0):
             raise ValueError(f"group {k}: clip norm must be finite and >= 0, got {c}")

@@ -88,7 +88,9 @@ def tuning_epsilon(
     if distribution == "poisson":
         shape = math.inf
     elif not (shape >= 0.0) or math.isinf(shape):
-        raise ValueError(f"shape (eta) of the truncated negative binomial must be finite and >= 0, got {shape}")
+        raise ValueError(
+            f"shape (eta) of the truncated negative binomial must be finite and >= 0, got {shape}"
+        )
     event = trial if isinstance(trial, dp_accounting.DpEvent) else to_dp_event(trial)
 
     single = RdpAccountant(orders=orders)

@@ -103,5 +103,7 @@ def verify_run(run_dir: str | Path) -> VerifyResult:
         elif name not in rep_stages:
             mismatches.append(f"stages.{name}: in the ledger but not in the report")
         else:
-            compare(f"stages.{name}.", rep_stages[name], rec_stages[name], _STAGE_EXACT_KEYS, _STAGE_FLOAT_KEYS)
+            compare(
+                f"stages.{name}.", rep_stages[name], rec_stages[name], _STAGE_EXACT_KEYS, _STAGE_FLOAT_KEYS
+            )
     return VerifyResult(not mismatches, mismatches, recomputed, reported, len(contents.torn_tail))

@@ -33,22 +33,36 @@ def add_parser(subparsers: Any) -> None:
         p.add_argument("--steps", type=int, required=True, help="number of sampled steps (>= 1)")
         p.add_argument("--delta", type=float, required=True, help="delta in (0, 1), well below 1/N")
         p.add_argument(
-            "--repeats", type=int, default=1, help="K releases of each sample (PPO epochs); one event, sigma/sqrt(K)"
+            "--repeats",
+            type=int,
+            default=1,
+            help="K releases of each sample (PPO epochs); one event, sigma/sqrt(K)",
         )
-        p.add_argument("--num-users", type=int, default=None, help="dataset size N, to warn when delta >= 0.1/N")
+        p.add_argument(
+            "--num-users", type=int, default=None, help="dataset size N, to warn when delta >= 0.1/N"
+        )
         p.add_argument("--json", action="store_true", help="print one JSON object")
 
     eps = sub.add_parser("epsilon", help="epsilon of a fixed schedule")
-    eps.add_argument("--noise-multiplier", type=float, required=True, help="effective noise multiplier sigma > 0")
+    eps.add_argument(
+        "--noise-multiplier", type=float, required=True, help="effective noise multiplier sigma > 0"
+    )
     schedule_args(eps)
-    eps.add_argument("--accountant", choices=("pld", "rdp"), default="pld", help="pld (tight, default) or rdp")
+    eps.add_argument(
+        "--accountant", choices=("pld", "rdp"), default="pld", help="pld (tight, default) or rdp"
+    )
 
     sig = sub.add_parser("sigma", help="smallest noise multiplier whose epsilon is at most the target")
     sig.add_argument("--target-epsilon", type=float, required=True, help="target epsilon > 0")
     schedule_args(sig)
-    sig.add_argument("--accountant", choices=("pld", "rdp"), default="pld", help="pld (tight, default) or rdp")
     sig.add_argument(
-        "--max-noise-multiplier", type=float, default=100.0, help="largest sigma searched (error if not enough)"
+        "--accountant", choices=("pld", "rdp"), default="pld", help="pld (tight, default) or rdp"
+    )
+    sig.add_argument(
+        "--max-noise-multiplier",
+        type=float,
+        default=100.0,
+        help="largest sigma searched (error if not enough)",
     )
 
     ver = sub.add_parser("verify", help="recompute RUN_DIR/ledger.jsonl and compare with RUN_DIR/report.json")
@@ -119,7 +133,9 @@ def _sigma(args: argparse.Namespace) -> int:
     if not (args.target_epsilon > 0.0) or math.isinf(args.target_epsilon):
         raise _UsageError(f"--target-epsilon must be a finite number > 0, got {args.target_epsilon}")
     if not (args.max_noise_multiplier > 0.0) or math.isinf(args.max_noise_multiplier):
-        raise _UsageError(f"--max-noise-multiplier must be a finite number > 0, got {args.max_noise_multiplier}")
+        raise _UsageError(
+            f"--max-noise-multiplier must be a finite number > 0, got {args.max_noise_multiplier}"
+        )
     _check_schedule(args)
     try:
         cal = calibrate_noise_multiplier(
@@ -188,7 +204,9 @@ def _verify(args: argparse.Namespace) -> int:
 def main(args: argparse.Namespace) -> int:
     actions = {"epsilon": _epsilon, "sigma": _sigma, "verify": _verify}
     if args.privacy_command not in actions:
-        print("dpalign privacy: error: choose an action: epsilon, sigma or verify (see --help)", file=sys.stderr)
+        print(
+            "dpalign privacy: error: choose an action: epsilon, sigma or verify (see --help)", file=sys.stderr
+        )
         return USAGE_ERROR
     try:
         return actions[args.privacy_command](args)

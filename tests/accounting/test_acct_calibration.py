@@ -25,12 +25,19 @@ def test_calibration_meets_target_without_overshoot_and_is_tight(accountant):
         target_epsilon=4.0, delta=DELTA, sampling_rate=0.01, steps=10000, accountant=accountant
     )
     again = schedule_epsilon(
-        noise_multiplier=cal.noise_multiplier, sampling_rate=0.01, steps=10000, delta=DELTA, accountant=accountant
+        noise_multiplier=cal.noise_multiplier,
+        sampling_rate=0.01,
+        steps=10000,
+        delta=DELTA,
+        accountant=accountant,
     )
     assert again.epsilon == cal.epsilon <= 4.0
     # Tight: 0.2% less noise already exceeds the target.
     below = schedule_epsilon(
-        noise_multiplier=cal.noise_multiplier * 0.998, sampling_rate=0.01, steps=10000, delta=DELTA,
+        noise_multiplier=cal.noise_multiplier * 0.998,
+        sampling_rate=0.01,
+        steps=10000,
+        delta=DELTA,
         accountant=accountant,
     )
     assert below.epsilon > 4.0
@@ -38,12 +45,13 @@ def test_calibration_meets_target_without_overshoot_and_is_tight(accountant):
 
 def test_pld_needs_less_noise_than_rdp():
     kw = dict(target_epsilon=2.0, delta=DELTA, sampling_rate=0.02, steps=2000)
-    assert calibrate_noise_multiplier(**kw).noise_multiplier < calibrate_noise_multiplier(
-        **kw, accountant="rdp"
-    ).noise_multiplier
+    assert (
+        calibrate_noise_multiplier(**kw).noise_multiplier
+        < calibrate_noise_multiplier(**kw, accountant="rdp").noise_multiplier
+    )
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(
     target=st.floats(0.3, 10.0),
     q=st.floats(0.002, 0.1),
@@ -55,14 +63,23 @@ def test_calibration_never_overshoots(target, q, steps, k):
         target_epsilon=target, delta=DELTA, sampling_rate=q, steps=steps, repeats=k, accountant="rdp"
     )
     assert cal.epsilon <= target
-    assert schedule_epsilon(
-        noise_multiplier=cal.noise_multiplier, sampling_rate=q, steps=steps, repeats=k, delta=DELTA,
-        accountant="rdp",
-    ).epsilon <= target
+    assert (
+        schedule_epsilon(
+            noise_multiplier=cal.noise_multiplier,
+            sampling_rate=q,
+            steps=steps,
+            repeats=k,
+            delta=DELTA,
+            accountant="rdp",
+        ).epsilon
+        <= target
+    )
 
 
 def test_repeats_calibrate_to_sqrt_k_times_the_noise():
-    one = calibrate_noise_multiplier(target_epsilon=3.0, delta=DELTA, sampling_rate=0.01, steps=1000, accountant="rdp")
+    one = calibrate_noise_multiplier(
+        target_epsilon=3.0, delta=DELTA, sampling_rate=0.01, steps=1000, accountant="rdp"
+    )
     four = calibrate_noise_multiplier(
         target_epsilon=3.0, delta=DELTA, sampling_rate=0.01, steps=1000, repeats=4, accountant="rdp"
     )
@@ -84,20 +101,28 @@ def test_bad_targets(bad):
 
 
 def test_budget_split_composes_within_total():
-    schedules = {"sft": StageSchedule(0.02, 500), "rm": StageSchedule(0.05, 200), "ppo": StageSchedule(0.01, 300, 2)}
+    schedules = {
+        "sft": StageSchedule(0.02, 500),
+        "rm": StageSchedule(0.05, 200),
+        "ppo": StageSchedule(0.01, 300, 2),
+    }
     shares = {"sft": 0.3, "rm": 0.2, "ppo": 0.5}
-    cals = split_budget(total_epsilon=4.0, total_delta=DELTA, shares=shares, schedules=schedules)
+    cals = split_budget(
+        total_epsilon=4.0, total_delta=DELTA, shares=shares, schedules=schedules, accountant="rdp"
+    )
     for name, cal in cals.items():
         assert cal.epsilon <= 4.0 * shares[name] and cal.delta == pytest.approx(DELTA * shares[name])
     runs = [
         run
         for name, s in schedules.items()
         for run in schedule(
-            noise_multiplier=cals[name].noise_multiplier, sampling_rate=s.sampling_rate, steps=s.steps,
+            noise_multiplier=cals[name].noise_multiplier,
+            sampling_rate=s.sampling_rate,
+            steps=s.steps,
             repeats=s.repeats,
         )
     ]
-    composed = epsilon(runs, delta=DELTA).epsilon
+    composed = epsilon(runs, delta=DELTA, accountant="rdp").epsilon
     assert composed <= 4.0
 
 

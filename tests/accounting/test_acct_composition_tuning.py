@@ -69,7 +69,7 @@ def _theorem6_poisson(orders, rdp, mu):
     delta_hat from the textbook bound delta = exp((l'-1)(rdp(l') - eps_hat)) minimised over l'.
     """
     out = []
-    for lam, r in zip(orders, rdp):
+    for lam, r in zip(orders, rdp, strict=True):
         eps_hat = math.log1p(1 / (lam - 1))
         delta_hat = float(np.min(np.exp(np.minimum((orders - 1) * (rdp - eps_hat), 0.0))))
         out.append(r + mu * delta_hat + math.log(mu) / (lam - 1))
@@ -81,8 +81,9 @@ TRIAL = to_dp_event(schedule(noise_multiplier=1.0, sampling_rate=0.01, steps=100
 
 def test_geometric_matches_theorem_2():
     orders, rdp = _single_rdp(TRIAL)
-    cost = tuning_epsilon(trial=TRIAL, mean_trials=10, distribution="truncated_negative_binomial", shape=1.0,
-                          delta=DELTA)
+    cost = tuning_epsilon(
+        trial=TRIAL, mean_trials=10, distribution="truncated_negative_binomial", shape=1.0, delta=DELTA
+    )
     ours = _theorem2_geometric(orders, rdp, 10)
     # dp-accounting's conversion is tighter than the textbook one; both use the same RDP curve.
     assert cost.epsilon <= _to_eps(orders, ours, DELTA)
