@@ -38,6 +38,7 @@ def summarize(info: Any) -> dict[str, Any]:
         params=m.params,
         steps=m.steps,
         seconds=m.seconds,
+        cpu_seconds=m.cpu_seconds,
         build_seconds=m.build_seconds,
         threads=m.threads,
         ppl=round(m.ppl, 3),

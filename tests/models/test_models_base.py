@@ -132,6 +132,19 @@ def test_cache_reuse_then_rebuild_on_config_change(built):
     leftovers = [p.name for p in (cache / "models").iterdir() if p.name.startswith(".")]
     assert leftovers == []  # temp build dirs were renamed or removed
 
+    # A directory whose metrics.json is not a complete build of this version is rebuilt, not trusted.
+    stale = Path(changed.path) / METRICS_FILE
+    stale.write_text(json.dumps({"ppl": 1.0}))
+    rebuilt = ensure_base_model(
+        replace(TINY, pretrain_steps=5),
+        DataConfig(),
+        cache_dir=cache,
+        public_train=TRAIN,
+        public_valid=VALID,
+        progress=False,
+    )
+    assert rebuilt.built and rebuilt.path == changed.path and rebuilt.metrics.steps == 5
+
 
 def test_builds_are_deterministic_under_seed(built, tmp_path):
     _, info = built

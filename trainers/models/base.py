@@ -60,6 +60,9 @@ class PretrainMetrics:
     """Optimizer steps of pretraining."""
     seconds: float
     """Wall time of the pretraining loop alone."""
+    cpu_seconds: float
+    """CPU time of this process during the pretraining loop (all threads): unlike wall time, it does not grow
+    when other jobs share the cores, so it is the number to compare across machines of one CPU type."""
     build_seconds: float
     """Wall time of the whole build: tokenizer, packing, pretraining, evaluation, saving."""
     initial_loss: float
@@ -304,9 +307,9 @@ def build_base_model(
     torch.set_num_threads(threads)
     try:
         model = build_model(model_cfg, vocab_size=vocab, eos_token_id=tokenizer.eos_token_id)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses = pretrain(model, train_ids, model_cfg, progress=progress)
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
         ppl = heldout_perplexity(model, windows)
     finally:
         torch.set_num_threads(previous_threads)
@@ -321,6 +324,7 @@ def build_base_model(
         params=sum(p.numel() for p in model.parameters()),
         steps=len(losses),
         seconds=round(seconds, 2),
+        cpu_seconds=round(cpu_seconds, 2),
         build_seconds=round(time.perf_counter() - started, 2),
         initial_loss=losses[0] if losses else float("nan"),
         final_loss=sum(tail) / len(tail),
@@ -334,9 +338,13 @@ def build_base_model(
     return metrics
 
 
-def read_metrics(model_dir: str | os.PathLike) -> PretrainMetrics:
-    """The metrics.json of a built model directory."""
-    return PretrainMetrics.from_json(json.loads((Path(model_dir) / METRICS_FILE).read_text()))
+def read_metrics(model_dir: str | os.PathLike) -> PretrainMetrics | None:
+    """The metrics.json of a complete build; None if absent or written by an older, incompatible version."""
+    path = Path(model_dir) / METRICS_FILE
+    try:
+        return PretrainMetrics.from_json(json.loads(path.read_text()))
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 def ensure_base_model(
@@ -361,8 +369,9 @@ def ensure_base_model(
     if model_cfg.name_or_path:
         return BaseModelInfo(path=model_cfg.name_or_path, metrics=None, built=False)
     final = base_model_dir(model_cfg, data_cfg, cache_dir=cache_dir)
-    if (final / METRICS_FILE).is_file():
-        return BaseModelInfo(path=str(final), metrics=read_metrics(final), built=False)
+    cached = read_metrics(final)
+    if cached is not None:
+        return BaseModelInfo(path=str(final), metrics=cached, built=False)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
@@ -372,15 +381,16 @@ def ensure_base_model(
         (tmp / BUILD_CONFIG_FILE).write_text(
             json.dumps({"model": to_dict(model_cfg), "data": to_dict(data_cfg)}, indent=2, default=str) + "\n"
         )
-        if final.exists() and not (final / METRICS_FILE).is_file():
-            shutil.rmtree(final)  # an incomplete directory not made by us (a manual copy): replace it
+        if final.exists() and read_metrics(final) is None:
+            shutil.rmtree(final)  # incomplete (a manual copy) or from an older dpalign version: replace it
         try:
             os.rename(tmp, final)  # atomic on one filesystem: readers see all of it or nothing
         except OSError:
-            if not (final / METRICS_FILE).is_file():
+            theirs = read_metrics(final)
+            if theirs is None:
                 raise
             # A concurrent build finished first; theirs is equivalent (same config), keep it.
-            return BaseModelInfo(path=str(final), metrics=read_metrics(final), built=False)
+            return BaseModelInfo(path=str(final), metrics=theirs, built=False)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
