@@ -410,8 +410,8 @@ class DPEngine:
         counts = torch.zeros(len(self.groups), device=device)  # [K]
         for k, members in enumerate(self.group_members):
             c = clip_norms[k]
-            sq = sum(per_user[i].reshape(num_users, -1).pow(2).sum(1) for i in members)  # [U]
-            norms = torch.sqrt(sq) if num_users else torch.zeros(0, device=device)
+            sq = sum(per_user[i].flatten(1).pow(2).sum(1) for i in members)  # [U]
+            norms = torch.sqrt(sq)  # [U]
             if not math.isinf(c):
                 scales[k] = torch.clamp(c / (norms + _EPS), max=1.0)
             counts[k] = (norms <= c).sum()
