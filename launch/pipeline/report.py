@@ -329,7 +329,7 @@ def make_plots(report: Mapping[str, Any], plots_dir: str | os.PathLike[str]) -> 
     points = [(r["iteration"], r["gold_reward"]) for r in ppo if r["gold_reward"] is not None]
     if points:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(*zip(*points), marker="o", label="policy (PPO)")
+        ax.plot(*zip(*points, strict=False), marker="o", label="policy (PPO)")
         for pname, style in (("base", ":"), ("sft", "--")):
             if pname in policies:
                 ax.axhline(policies[pname]["gold_reward"]["mean"], linestyle=style, color="gray", label=pname)
@@ -352,7 +352,7 @@ def make_plots(report: Mapping[str, Any], plots_dir: str | os.PathLike[str]) -> 
     points = [(r["iteration"], r["kl"]) for r in ppo if r["kl"] is not None]
     if points:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(*zip(*points), marker="o")
+        ax.plot(*zip(*points, strict=False), marker="o")
         ax.set_xlabel("PPO iteration")
         ax.set_ylabel("KL(policy || SFT reference), nats/sequence")
         save(fig, "kl")

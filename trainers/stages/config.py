@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from launch.config import ConfigError, require
 from trainers.rlhf.config import PPOObjectiveConfig
@@ -92,24 +92,24 @@ class PrivacyConfig:
     target_epsilon: float = 4.0
     """The run's epsilon. Under parallel composition (disjoint stage users) every private stage gets all of it;
     under sequential composition each stage gets its share below."""
-    delta: Optional[float] = None
+    delta: float | None = None
     """The run's delta. null: 1/N (Wu et al.), where N is the number of users of the stage under parallel
     composition, or of all private users together under sequential composition (see resolve_deltas)."""
     composition: Literal["auto", "sequential"] = "auto"
     """auto: parallel when no user is in two private stages, sequential otherwise -- the mode follows from the
     data's user ids, never from a flag. sequential: compose sequentially even over disjoint users (only
     over-counts). There is no way to claim parallel composition."""
-    sft_share: Optional[float] = None
+    sft_share: float | None = None
     """Sequential composition: share of (epsilon, delta) given to DP-SFT. The three shares must all be set and sum
     to 1; when users overlap across stages and the shares are null, the run is refused before any step."""
-    rm_share: Optional[float] = None
+    rm_share: float | None = None
     """Sequential composition: share of (epsilon, delta) given to the DP reward model."""
-    ppo_share: Optional[float] = None
+    ppo_share: float | None = None
     """Sequential composition: share of (epsilon, delta) given to DP-PPO."""
     accountant: Literal["pld", "rdp"] = "pld"
     """pld: tight accounting for schedules fixed before the run. rdp: RDP privacy filter at an order fixed before
     the run, valid under adaptive composition (required by adaptive clipping and the learned controller)."""
-    rdp_order: Optional[float] = None
+    rdp_order: float | None = None
     """accountant=rdp: the filter's order. null: chosen before the run as the best order for the planned
     schedule (accounting.accountants.choose_rdp_order)."""
 
@@ -145,7 +145,7 @@ class PrivacyConfig:
         values = (self.sft_share, self.rm_share, self.ppo_share)
         if any(v is None for v in values):
             return None
-        return dict(zip(STAGES, (float(v) for v in values)))  # type: ignore[arg-type]
+        return dict(zip(STAGES, (float(v) for v in values), strict=False))  # type: ignore[arg-type]
 
     @property
     def private_stages(self) -> tuple[str, ...]:
@@ -292,7 +292,7 @@ class EngineConfig:
     """adaptive: the fraction of users whose update should be unclipped."""
     adaptive_lr: float = 0.2
     """adaptive: geometric learning rate of the threshold (C <- C * exp(-lr * (clipped_frac - (1 - quantile))))."""
-    count_noise_std: Optional[float] = None
+    count_noise_std: float | None = None
     """adaptive: std of the Gaussian noise on each clip count, in users. null: expected batch size / 20 (Andrew
     et al.). Its cost is accounted with the gradient (one Gaussian mechanism with a combined multiplier)."""
     max_physical_batch_records: int = 16
