@@ -118,6 +118,8 @@ def test_generate_continuations_is_seeded_and_left_padding_is_exact(tok):
     batched = generate_continuations(model, tok, prompts, max_new_tokens=6, temperature=0.0, batch_size=4)
     alone = [generate_continuations(model, tok, [p], max_new_tokens=6, temperature=0.0)[0] for p in prompts]
     assert batched == alone
+    top1 = generate_continuations(model, tok, prompts, max_new_tokens=6, temperature=1.0, top_k=1, seed=9)
+    assert top1 == batched  # top_k is honoured: sampling among one token is greedy decoding
     assert model.training  # generation ran in eval mode and restored the caller's mode
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_continuations(model, tok, prompts, max_new_tokens=0)

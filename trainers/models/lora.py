@@ -215,6 +215,13 @@ def generate_continuations(
     it. ``temperature == 0`` decodes greedily. Sampling is deterministic for a given (seed, batch_size, prompts):
     batch i uses ``torch.manual_seed(seed + i)`` inside a forked RNG, so the caller's global RNG is untouched.
     Generation stops at ``<|endoftext|>`` or after ``max_new_tokens``.
+
+    Args:
+        max_new_tokens: most tokens generated per prompt.
+        temperature: softmax temperature of sampling; 0 decodes greedily.
+        top_k: sample among the k most likely tokens; 0 samples from the whole vocabulary.
+        seed: seeds the sampling (batch i uses seed + i).
+        batch_size: prompts per ``generate`` call.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
@@ -229,7 +236,7 @@ def generate_continuations(
     sample = temperature > 0
     kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new_tokens}
     if sample:
-        kwargs.update(temperature=temperature, top_k=top_k or None, top_p=1.0)
+        kwargs.update(temperature=temperature, top_k=top_k, top_p=1.0)  # top_k=0 disables top-k in HF
     out: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
