@@ -187,6 +187,30 @@ def build_report(
     return report
 
 
+GOLD_REWARD_KEY = "eval/gold_reward"
+"""Metric key of the mean gold reward on held-out public prompts, logged by the PPO stage per iteration."""
+KL_KEY = "ppo/kl"
+"""Metric key of the (released) KL to the reference per PPO iteration."""
+EPSILON_KEY = "privacy/epsilon"
+"""Metric key of the epsilon spent after each step, logged by every private stage."""
+
+
+def series_from_metrics(rows: Sequence[Mapping[str, Any]], *, ppo_stage: str = "ppo") -> dict[str, Any]:
+    """The report's ``series`` from metrics.jsonl rows (``launch.pipeline.metrics.read_metrics``).
+
+    Reads :data:`GOLD_REWARD_KEY` and :data:`KL_KEY` of ``ppo_stage`` per iteration, and :data:`EPSILON_KEY` of
+    every stage; a step logged twice (a resumed stage) keeps its last value.
+    """
+    from launch.pipeline.metrics import series
+
+    gold = dict(series(list(rows), GOLD_REWARD_KEY, stage=ppo_stage))
+    kl = dict(series(list(rows), KL_KEY, stage=ppo_stage))
+    ppo = [{"iteration": it, "gold_reward": gold.get(it), "kl": kl.get(it)} for it in sorted(set(gold) | set(kl))]
+    stages = sorted({r["stage"] for r in rows if r["key"] == EPSILON_KEY})
+    epsilon = {st: [[step, value] for step, value in series(list(rows), EPSILON_KEY, stage=st)] for st in stages}
+    return {"ppo": ppo, "epsilon": epsilon}
+
+
 # ---- validation -----------------------------------------------------------------------------------------------
 def _need(obj: Any, key: str, types: type | tuple[type, ...], where: str, nullable: bool = False) -> Any:
     if not isinstance(obj, dict) or key not in obj:

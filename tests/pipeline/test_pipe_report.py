@@ -184,3 +184,22 @@ def test_mean_ci95_matches_scipy():
     assert mean_ci95([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
     with pytest.raises(ValueError, match="at least 2"):
         mean_ci95([1.0])
+
+
+def test_series_from_metrics(tmp_path):
+    from launch.pipeline.metrics import MetricsLogger, read_metrics
+    from launch.pipeline.report import series_from_metrics
+
+    with MetricsLogger(tmp_path / "tb", tmp_path / "m.jsonl") as m:
+        for step in range(3):
+            m.log("privacy/epsilon", 0.1 * step, step=step, stage="sft", private=False)
+        m.log("privacy/epsilon", 0.5, step=0, stage="ppo", private=False)
+        m.log("eval/gold_reward", 0.2, step=0, stage="ppo", private=False)
+        m.log("eval/gold_reward", 0.4, step=1, stage="ppo", private=False)
+        m.log("ppo/kl", 0.05, step=1, stage="ppo", private=True, released=True)
+    got = series_from_metrics(read_metrics(tmp_path / "m.jsonl"))
+    assert got["ppo"] == [
+        {"iteration": 0, "gold_reward": 0.2, "kl": None},
+        {"iteration": 1, "gold_reward": 0.4, "kl": 0.05},
+    ]
+    assert got["epsilon"] == {"ppo": [[0, 0.5]], "sft": [[0, 0.0], [1, 0.1], [2, 0.2]]}
