@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from accounting.accountants import check_delta, mechanism_rdp, rdp_epsilon_at_order
 from accounting.events import PrivacyEvent
+from controller.records import LedgerState
 
 MIN_SIGMA = 1e-3
 FLOOR_REL_TOL = 1e-4
@@ -217,6 +218,19 @@ class BudgetGuard:
         if event.purpose == "gradient":
             self.steps_done += 1
             self.sigma_current = event.noise_multiplier
+
+    def ledger_state(self) -> LedgerState:
+        """The controller's view of the ledger (public bookkeeping only)."""
+        return LedgerState(
+            target_epsilon=self.target_epsilon,
+            delta=self.delta,
+            epsilon_spent=self.epsilon_spent(),
+            steps_done=self.steps_done,
+            steps_total=self.steps,
+            sigma_floor=self.floor() if self.steps_left else self.sigma_current,
+            sigma_reference=self.sigma_reference,
+            sigma_current=self.sigma_current,
+        )
 
     @property
     def events(self) -> tuple[PrivacyEvent, ...]:

@@ -1,0 +1,242 @@
+"""``LearnedController``: the SAC hyper-policy as a clip/noise policy of the DP engine (trainers/engine/policy.py).
+
+Every ``interval`` steps it builds the observation from what the engine RELEASED (``ReleasedStep`` -> our
+``Released`` record: noisy gradient norms, agreement with the previous noisy update, noisy clip counts when the
+plan paid for them), the ledger state and the public validation loss; asks the actor for an action; maps it to
+per-module thresholds C_k and a noise multiplier sigma; and passes sigma through the budget layer, which clamps it
+to the floor that keeps every remaining planned step affordable. Between decisions the same (C_k, sigma proposal)
+is re-checked against the floor at every step.
+
+Modes: ``frozen`` acts with an artifact's deterministic actor; ``online`` learns a fresh SB3 SAC inside the run
+(default DP-SGD action during warm-up); ``finetune`` starts from an artifact and keeps learning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from accounting.events import PrivacyEvent
+from controller.artifact import ControllerArtifact, ObsNorm, Provenance, load_artifact, save_artifact
+from controller.budget import BudgetGuard, SafeAction
+from controller.config import ControllerConfig
+from controller.records import Released, ValidationStats
+from controller.spaces import SpaceSpec, features_from_released, initial_observation
+
+# sigma_eff is recomputed by the engine from (C_k, s_k); a relative 1e-9 margin keeps float rounding from putting
+# it a hair under the floor.
+SIGMA_MARGIN = 1.0 + 1e-9
+
+
+def released_from_engine(released: Any, *, previous: list[torch.Tensor] | None, event: PrivacyEvent) -> tuple[
+    Released, list[torch.Tensor]
+]:
+    """Our ``Released`` from the engine's ``ReleasedStep`` (noised quantities only), and the flat noisy update per
+    group to compare the next step with. ``previous``: the last step's flat noisy updates (or None)."""
+    flat = [torch.cat([t.detach().reshape(-1).float() for t in g]) for g in released.noisy_grads]  # per group [d_k]
+    cos = [0.0] * len(flat)
+    if previous is not None and len(previous) == len(flat):
+        cos = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in zip(flat, previous)]
+    b = float(released.expected_batch_size)
+    fractions = None
+    if released.noisy_unclipped_counts is not None:
+        fractions = tuple(1.0 - float(c) / b for c in released.noisy_unclipped_counts)  # clipped share (noisy)
+    rec = Released(
+        step=int(released.step),
+        group_names=tuple(g.name for g in released.groups),
+        group_sizes=tuple(int(g.numel) for g in released.groups),
+        clip_norms=tuple(float(c) for c in released.plan.clip_norms),
+        noise_stds=tuple(float(s) for s in released.plan.noise_stds),
+        expected_batch_size=b,
+        noisy_grad_sq_norms=tuple(float(n) ** 2 for n in released.noisy_grad_norms),
+        noisy_cos_prev=tuple(cos),
+        noisy_clip_fractions=fractions,
+        events=(event,),
+    )
+    return rec, flat
+
+
+class LearnedController:
+    """The learned controller as a ``ClipNoisePolicy`` (``plan(step, groups)``, ``observe(released)``).
+
+    Args:
+        config: the ``controller`` config section.
+        target_epsilon, delta: the stage's budget.
+        sampling_rate: the stage's Poisson rate q.
+        steps: the stage's planned logical steps.
+        validation_loss: returns the loss on PUBLIC (or non-private held-out) validation data; called once per
+            interval.
+        repeats: releases per sample (PPO epochs).
+        admit: the ledger's filter (``ledger.admit``); a refused proposal falls back to the floor.
+        rdp_order: the ledger's RDP filter order (None: the optimal order for the fixed schedule).
+        stage: ledger stage name.
+        artifact: a loaded artifact (frozen / finetune); default ``load_artifact(config.load)`` when set.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: ControllerConfig,
+        target_epsilon: float,
+        delta: float,
+        sampling_rate: float,
+        steps: int,
+        validation_loss: Callable[[], float],
+        repeats: int = 1,
+        admit: Callable[[PrivacyEvent], Any] | None = None,
+        rdp_order: float | None = None,
+        stage: str = "sft",
+        artifact: ControllerArtifact | None = None,
+    ) -> None:
+        config.check()
+        self.config = config
+        self.validation_loss = validation_loss
+        self.guard = BudgetGuard(
+            target_epsilon=target_epsilon, delta=delta, sampling_rate=sampling_rate, steps=steps, repeats=repeats,
+            rdp_order=rdp_order, max_noise_multiplier=config.max_noise_multiplier,
+            admit=(lambda e: bool(admit(e))) if admit is not None else None, stage=stage,
+        )
+        if artifact is None and config.load:
+            artifact = load_artifact(config.load)
+        self.artifact = artifact
+        self.spec: SpaceSpec = artifact.spec if artifact is not None else config.spec()
+        self.learner = None
+        if config.mode in ("online", "finetune"):
+            from controller.sb3 import OnlineSAC
+
+            self.learner = OnlineSAC.create(spec=self.spec, config=config, artifact=artifact)
+        self.obs_norm: ObsNorm = artifact.obs_norm if artifact is not None else ObsNorm.identity(self.spec.obs_dim)
+        self.reference_clips: tuple[float, ...] | None = None
+        self._clips: tuple[float, ...] | None = None
+        self._sigma = math.nan
+        self._obs = initial_observation(self.guard.ledger_state(), spec=self.spec)
+        self._action: np.ndarray | None = None
+        self._previous_flat: list[torch.Tensor] | None = None
+        self._initial_loss: float | None = None
+        self._previous_loss: float | None = None
+        self._eps_at_decision = 0.0
+        self._pending_decision = True
+        self.last_safe: SafeAction | None = None
+        self.history: list[dict[str, float]] = []  # per decision: sigma, epsilon, validation loss, reward
+
+    # --- the engine's policy protocol ----------------------------------------------------------------------
+    def plan(self, step: int, groups: Sequence[Any]) -> Any:
+        from trainers.engine.policy import StepPlan
+
+        if self.reference_clips is None:
+            self.reference_clips = (self.config.reference_clip,) * len(groups)
+            self._initial_loss = self._previous_loss = float(self.validation_loss())
+        if len(groups) != len(self.reference_clips):
+            raise ValueError(f"controller planned for {len(self.reference_clips)} groups, engine has {len(groups)}")
+        if self._pending_decision:  # first step, or an interval just ended in observe()
+            self._decide()
+        safe = self.guard.safe_action(clip_norms=self._clips, sigma=self._sigma)
+        self.last_safe = safe
+        sigma = safe.noise_multiplier * SIGMA_MARGIN
+        total = math.sqrt(sum(c * c for c in safe.clip_norms))
+        return StepPlan(clip_norms=safe.clip_norms, noise_stds=(sigma * total,) * len(safe.clip_norms))
+
+    def observe(self, released: Any) -> None:
+        if released.release != 0:  # later releases of a reused sample: same event, already counted
+            return
+        event = PrivacyEvent(
+            stage=self.guard.stage, step=int(released.step), purpose="gradient",
+            sampling_rate=self.guard.sampling_rate, noise_multiplier=released.plan.effective_noise_multiplier(),
+            repeats=self.guard.repeats,
+        )
+        self.guard.record(event)
+        record, self._previous_flat = released_from_engine(released, previous=self._previous_flat, event=event)
+        done = self.guard.steps_left == 0
+        if self.guard.steps_done % self.config.interval == 0 or done:
+            self._end_interval(record, done)
+
+    # --- decisions -----------------------------------------------------------------------------------------
+    def _end_interval(self, record: Released, done: bool) -> None:
+        loss = float(self.validation_loss())
+        assert self._initial_loss is not None and self._previous_loss is not None
+        validation = ValidationStats(loss=loss, previous_loss=self._previous_loss, initial_loss=self._initial_loss)
+        obs = features_from_released(
+            record, self.guard.ledger_state(), validation, spec=self.spec, reference_clips=self.reference_clips
+        )
+        eps = self.guard.epsilon_spent()
+        reward = self.config.reward_scale * (self._previous_loss - loss) / self._initial_loss - (
+            self.config.privacy_penalty * (eps - self._eps_at_decision) / self.guard.target_epsilon
+        )
+        if self.learner is not None and self._action is not None:
+            self.learner.add(self._obs, self._action, reward, obs, done)
+            self.learner.update()
+        self.history.append({"step": self.guard.steps_done, "sigma": self.guard.sigma_current, "epsilon": eps,
+                             "validation_loss": loss, "reward": reward})
+        self._obs, self._previous_loss, self._eps_at_decision = obs, loss, eps
+        self._pending_decision = True
+
+    def _decide(self) -> None:
+        if self.learner is not None:
+            action = self.learner.act(self._obs)
+        elif self.artifact is not None:
+            action = self.artifact.act(self._obs)
+        else:  # pragma: no cover - config.check() makes frozen require an artifact
+            raise RuntimeError("frozen controller without an artifact")
+        self._action = np.asarray(action, dtype=np.float32)
+        self._clips, self._sigma = self.spec.decode_action(
+            self._action, reference_clips=self.reference_clips, sigma_floor=self.guard.floor()
+        )
+        self._pending_decision = False
+
+    # --- checkpoints and export ----------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Full controller state for the run's checkpoint: budget history, pending transition, SAC state."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {
+            "guard": self.guard.state_dict(),
+            "obs": self._obs.tolist(),
+            "action": None if self._action is None else self._action.tolist(),
+            "clips": self._clips,
+            "sigma": self._sigma,
+            "reference_clips": self.reference_clips,
+            "initial_loss": self._initial_loss,
+            "previous_loss": self._previous_loss,
+            "eps_at_decision": self._eps_at_decision,
+            "pending_decision": self._pending_decision,
+            "previous_flat": None if self._previous_flat is None else [t.tolist() for t in self._previous_flat],
+            "history": self.history,
+        }
+        (d / "controller_state.json").write_text(json.dumps(state))
+        if self.learner is not None:
+            self.learner.save(d / "sb3")
+        return d
+
+    def load(self, directory: str | Path) -> None:
+        d = Path(directory)
+        state = json.loads((d / "controller_state.json").read_text())
+        self.guard.load_state_dict(state["guard"])
+        self._obs = np.asarray(state["obs"], dtype=np.float32)
+        self._action = None if state["action"] is None else np.asarray(state["action"], dtype=np.float32)
+        self._clips = None if state["clips"] is None else tuple(state["clips"])
+        self._sigma = float(state["sigma"])
+        self.reference_clips = None if state["reference_clips"] is None else tuple(state["reference_clips"])
+        self._initial_loss, self._previous_loss = state["initial_loss"], state["previous_loss"]
+        self._eps_at_decision = float(state["eps_at_decision"])
+        self._pending_decision = bool(state["pending_decision"])
+        prev = state["previous_flat"]
+        self._previous_flat = None if prev is None else [torch.tensor(t) for t in prev]
+        self.history = list(state["history"])
+        if self.learner is not None:
+            from controller.sb3 import OnlineSAC
+
+            self.learner = OnlineSAC.load(d / "sb3", spec=self.spec, config=self.config)
+
+    def export_artifact(self, path: str | Path, *, provenance: Provenance) -> Path:
+        """Write this controller (its current actor) as an artifact; online/finetune include the SB3 state."""
+        if self.learner is not None:
+            return self.learner.export(path, provenance=provenance)
+        assert self.artifact is not None
+        return save_artifact(path, spec=self.spec, actor=self.artifact.actor, obs_norm=self.obs_norm,
+                             provenance=provenance)

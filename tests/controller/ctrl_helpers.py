@@ -1,0 +1,84 @@
+"""Shared pieces of the controller tests: a tiny LoRA LM, users' records, and a DP-SFT-like loop on the engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from accounting.ledger import Ledger
+from trainers.rlhf.sft import causal_lm_loss_per_record
+
+VOCAB = 64
+SEQ = 10
+
+
+def tiny_lora_lm(n_layer: int, seed: int = 0) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from trainers.models.lora import add_lora
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_layer=n_layer, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=32, tie_word_embeddings=False,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )
+    model = add_lora(GPT2LMHeadModel(cfg), r=2, alpha=4)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def records(num_users: int, seed: int = 0) -> tuple[dict[str, Tensor], Tensor]:
+    """One record per user: a repeated pattern plus noise (learnable), loss on every token after the first."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.arange(SEQ) % 7 + 1
+    ids = torch.where(torch.rand(num_users, SEQ, generator=gen) < 0.8, base, torch.randint(0, VOCAB, (num_users, SEQ), generator=gen))
+    mask = torch.ones(num_users, SEQ, dtype=torch.int64)
+    return {"input_ids": ids, "loss_mask": mask}, torch.arange(num_users)
+
+
+def run_sft(model: nn.Module, policy, *, run_dir: Path, target_epsilon: float, delta: float, q: float, steps: int,
+            num_users: int, rdp_order: float, seed: int = 0) -> Ledger:
+    """A DP-SFT-like loop on the real engine and ledger; writes report.json so `privacy verify` can check it."""
+    from accounting.composition import user_set_fingerprint
+    from trainers.engine import DPEngine, PoissonUserSampler, UserBatch
+
+    recs, users = records(num_users, seed)
+    ledger = Ledger.open(run_dir / "ledger.jsonl", run_id="ctrl-test", target_epsilon=target_epsilon,
+                         target_delta=delta, accountant="rdp", composition="parallel", rdp_order=rdp_order)
+    ledger.begin_stage("sft", user_fingerprint=user_set_fingerprint(map(str, users.tolist())), num_users=num_users)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    engine = DPEngine(model, stage="sft", sampling_rate=q, num_users=num_users, seed=seed, policy=policy,
+                      event_sink=ledger.record, admit=ledger.admit, optimizer=opt)
+    sampler = PoissonUserSampler(num_users, sampling_rate=q, seed=seed)
+
+    def loss_fn(rec):
+        return causal_lm_loss_per_record(model(input_ids=rec["input_ids"]).logits, rec["input_ids"], rec["loss_mask"])
+
+    for t in range(steps):
+        idx = sampler.sample(t)
+        batch = UserBatch(records={k: v[idx] for k, v in recs.items()}, user_ids=users[idx]) if idx.numel() else UserBatch.empty()
+        opt.zero_grad()
+        engine.step(batch, loss_fn)
+        opt.step()
+    ledger.end_stage("sft")
+    (run_dir / "report.json").write_text(json.dumps({"privacy": ledger.report()}))
+    return ledger
+
+
+def public_validation(model: nn.Module, seed: int = 99):
+    """Loss on held-out PUBLIC records (never the private ones)."""
+    recs, _ = records(16, seed)
+
+    @torch.no_grad()
+    def loss() -> float:
+        logits = model(input_ids=recs["input_ids"]).logits
+        return float(causal_lm_loss_per_record(logits, recs["input_ids"], recs["loss_mask"]).mean())
+
+    return loss
