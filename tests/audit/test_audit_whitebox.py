@@ -15,6 +15,7 @@ import torch
 
 from accounting.accountants import schedule_epsilon
 from accounting.audit.sampling import poisson_inclusion_test
+from launch.config import ConfigError, load_config
 from trainers.audit.planted import PlantedBug, ShuffledUserSampler, buggy_engine_factory
 from trainers.audit.whitebox import WhiteboxAuditConfig, run_whitebox_audit
 from trainers.engine import PoissonUserSampler
@@ -119,8 +120,10 @@ def test_bad_bug_arguments() -> None:
     build = buggy_engine_factory(PlantedBug.SHUFFLED_AS_POISSON)
     with pytest.raises(ValueError, match="ShuffledUserSampler"):
         build(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="canary_norm_factor"):
-        WhiteboxAuditConfig(canary_norm_factor=0.5)
+    with pytest.raises(ConfigError, match="canary_norm_factor"):
+        run_whitebox_audit(WhiteboxAuditConfig(canary_norm_factor=0.5))
+    with pytest.raises(ConfigError, match="sampling_rate"):
+        load_config(WhiteboxAuditConfig, None, ["sampling_rate=1.5"])
 
 
 @pytest.mark.slow

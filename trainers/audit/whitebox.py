@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from accounting.accountants import EpsilonResult, coalesce, epsilon
 from accounting.audit.one_run import OneRunResult, audit_scores_best_of, draw_inclusion
 from accounting.events import PrivacyEvent
+from launch.config import require
 
 
 @dataclass(frozen=True)
@@ -85,31 +86,26 @@ class WhiteboxAuditConfig:
     seed: int = 0
     """Seeds the coins, the ordinary users, the sampler and the engine's noise streams."""
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        """Range checks (run by the config loader and by :func:`run_whitebox_audit`)."""
         for name in ("num_canaries", "num_groups", "steps", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"WhiteboxAuditConfig.{name}={getattr(self, name)}: must be >= 1")
-        if self.num_ordinary_users < 0:
-            raise ValueError(
-                f"WhiteboxAuditConfig.num_ordinary_users={self.num_ordinary_users}: must be >= 0"
-            )
-        if not 0.0 < self.sampling_rate <= 1.0:
-            raise ValueError(f"WhiteboxAuditConfig.sampling_rate={self.sampling_rate}: must be in (0, 1]")
-        if not 0.0 < self.noise_multiplier < math.inf:
-            raise ValueError(
-                f"WhiteboxAuditConfig.noise_multiplier={self.noise_multiplier}: must be finite, > 0"
-            )
-        if not 0.0 < self.clip_norm < math.inf:
-            raise ValueError(f"WhiteboxAuditConfig.clip_norm={self.clip_norm}: must be finite and > 0")
-        if not self.canary_norm_factor >= 1.0:
-            raise ValueError(
-                f"WhiteboxAuditConfig.canary_norm_factor={self.canary_norm_factor}: must be >= 1 (a canary "
-                "below the threshold is not the worst case and makes the audit loose)"
-            )
-        if not 0.0 < self.delta < 1.0 or not 0.0 < self.confidence < 1.0:
-            raise ValueError(
-                f"WhiteboxAuditConfig: delta={self.delta}, confidence={self.confidence}: need (0, 1)"
-            )
+            require(getattr(self, name) >= 1, name, f"{getattr(self, name)}: must be >= 1")
+        require(self.num_ordinary_users >= 0, "num_ordinary_users", "must be >= 0")
+        require(0.0 < self.sampling_rate <= 1.0, "sampling_rate", f"{self.sampling_rate}: must be in (0, 1]")
+        require(
+            0.0 < self.noise_multiplier < math.inf,
+            "noise_multiplier",
+            f"{self.noise_multiplier}: must be finite, > 0",
+        )
+        require(0.0 < self.clip_norm < math.inf, "clip_norm", f"{self.clip_norm}: must be finite and > 0")
+        require(
+            self.canary_norm_factor >= 1.0,
+            "canary_norm_factor",
+            f"{self.canary_norm_factor}: must be >= 1 (a canary below the threshold is not the worst case and makes "
+            "the audit loose)",
+        )
+        require(0.0 < self.delta < 1.0, "delta", f"{self.delta}: must be in (0, 1)")
+        require(0.0 < self.confidence < 1.0, "confidence", f"{self.confidence}: must be in (0, 1)")
 
     @property
     def num_users(self) -> int:
@@ -134,6 +130,8 @@ class WhiteboxAuditResult:
         flagged: eps_lb > claimed epsilon.
         num_events: PrivacyEvents the engine emitted.
         seconds: wall time of the engine steps and the statistics.
+        scores: [m] the canary scores (for plots; not serialized).
+        included: [m] bool, the canary coins (for plots; not serialized).
     """
 
     claimed: EpsilonResult
@@ -141,6 +139,8 @@ class WhiteboxAuditResult:
     flagged: bool
     num_events: int
     seconds: float
+    scores: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    included: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, dtype=bool))
 
     @property
     def verdict(self) -> str:
@@ -267,6 +267,7 @@ def run_whitebox_audit(
 
     from trainers.engine import DPEngine, FixedPolicy, PoissonUserSampler, UserBatch
 
+    config.check()
     start = time.perf_counter()
     data = plant_canaries(config)
     n_out, n_in = config.layer_shape
@@ -327,8 +328,6 @@ def run_whitebox_audit(
         flagged=audit.flags(claimed.epsilon),
         num_events=len(events),
         seconds=time.perf_counter() - start,
+        scores=scores,
+        included=data.included,
     )
-
-
-def config_to_dict(config: WhiteboxAuditConfig) -> dict[str, Any]:
-    return asdict(config)
