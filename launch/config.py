@@ -189,7 +189,7 @@ def check_tree(obj: Any, prefix: str = "") -> None:
             checker()
         except ConfigError as err:
             msg = str(err)
-            raise ConfigError(f"{prefix}.{msg}" if prefix and not msg.startswith(prefix) else msg) from None
+            raise ConfigError(f"{prefix}.{msg}" if prefix and not msg.startswith(prefix + ".") else msg) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

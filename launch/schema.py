@@ -11,6 +11,15 @@ from dataclasses import dataclass, field
 from launch.config import require
 from trainers.data.config import DataConfig
 from trainers.models.config import BaseModelConfig
+from trainers.stages.config import (
+    EngineConfig,
+    EvalConfig,
+    PPOConfig,
+    PrivacyConfig,
+    RewardModelConfig,
+    SFTConfig,
+    check_pipeline,
+)
 
 
 @dataclass
@@ -43,3 +52,18 @@ class RunConfig:
     """The embedded task (or your own files): public corpus, private users, stage splits."""
     model: BaseModelConfig = field(default_factory=BaseModelConfig)
     """The base language model and its tokenizer (built and pretrained locally, or loaded by name)."""
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    """Target (epsilon, delta), preset (what is protected), budget split and accountant."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """How the DP engine clips and noises per-user gradients."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Stage 1: DP supervised fine-tuning on D1."""
+    rm: RewardModelConfig = field(default_factory=RewardModelConfig)
+    """Stage 2: DP reward model on D2 (Bradley-Terry on preference pairs)."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """Stage 3: DP-PPO on D3 against the private reward model."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation of the base, SFT and final policies on held-out public prompts."""
+
+    def check(self) -> None:
+        check_pipeline(self.privacy, self.engine)

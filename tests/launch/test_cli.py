@@ -1,0 +1,25 @@
+"""The dpalign entry point: lists its subcommands and explains config fields."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from launch.cli import COMMANDS, build_parser, main
+
+
+def test_help_lists_present_subcommands(capsys):
+    parser = build_parser()
+    text = parser.format_help()
+    present = [name for name in COMMANDS if f"{name}" in text]
+    assert "data" in present and "pretrain" in present
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "usage: dpalign" in capsys.readouterr().out
+
+
+def test_console_entry_runs_as_module():
+    out = subprocess.run([sys.executable, "-m", "launch.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "COMMAND" in out.stdout
