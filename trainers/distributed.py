@@ -25,7 +25,6 @@ torch and DeepSpeed are imported at the top of functions that need them only whe
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -44,34 +43,20 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Seeds, sampling, sharding
-
-
-def step_seed(seed: int, step: int, stream: str) -> int:
-    """A 63-bit seed for (run seed, step, stream), identical on every rank and in every process.
-
-    Streams keep the sampler and the noise independent even though both are keyed by (seed, step). A hash (not
-    ``seed * K + step``) so that nearby (seed, step) pairs do not give overlapping or correlated streams.
-    """
-    if seed < 0 or step < 0:
-        raise ValueError(f"seed={seed}, step={step}: both must be >= 0")
-    digest = hashlib.blake2b(f"dpalign/{stream}/{seed}/{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+# Sampling and sharding (seeds: trainers.engine.sampling.step_seed, the one derivation of every random stream)
 
 
 def poisson_sample(num_users: int, *, sampling_rate: float, seed: int, step: int) -> Tensor:
     """Indices (int64, sorted) of the users in step ``step``'s Poisson sample: each of ``num_users`` independently
     with probability ``sampling_rate``. Deterministic in (seed, step): every rank gets the same sample.
 
-    The sample may be empty; an empty sample is a valid DP step (noise only).
+    The sample may be empty; an empty sample is a valid DP step (noise only). The same draw as the engine's
+    ``PoissonUserSampler`` (streams from ``trainers.engine.sampling.step_seed``), so ranks and the single-process
+    engine agree.
     """
-    if num_users < 0:
-        raise ValueError(f"num_users={num_users}: must be >= 0")
-    if not 0.0 < sampling_rate <= 1.0:
-        raise ValueError(f"sampling_rate={sampling_rate}: must be in (0, 1]")
-    gen = torch.Generator().manual_seed(step_seed(seed, step, "poisson"))
-    draws = torch.rand(num_users, generator=gen, dtype=torch.float64)  # [N]
-    return torch.nonzero(draws < sampling_rate).flatten()  # [n_sampled]
+    from trainers.engine.sampling import PoissonUserSampler
+
+    return PoissonUserSampler(num_users, sampling_rate=sampling_rate, seed=seed).sample(step)  # [n_sampled]
 
 
 def shard_users(sampled: Tensor | Sequence[int], *, rank: int, world_size: int) -> Tensor:

@@ -9,11 +9,13 @@ Workers import this module by value (ray.cloudpickle.register_pickle_by_value), 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from trainers.distributed import ReduceFn, param_shape, step_seed, trainable_named_parameters
+from trainers.distributed import ReduceFn, param_shape, trainable_named_parameters
+from trainers.engine.sampling import step_seed
 
 VOCAB = 100
 SEQ = 8
@@ -96,3 +98,43 @@ def dp_gradient(
     std = noise_multiplier * clip * math.sqrt(len(groups))
     gen = torch.Generator().manual_seed(step_seed(seed, step, "noise"))
     return [(s + std * torch.randn(s.shape, generator=gen)) / expected_batch_size for s in sums]
+
+
+def user_batch(records: list[Tensor], users: Tensor) -> Any:
+    """The engine's UserBatch holding every record of ``users`` (possibly none)."""
+    from trainers.engine import UserBatch
+
+    if len(users) == 0:
+        return UserBatch(records={"input_ids": torch.zeros(0, SEQ, dtype=torch.int64)}, user_ids=users)
+    ids = torch.cat([records[u] for u in users.tolist()])  # [R, SEQ]
+    owners = torch.cat([torch.full((records[u].shape[0],), u) for u in users.tolist()])  # [R]
+    return UserBatch(records={"input_ids": ids}, user_ids=owners)
+
+
+def lm_loss_fn(model: torch.nn.Module) -> Any:
+    """Per-record loss for the engine: mean next-token cross-entropy of each record ([R]); equals the HF loss
+    that :func:`dp_gradient` sums per user (records have equal length)."""
+    from trainers.rlhf.sft import causal_lm_loss_per_record
+
+    def loss_fn(records: dict[str, Tensor]) -> Tensor:
+        ids = records["input_ids"]  # [R, SEQ]
+        return causal_lm_loss_per_record(model(input_ids=ids).logits, ids, torch.ones_like(ids))
+
+    return loss_fn
+
+
+def dp_engine(model: torch.nn.Module, *, seed: int, noise_multiplier: float, **hooks: Any) -> Any:
+    """The real DPEngine with DP-SGD (per-module clip CLIP, isotropic noise); ``hooks``: reduce_fn, apply_fn,
+    event_sink, is_main_process, optimizer."""
+    from trainers.engine import DPEngine, FixedPolicy
+
+    return DPEngine(
+        model,
+        stage="test",
+        sampling_rate=SAMPLING_RATE,
+        num_users=NUM_USERS,
+        seed=seed,
+        policy=FixedPolicy(noise_multiplier=noise_multiplier, clip_norm=CLIP),
+        private=noise_multiplier > 0,
+        **hooks,
+    )

@@ -45,61 +45,48 @@ def ray_session(tmp_path_factory):
 
 
 def _dp_loop(config: dict) -> None:
-    """Every rank: same Poisson sample, own slice, clip locally, all-reduce, same noise, SGD apply; rank 0 writes
-    each event to the driver's ledger (and checks it is on disk) before applying."""
+    """Every rank runs the real DPEngine on its slice of the same Poisson sample with reduce_fn = all-reduce;
+    rank 0 emits each event to the driver's ledger, and checks it is on disk before the update is applied."""
     import ray.train
 
-    from accounting.events import PrivacyEvent
     from cluster.ledger import remote_event_writer
     from cluster.train import worker_info
-    from trainers.distributed import (
-        allreduce_sum_fn,
-        assert_replicated,
-        poisson_sample,
-        shard_users,
-        trainable_named_parameters,
-    )
+    from trainers.distributed import allreduce_sum_fn, assert_replicated, poisson_sample, shard_users
 
     torch.set_num_threads(1)
     info = worker_info()
     model = H.tiny_lora_gpt2()
     records = H.user_records()
-    params = [p for _, p in trainable_named_parameters(model)]
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1.0)
-    reduce = allreduce_sum_fn()
-    emit = remote_event_writer(config["sink"]) if info.is_main_process else None
+    ledger = Path(config["ledger"])
+    applied = []
+
+    def apply(grads):
+        assert_replicated(grads)
+        if info.is_main_process:  # write-ahead: the event of this step is on the driver's disk already
+            assert len(ledger.read_text().splitlines()) == len(applied) + 1
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        opt.step()
+        applied.append(1)
+
+    engine = H.dp_engine(
+        model,
+        seed=SEED,
+        noise_multiplier=NOISE,
+        reduce_fn=allreduce_sum_fn(),
+        apply_fn=apply,
+        is_main_process=info.is_main_process,
+        optimizer=opt,
+        event_sink=remote_event_writer(config["sink"]) if info.is_main_process else None,
+    )
     local_users = 0
     for step in range(STEPS):
         sampled = poisson_sample(H.NUM_USERS, sampling_rate=H.SAMPLING_RATE, seed=SEED, step=step)
         mine = shard_users(sampled, rank=info.rank, world_size=info.world_size)
         local_users += len(mine)
-        grads = H.dp_gradient(
-            model,
-            records,
-            mine,
-            clip=H.CLIP,
-            noise_multiplier=NOISE,
-            seed=SEED,
-            step=step,
-            expected_batch_size=H.SAMPLING_RATE * H.NUM_USERS,
-            reduce_fn=reduce,
-        )
-        assert_replicated(grads)
-        if emit is not None:
-            emit(
-                PrivacyEvent(
-                    stage="test",
-                    step=step,
-                    purpose="gradient",
-                    sampling_rate=H.SAMPLING_RATE,
-                    noise_multiplier=NOISE,
-                )
-            )
-            on_disk = Path(config["ledger"]).read_text().splitlines()
-            assert len(on_disk) == step + 1, "write-ahead: the event must be on disk before the update"
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
-        opt.step()
+        engine.step(H.user_batch(records, mine), H.lm_loss_fn(model))
     metrics = {"local_users": local_users, "rank": info.rank}
     if info.is_main_process:
         with tempfile.TemporaryDirectory() as d:
@@ -109,29 +96,35 @@ def _dp_loop(config: dict) -> None:
         ray.train.report(metrics)
 
 
-def _reference(optimizer_factory, noise: float) -> list[torch.Tensor]:
-    """One process, all sampled users, plain torch optimizer."""
+def _reference(optimizer_factory, noise: float, *, engine: bool = False) -> list[torch.Tensor]:
+    """One process, all sampled users, plain torch optimizer; the real engine or the textbook computation."""
     from trainers.distributed import trainable_named_parameters
 
     model = H.tiny_lora_gpt2()
     records = H.user_records()
     params = [p for _, p in trainable_named_parameters(model)]
     opt = optimizer_factory(params)
+    events = []
+    dp = H.dp_engine(model, seed=SEED, noise_multiplier=noise, event_sink=events.append) if engine else None
     for step in range(STEPS):
         sampled = poisson_sample(H.NUM_USERS, sampling_rate=H.SAMPLING_RATE, seed=SEED, step=step)
-        grads = H.dp_gradient(
-            model,
-            records,
-            sampled,
-            clip=H.CLIP,
-            noise_multiplier=noise,
-            seed=SEED,
-            step=step,
-            expected_batch_size=H.SAMPLING_RATE * H.NUM_USERS,
-        )
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
+        if dp is not None:
+            dp.step(H.user_batch(records, sampled), H.lm_loss_fn(model))
+        else:
+            grads = H.dp_gradient(
+                model,
+                records,
+                sampled,
+                clip=H.CLIP,
+                noise_multiplier=noise,
+                seed=SEED,
+                step=step,
+                expected_batch_size=H.SAMPLING_RATE * H.NUM_USERS,
+            )
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
         opt.step()
+        opt.zero_grad()
     return [p.detach() for p in params]
 
 
@@ -151,18 +144,20 @@ def test_two_gloo_learners_equal_single_process_and_ledger_is_write_ahead(ray_se
     )
     with result.checkpoint.as_directory() as d:
         got = torch.load(Path(d) / "lora.pt")
-    want = _reference(lambda ps: torch.optim.SGD(ps, lr=1.0), NOISE)
-    start = H.tiny_lora_gpt2()
-    moved = max(
-        (a - b).abs().max().item()
-        for a, b in zip(want, [p for p in start.parameters() if p.requires_grad], strict=True)
-    )
-    assert moved > 1e-3, "the reference update must move the LoRA weights"
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    sgd = lambda ps: torch.optim.SGD(ps, lr=1.0)  # noqa: E731
+    want = _reference(sgd, NOISE, engine=True)
+    textbook = _reference(sgd, NOISE)
+    start = [p for p in H.tiny_lora_gpt2().parameters() if p.requires_grad]
+    assert max((a - b).abs().max().item() for a, b in zip(want, start, strict=True)) > 1e-3, "must move"
+    for a, b, c in zip(got, want, textbook, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # 2 ranks == 1 process (same engine, same seed)
+        torch.testing.assert_close(b, c, rtol=0, atol=1e-6)  # the engine == per-user autograd by hand
     events = [json.loads(line) for line in ledger.read_text().splitlines()]
     assert [e["step"] for e in events] == list(range(STEPS))
-    assert all(e["noise_multiplier"] == NOISE and e["sampling_rate"] == H.SAMPLING_RATE for e in events)
+    for e in events:  # sigma_eff comes from the accounting helper (floating point), q is the configured rate
+        assert (
+            e["noise_multiplier"] == pytest.approx(NOISE, rel=1e-9) and e["sampling_rate"] == H.SAMPLING_RATE
+        )
 
 
 def _deepspeed_loop(config: dict) -> None:

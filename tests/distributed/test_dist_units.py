@@ -18,8 +18,8 @@ from trainers.distributed import (
     param_shape,
     poisson_sample,
     shard_users,
-    step_seed,
 )
+from trainers.engine.sampling import step_seed
 
 CONFIGS = Path(__file__).resolve().parents[2] / "cluster" / "configs"
 
