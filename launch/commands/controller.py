@@ -1,0 +1,101 @@
+"""`dpalign controller`: pretrain a clip/noise controller on PUBLIC proxy fine-tuning (no privacy cost), or show
+an artifact.
+
+  dpalign controller pretrain [--config FILE] [key=value ...]   train (RLlib SAC over Ray env runners by default,
+                                                                or controller.pretrain_trainer=sb3 in-process) and
+                                                                write the artifact to controller.out
+  dpalign controller show PATH                                  print an artifact's spec and provenance
+
+Ray: embedded by default; inside `ray job submit` (RAY_ADDRESS set) or with ray_address=... it joins the cluster,
+and the env runners spread over it. Reuse the artifact in a run with controller.load=PATH and
+controller.mode=frozen|finetune.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from controller.config import ControllerConfig
+from launch.commands._common import add_config_args, load_run_config
+
+
+@dataclass
+class ControllerCommandConfig:
+    """Config of `dpalign controller pretrain` (used while the root run config has no controller section)."""
+
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    """The controller, its proxy environments and pretraining settings."""
+    ray_address: str = ""
+    """Ray cluster address; empty uses RAY_ADDRESS when set, else an embedded Ray; 'local' forces embedded."""
+    ray_num_cpus: int = 0
+    """CPUs of an embedded Ray (0: all of this machine's)."""
+
+
+def _config_class() -> type:
+    from launch.schema import RunConfig
+
+    names = {f.name for f in fields(RunConfig)}
+    return RunConfig if "controller" in names else ControllerCommandConfig
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "controller",
+        help="pretrain a learned clip/noise controller on public data, or inspect an artifact",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="controller_command", required=True)
+    pre = sub.add_parser("pretrain", help="train on proxy DP fine-tuning of public text and write an artifact")
+    add_config_args(pre)
+    pre.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    show = sub.add_parser("show", help="print an artifact's spec and provenance")
+    show.add_argument("path", help="artifact directory")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.controller_command == "show":
+        from controller.artifact import load_artifact
+
+        art = load_artifact(args.path)
+        print(json.dumps({"spec": art.spec.to_dict(), "actor_hidden": art.actor.hidden,
+                          "provenance": asdict(art.provenance), "has_sb3_state": art.sb3_dir is not None}, indent=2))
+        return 0
+
+    cfg = load_run_config(args, cls=_config_class())
+    ctrl: ControllerConfig = cfg.controller
+    ctrl.check()
+    import time
+
+    start = time.time()
+    if ctrl.pretrain_trainer == "sb3":
+        from controller.artifact import Provenance
+        from controller.env import ProxyDPEnv
+        from controller.sb3 import train_sb3
+
+        env = ProxyDPEnv(ctrl.env, ctrl.spec())
+        provenance = Provenance(trainer="sb3", model_layers=[ctrl.env.n_layer], model_width=ctrl.env.n_embd,
+                                epsilons=list(ctrl.env.target_epsilons), delta=ctrl.env.delta, steps=ctrl.env.steps)
+        _, curve = train_sb3(env, config=ctrl, episodes=ctrl.pretrain_iterations, provenance=provenance,
+                             out=ctrl.out)
+        path = ctrl.out
+    else:
+        from cluster.runtime import ray_session
+        from controller.rllib import pretrain_rllib
+
+        address = getattr(cfg, "ray_address", "") or None
+        num_cpus = getattr(cfg, "ray_num_cpus", 0) or None
+        with ray_session(address=address, num_cpus=num_cpus):
+            path, curve = pretrain_rllib(ctrl, out=ctrl.out)
+    summary = {"artifact": str(path), "trainer": ctrl.pretrain_trainer, "iterations": len(curve),
+               "training_curve": [round(c, 4) for c in curve], "seconds": round(time.time() - start, 1)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for k, v in summary.items():
+            print(f"{k}: {v}")
+    return 0
