@@ -83,6 +83,8 @@ def auc_with_ci(
     se = math.sqrt(max(var, clipped * (1.0 - clipped) / (n1 * n0))) / (clipped * (1.0 - clipped))
     low = 1.0 / (1.0 + math.exp(-(logit - z * se)))
     high = 1.0 / (1.0 + math.exp(-(logit + z * se)))
+    # At perfect (or perfectly wrong) separation the clipped logit would leave the estimate outside its interval.
+    low, high = min(low, float(auc)), max(high, float(auc))
     return AucResult(
         auc=float(auc), low=low, high=high, confidence=confidence, num_members=n1, num_nonmembers=n0
     )

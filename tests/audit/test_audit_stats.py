@@ -163,7 +163,7 @@ def test_auc_against_pairwise_count_and_coverage() -> None:
         hits += r.low <= truth <= r.high
     assert abs(hits / trials - 0.9) < 0.06
     perfect = auc_with_ci(np.arange(10.0) + 100, np.arange(10.0))
-    assert perfect.auc == 1.0 and 0.5 < perfect.low < 1.0 and perfect.high <= 1.0
+    assert perfect.auc == 1.0 and 0.5 < perfect.low < 1.0 and perfect.high == 1.0
 
 
 def test_tpr_at_fpr() -> None:
