@@ -265,7 +265,9 @@ def choose_rdp_order(runs: Sequence[EventRun], *, delta: float) -> float:
     """The RDP order that is optimal for a planned schedule: fix it before an adaptive run starts.
 
     The filter is valid for any order fixed in advance; picking the one that is best for the plan makes the
-    adaptive run cost about what the plan would have cost.
+    adaptive run cost about what the plan would have cost. Plan with the most aggressive schedule the run may
+    choose (a controller's lower sigma bound): at an order tuned for a larger sigma, the RDP of small-sigma steps
+    grows very fast and the filter stops the run early.
     """
     check_delta(delta)
     if not runs:
