@@ -1,0 +1,236 @@
+"""Stage 2, the DP reward model on D2: the SFT model + a new LoRA + a scalar head, Bradley-Terry per pair.
+
+The privacy unit is the user: all of a user's pairs are sampled together and their summed gradient (LoRA and
+head) is clipped as one contribution. PPO consumes only this model's scores, so everything downstream of a DP
+reward model is post-processing of D2 (DESIGN.md section 2, "Why every stage is private").
+
+Held-out pairwise accuracy is measured on PUBLIC pairs labeled by the gold oracle (two public reviews, the one
+VADER scores higher is "chosen"); nothing about D2 is reported except through the ledger-accounted training.
+
+Outputs (in ``out_dir``): ``adapter/`` (peft), ``backbone/`` (SFT + RM adapter merged; ``from_pretrained``),
+``head.safetensors`` (the score head). ``load_reward_model(out_dir)`` opens it for scoring.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from accounting.ledger import BudgetExceededError
+from trainers.stages.common import (
+    StageContext,
+    UserIndex,
+    build_engine,
+    calibrate_stage,
+    progress_bar,
+    spent_epsilon,
+)
+
+
+def tokenize_texts(tokenizer: Any, texts: list[str], *, max_len: int) -> tuple[Tensor, Tensor]:
+    """Right-padded (input_ids [R, L], attention_mask [R, L]) keeping each text's first ``max_len`` tokens."""
+    enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_len)["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(1, max(len(e) for e in enc))
+    ids = torch.full((len(enc), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(enc), width), dtype=torch.long)
+    for i, e in enumerate(enc):
+        if not e:
+            raise ValueError(f"text {i} tokenizes to nothing; every preference text must be non-empty")
+        ids[i, : len(e)] = torch.tensor(e)
+        mask[i, : len(e)] = 1
+    return ids, mask
+
+
+def gold_pairs(texts: list[str], *, count: int, seed: int, min_gap: float = 0.2) -> list[tuple[str, str]]:
+    """Public (chosen, rejected) pairs from public texts, labeled by the gold oracle (VADER) with a clear gap."""
+    from trainers.data.oracle import gold_reward
+
+    rng = random.Random(seed)
+    scores = gold_reward(texts)
+    order = list(range(len(texts)))
+    pairs: list[tuple[str, str]] = []
+    for _ in range(20 * count):
+        if len(pairs) >= count:
+            break
+        i, j = rng.sample(order, 2)
+        if abs(scores[i] - scores[j]) < min_gap:
+            continue
+        pairs.append((texts[i], texts[j]) if scores[i] > scores[j] else (texts[j], texts[i]))
+    if not pairs:
+        raise ValueError("no public pair with a clear gold-reward gap: the public validation corpus is too small")
+    return pairs
+
+
+def pairwise_accuracy(model: torch.nn.Module, tokenizer: Any, pairs: list[tuple[str, str]], *, max_len: int) -> float:
+    """Fraction of pairs whose chosen text the reward model scores higher (public pairs only)."""
+    score = score_texts(model, tokenizer, [c for c, _ in pairs] + [r for _, r in pairs], max_len=max_len)
+    n = len(pairs)
+    return float((score[:n] > score[n:]).float().mean())
+
+
+def score_texts(model: torch.nn.Module, tokenizer: Any, texts: list[str], *, max_len: int, batch: int = 64) -> Tensor:
+    """Scores [len(texts)] of a ScoreModel, in eval mode without gradients."""
+    was = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(texts), batch):
+                ids, mask = tokenize_texts(tokenizer, texts[i : i + batch], max_len=max_len)
+                out.append(model(ids, mask))
+    finally:
+        model.train(was)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def bt_loss_fn(model: torch.nn.Module):
+    """Per-record Bradley-Terry loss for the engine: -log sigmoid(s(chosen) - s(rejected)). Shape [R]."""
+    from trainers.rlhf.reward import bradley_terry_loss_per_record
+
+    def loss_fn(records: dict[str, Tensor]) -> Tensor:
+        wc = int(records["c_mask"].sum(1).max().clamp(min=1))
+        wr = int(records["r_mask"].sum(1).max().clamp(min=1))
+        chosen = model(records["c_ids"][:, :wc], records["c_mask"][:, :wc])  # [R]
+        rejected = model(records["r_ids"][:, :wr], records["r_mask"][:, :wr])  # [R]
+        return bradley_terry_loss_per_record(chosen, rejected)  # [R]
+
+    return loss_fn
+
+
+def load_reward_model(rm_dir: str | Path) -> tuple[torch.nn.Module, Any]:
+    """(ScoreModel in eval mode, tokenizer) from a reward-model stage directory."""
+    from trainers.models.base import load_base_model
+    from trainers.rlhf.heads import ScoreModel
+
+    backbone, tokenizer = load_base_model(Path(rm_dir) / "backbone")
+    model = ScoreModel(backbone)
+    model.load_head(Path(rm_dir) / "head.safetensors")
+    model.eval()
+    return model, tokenizer
+
+
+def run_rm(
+    ctx: StageContext,
+    *,
+    sft_dir: str | Path,
+    data_path: str,
+    out_dir: str | Path,
+    public_texts: list[str],
+    eval_every: int = 10,
+) -> dict[str, Any]:
+    """Train the reward model with the DP engine (or non-privately, same path) and export it.
+
+    Args:
+        ctx: the stage context.
+        sft_dir: the SFT model directory (merged; ``from_pretrained``), the reward model's initialization.
+        data_path: D2 (columns user_id, prompt, chosen, rejected).
+        out_dir: where ``adapter/``, ``backbone/`` and ``head.safetensors`` go.
+        public_texts: PUBLIC held-out texts for gold-labeled pairs (accuracy; free to log).
+        eval_every: steps between public accuracy evaluations.
+    """
+    from trainers.data.io import load_preferences
+    from trainers.engine.engine import UserBatch
+    from trainers.engine.sampling import PoissonUserSampler
+    from trainers.models.base import load_base_model
+    from trainers.models.lora import add_lora, merge_and_save
+    from trainers.rlhf.heads import ScoreModel
+
+    t0 = time.time()
+    cfg = ctx.cfg.rm
+    out = Path(out_dir)
+    data = load_preferences(data_path)
+    rows = data.rows
+    users = UserIndex.from_ids(list(rows["user_id"]))
+    n = users.num_users
+    q = cfg.sampling_rate(n)
+    steps = cfg.num_steps(n)
+
+    torch.manual_seed(ctx.seed)
+    backbone, tokenizer = load_base_model(sft_dir)
+    backbone = add_lora(backbone, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                        target_modules=tuple(cfg.lora.target_modules))
+    model = ScoreModel(backbone)
+    model.train()
+    prompts = list(rows["prompt"])
+    c_ids, c_mask = tokenize_texts(tokenizer, [p + c for p, c in zip(prompts, rows["chosen"])], max_len=cfg.max_len)
+    r_ids, r_mask = tokenize_texts(tokenizer, [p + r for p, r in zip(prompts, rows["rejected"])], max_len=cfg.max_len)
+    records = {"c_ids": c_ids, "c_mask": c_mask, "r_ids": r_ids, "r_mask": r_mask}
+    pairs = gold_pairs(public_texts, count=cfg.gold_pairs, seed=ctx.seed)
+
+    sigma = None
+    if ctx.private:
+        sigma = calibrate_stage(ctx, q=q, steps=steps)
+        ctx.ledger.begin_stage(
+            ctx.stage, user_fingerprint=users.fingerprint, num_users=n,
+            target_epsilon=ctx.target_epsilon, target_delta=ctx.target_delta,
+        )
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    engine = build_engine(ctx, model, q=q, users=users, optimizer=optimizer, sigma=sigma)
+    sampler = PoissonUserSampler(n, sampling_rate=q, seed=ctx.seed)
+    loss_fn = bt_loss_fn(model)
+
+    status, reason, done = "completed", "", 0
+    acc0 = acc = pairwise_accuracy(model, tokenizer, pairs, max_len=cfg.max_len)
+    ctx.log("eval/rm_accuracy", acc, step=0)
+    bar = progress_bar(ctx, steps, f"reward model ({'DP' if ctx.private else 'non-private'})")
+    try:
+        for step in range(steps):
+            idx = users.records_of(sampler.sample(step))
+            sample = UserBatch(records={k: v[idx] for k, v in records.items()}, user_ids=users.record_user[idx])
+            try:
+                result = engine.step(sample, loss_fn)
+            except BudgetExceededError as err:
+                status, reason = "refused", str(err)
+                break
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            if result.released is not None:
+                norm = float(sum(v * v for v in result.released.noisy_grad_norms) ** 0.5)
+                ctx.log("privacy/noisy_grad_norm", norm, step=done, private=True, released=True)
+                ctx.log("privacy/sigma_eff", result.event.noise_multiplier, step=done)
+            if done % eval_every == 0 or done == steps:
+                post: dict[str, Any] = {}
+                if ctx.private:
+                    eps = spent_epsilon(ctx)
+                    ctx.log("privacy/epsilon", eps, step=done)
+                    post["eps"] = f"{eps:.2f}"
+                acc = pairwise_accuracy(model, tokenizer, pairs, max_len=cfg.max_len)
+                ctx.log("eval/rm_accuracy", acc, step=done)
+                post["acc"] = f"{acc:.3f}"
+                bar.set_postfix(post)
+            bar.update(1)
+    finally:
+        bar.close()
+        engine.close()
+    if ctx.private:
+        ctx.ledger.end_stage(ctx.stage, status=status, reason=reason)
+
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.backbone.save_pretrained(out / "adapter")
+    merge_and_save(model.backbone, tokenizer, out / "backbone")
+    model.save_head(out / "head.safetensors")
+    return {
+        "status": status,
+        "reason": reason,
+        "steps": done,
+        "planned_steps": steps,
+        "sampling_rate": q,
+        "noise_multiplier": sigma,
+        "num_users": n,
+        "num_records": len(rows),
+        "per_record_users": data.per_record_users,
+        "expected_batch_users": q * n,
+        "epsilon": spent_epsilon(ctx),
+        "accuracy_start": acc0,
+        "accuracy": acc,
+        "gold_pairs": len(pairs),
+        "wall_time_s": time.time() - t0,
+    }
