@@ -135,3 +135,18 @@ def test_reduce_fn_sums_before_noise_and_noise_is_added_once():
         out[name] = (got, [s / engine.expected_batch_size for s in sums])
     for g2, g1, clipped in zip(out["double"][0], out["plain"][0], out["plain"][1], strict=True):
         torch.testing.assert_close(g2 - g1, clipped, rtol=1e-4, atol=1e-6)
+
+
+def test_microbatches_respect_record_and_token_caps():
+    model = H.lora_lm()
+    tokens = torch.tensor([5, 5, 5, 9, 2, 2, 2, 2])
+    batch = UserBatch(records={"input_ids": torch.zeros(8, 10, dtype=torch.int64)}, user_ids=torch.arange(8),
+                      record_tokens=tokens)
+    engine = _engine(model, max_tokens_per_microbatch=10, max_records_per_microbatch=3)
+    parts = engine.microbatches(batch)
+    assert [p.tolist() for p in parts] == [[0, 1], [2], [3], [4, 5, 6], [7]]
+    assert all(int(tokens[p].sum()) <= 10 and p.numel() <= 3 for p in parts)
+    padded = UserBatch(records={"input_ids": torch.zeros(8, 10, dtype=torch.int64)}, user_ids=torch.arange(8))
+    assert [p.numel() for p in _engine(model, max_tokens_per_microbatch=25).microbatches(padded)] == [2, 2, 2, 2]
+    with pytest.raises(ValueError, match="over max_tokens_per_microbatch"):
+        _engine(model, max_tokens_per_microbatch=8).microbatches(padded)

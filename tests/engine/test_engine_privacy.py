@@ -145,7 +145,7 @@ def test_adaptive_clipping_folds_count_cost_and_moves_thresholds():
     assert [e.noise_multiplier for e in events] == pytest.approx([1.0] * 3)
     assert results[0].released.noisy_unclipped_counts is not None
     # geometric update from the RELEASED (noisy) counts only: C <- C * exp(-lr * (count / B - gamma))
-    for before, after in zip(results[:-1], results[1:]):
+    for before, after in zip(results[:-1], results[1:], strict=True):
         rel = before.released
         for k, count in enumerate(rel.noisy_unclipped_counts):
             expected = rel.plan.clip_norms[k] * math.exp(-0.5 * (count / rel.expected_batch_size - 0.5))
@@ -179,5 +179,5 @@ def test_refused_step_is_not_taken():
     with pytest.raises(BudgetExceededError, match="step 1"):
         engine.step(UserBatch.empty(), lambda rec: None)
     assert len(events) == 1 and engine.next_step == 1
-    assert all(torch.equal(p.grad, g) for p, g in zip([p for p in model.parameters() if p.requires_grad], grads))
-    assert not all(torch.equal(p, b) for p, b in zip([p for p in model.parameters() if p.requires_grad], before))
+    assert all(torch.equal(p.grad, g) for p, g in zip([p for p in model.parameters() if p.requires_grad], grads, strict=True))
+    assert not all(torch.equal(p, b) for p, b in zip([p for p in model.parameters() if p.requires_grad], before, strict=True))

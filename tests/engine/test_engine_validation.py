@@ -46,8 +46,10 @@ def test_losses_that_mix_records_are_refused():
     records, users = H.lm_records([2, 2])
     batch = UserBatch(records=records, user_ids=users)
     per_record = H.lm_loss(model)
+    events = []
     with pytest.raises(RecordIndependenceError, match="mixes records"):
-        _engine(model).step(batch, lambda rec: per_record(rec) - per_record(rec).mean().detach())
+        _engine(model, event_sink=events.append).step(batch, lambda rec: per_record(rec) - per_record(rec).mean().detach())
+    assert events == []  # refused before anything was recorded or released
     with pytest.raises(ValueError, match=r"one loss per record, shape \[4\]"):
         _engine(model, check_record_independence=False).step(batch, lambda rec: per_record(rec).mean())
     _engine(model).step(batch, per_record)  # the per-record loss itself passes

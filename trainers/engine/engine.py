@@ -437,6 +437,9 @@ class DPEngine:
         if repeats < 1 or not 0 <= release < repeats:
             raise ValueError(f"release={release}, repeats={repeats}: need repeats >= 1 and 0 <= release < repeats")
         self._check_moved()
+        if self._check_independence and batch.num_records >= 2:  # before the event: a refused loss costs nothing
+            self._check_records_independent(batch, loss_fn, self.microbatches(batch)[0])
+            self._check_independence = False
         if release == 0:
             if self._open is not None:
                 s, last, k = self._open[0], self._open[1], self._open[2]
@@ -457,10 +460,6 @@ class DPEngine:
         if release == repeats - 1:
             self._open = None
             self.next_step = step + 1
-
-        if self._check_independence and batch.num_records >= 2:
-            self._check_records_independent(batch, loss_fn, self.microbatches(batch)[0])
-            self._check_independence = False
 
         num_mb = len(self.microbatches(batch))
         released = None

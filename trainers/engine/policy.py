@@ -66,7 +66,7 @@ class StepPlan:
     def __post_init__(self) -> None:
         if len(self.clip_norms) != len(self.noise_stds):
             raise ValueError(f"StepPlan: {len(self.clip_norms)} clip norms but {len(self.noise_stds)} noise stds")
-        for k, (c, s) in enumerate(zip(self.clip_norms, self.noise_stds)):
+        for k, (c, s) in enumerate(zip(self.clip_norms, self.noise_stds, strict=True)):
             if not c > 0 or math.isnan(c):
                 raise ValueError(f"StepPlan: clip_norms[{k}]={c}: must be > 0 (inf allowed only non-privately)")
             if not s >= 0 or math.isinf(s):
