@@ -77,6 +77,7 @@ class LearnedController:
         rdp_order: the ledger's RDP filter order (None: the optimal order for the fixed schedule).
         stage: ledger stage name.
         artifact: a loaded artifact (frozen / finetune); default ``load_artifact(config.load)`` when set.
+        reference_clips: C_ref per group (the stage's fixed thresholds); default ``config.reference_clip`` each.
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class LearnedController:
         rdp_order: float | None = None,
         stage: str = "sft",
         artifact: ControllerArtifact | None = None,
+        reference_clips: Sequence[float] | None = None,
     ) -> None:
         config.check()
         self.config = config
@@ -112,7 +114,9 @@ class LearnedController:
 
             self.learner = OnlineSAC.create(spec=self.spec, config=config, artifact=artifact)
         self.obs_norm: ObsNorm = artifact.obs_norm if artifact is not None else ObsNorm.identity(self.spec.obs_dim)
-        self.reference_clips: tuple[float, ...] | None = None
+        self.reference_clips: tuple[float, ...] | None = (
+            tuple(float(c) for c in reference_clips) if reference_clips is not None else None
+        )
         self._clips: tuple[float, ...] | None = None
         self._sigma = math.nan
         self._obs = initial_observation(self.guard.ledger_state(), spec=self.spec)
@@ -131,6 +135,7 @@ class LearnedController:
 
         if self.reference_clips is None:
             self.reference_clips = (self.config.reference_clip,) * len(groups)
+        if self._initial_loss is None:
             self._initial_loss = self._previous_loss = float(self.validation_loss())
         if len(groups) != len(self.reference_clips):
             raise ValueError(f"controller planned for {len(self.reference_clips)} groups, engine has {len(groups)}")
@@ -240,3 +245,42 @@ class LearnedController:
         assert self.artifact is not None
         return save_artifact(path, spec=self.spec, actor=self.artifact.actor, obs_norm=self.obs_norm,
                              provenance=provenance)
+
+
+def controller_policy_factory(config: ControllerConfig) -> Callable[..., LearnedController]:
+    """A ``StageContext.policy_factory`` (trainers/stages/common.py ``make_policy``) building the controller.
+
+    The stage passes ``ctx, sigma, groups, expected_batch_size``; the controller also needs the stage's planned
+    ``steps``, its rate ``q`` and a PUBLIC ``validation_loss`` callable, taken from keyword arguments or from
+    ``ctx.extras`` (keys "steps", "sampling_rate", "validation_loss"). The ledger's filter and RDP order come from
+    ``ctx.ledger``; the reference thresholds are the stage's fixed ones (``group_thresholds``).
+    """
+
+    def factory(*, ctx: Any, sigma: float, groups: Sequence[Any], expected_batch_size: float,
+                **kw: Any) -> LearnedController:
+        from trainers.stages.common import group_thresholds
+
+        def need(key: str) -> Any:
+            value = kw.get(key, ctx.extras.get(key))
+            if value is None:
+                raise ValueError(
+                    f"the learned controller needs {key!r} from the stage recipe (pass it to the policy factory "
+                    f"or put it in StageContext.extras)"
+                )
+            return value
+
+        ledger = ctx.ledger
+        order = ledger.run.rdp_order if ledger is not None and ledger.run.accountant == "rdp" else None
+        if ledger is not None and ledger.run.accountant != "rdp":
+            raise ValueError(
+                "controller.enabled needs privacy.accountant=rdp: sigma is chosen from earlier releases, which is "
+                "only accounted correctly by the RDP privacy filter"
+            )
+        return LearnedController(
+            config=config, target_epsilon=ctx.target_epsilon, delta=ctx.target_delta,
+            sampling_rate=float(need("sampling_rate")), steps=int(need("steps")),
+            validation_loss=need("validation_loss"), admit=ledger.admit if ledger is not None else None,
+            rdp_order=order, stage=ctx.stage, reference_clips=group_thresholds(ctx.cfg.engine, groups),
+        )
+
+    return factory
