@@ -97,8 +97,8 @@ class StepResult:
         step: logical step index; release: index within the step (0 .. repeats-1).
         event: the ledger event of the step (emitted at release 0; None in non-private mode).
         released: what the policy observed (None in non-private mode without a policy).
-        num_microbatches: physical micro-batches run (not private: depends only on the caps and R, but R is
-            private -- do not log it without noise).
+        num_microbatches: physical micro-batches run. It depends on the realized number of records, which is
+            private: do not log or release it without noise.
     """
 
     step: int
