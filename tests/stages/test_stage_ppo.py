@@ -1,0 +1,311 @@
+"""DP-PPO recipe end to end on tiny models: accounting of K epochs as repeats of one sample, the exported policy,
+the non-private baseline, a refused stage, PPO ratio 1 at the first epoch, and Ray rollouts equal to in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from accounting.ledger import Ledger, read_ledger
+from accounting.events import PrivacyEvent
+from launch.config import load_config
+from launch.pipeline.metrics import MetricsLogger
+from launch.schema import RunConfig
+from trainers.stages.common import StageContext
+
+SENTENCES = [
+    "the film was great and the acting was good",
+    "a dull movie with a bad plot",
+    "i loved the music and the story",
+    "the ending was sad but the cast was fine",
+    "what a wonderful and moving picture",
+    "boring scenes and a terrible script",
+]
+EVAL_PROMPTS = ["the movie was", "i think the plot", "a great cast", "the ending"]
+NUM_USERS = 12
+TARGET_EPS, TARGET_DELTA = 4.0, 1e-3
+OVERRIDES = [
+    "ppo.iterations=2",
+    "ppo.ppo_epochs=2",
+    "ppo.expected_users_per_iteration=4",
+    "ppo.max_new_tokens=6",
+    "ppo.rollout_batch_size=4",
+    "ppo.rollout_actors=2",
+    "ppo.lr=0.01",
+    "ppo.lora.alpha=8",
+    "engine.max_physical_batch_records=4",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Actors generate with 1 thread; the learner does too, so both paths compute the same floats."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny 'SFT' GPT-2 + tokenizer, a reward-model dir (same backbone + a ScoreModel head) and a D3 file."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from trainers.data.io import write_jsonl
+    from trainers.models.tokenizer import train_tokenizer
+    from trainers.rlhf.heads import ScoreModel
+
+    root = tmp_path_factory.mktemp("ppo_stage")
+    tokenizer = train_tokenizer(SENTENCES * 5, vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=64)
+    config.eos_token_id = config.bos_token_id = config.pad_token_id = tokenizer.eos_token_id
+    sft = GPT2LMHeadModel(config)  # default dropout 0.1: the recipe must run it in eval mode
+    sft.save_pretrained(root / "sft")
+    tokenizer.save_pretrained(root / "sft")
+    sft.save_pretrained(root / "rm" / "backbone")
+    tokenizer.save_pretrained(root / "rm" / "backbone")
+    torch.manual_seed(1)
+    rm = ScoreModel(sft, head_init_std=1.0)
+    rm.save_head(root / "rm" / "head.safetensors")
+    rows = []
+    for u in range(NUM_USERS):
+        for j in range(1 + u % 2):  # 1 or 2 records per user: a user's records are one unit
+            words = SENTENCES[(u + j) % len(SENTENCES)].split()
+            rows.append({"user_id": f"user-{u:02d}", "prompt": " ".join(words[: 2 + (u + j) % 3])})
+    write_jsonl(root / "d3.jsonl", rows)
+    return {"root": root, "sft": root / "sft", "rm": root / "rm", "d3": root / "d3.jsonl"}
+
+
+def make_cfg(*extra: str) -> RunConfig:
+    return load_config(RunConfig, None, [*OVERRIDES, *extra])
+
+
+def make_ctx(cfg: RunConfig, *, private: bool, ledger: Ledger | None, metrics=None, target=TARGET_EPS) -> StageContext:
+    return StageContext(
+        stage="ppo",
+        cfg=cfg,
+        private=private,
+        ledger=ledger,
+        metrics=metrics,
+        target_epsilon=target if private else None,
+        target_delta=TARGET_DELTA if private else None,
+        seed=3,
+        progress=False,
+        extras={"eval_prompts": EVAL_PROMPTS},
+    )
+
+
+def run(dirs, ctx: StageContext, out: Path, **kw):
+    from trainers.stages.ppo import run_ppo
+
+    return run_ppo(ctx, sft_dir=dirs["sft"], rm_dir=dirs["rm"], prompts_path=str(dirs["d3"]), out_dir=out, **kw)
+
+
+@pytest.fixture(scope="module")
+def private_run(dirs):
+    """One private in-process run of 2 iterations with K=2, with a real ledger and metrics logger."""
+    root = dirs["root"] / "private"
+    ledger = Ledger.open(root / "ledger.jsonl", run_id="t", target_epsilon=TARGET_EPS, target_delta=TARGET_DELTA,
+                         composition="parallel")
+    metrics = MetricsLogger(root / "tb", root / "metrics.jsonl")
+    try:
+        summary = run(dirs, make_ctx(make_cfg(), private=True, ledger=ledger, metrics=metrics), root / "out",
+                      use_ray=False)
+        eps = ledger.epsilon("ppo")
+    finally:
+        metrics.close()
+        ledger.close()
+    return {"summary": summary, "root": root, "eps": eps}
+
+
+def test_private_run_accounts_epochs_as_repeats(private_run):
+    import dp_accounting
+
+    s, root = private_run["summary"], private_run["root"]
+    assert s["status"] == "completed" and s["iterations_done"] == 2 and s["ppo_epochs"] == 2
+    assert s["num_users"] == NUM_USERS and s["sampling_rate"] == pytest.approx(4 / NUM_USERS)
+    contents = read_ledger(root / "ledger.jsonl")
+    events = [e for e in contents.events if e.stage == "ppo"]
+    assert len(events) == 2, "one event per sampled batch, not one per epoch"
+    for step, e in enumerate(events):
+        assert (e.step, e.purpose, e.repeats) == (step, "gradient", 2)
+        assert e.sampling_rate == pytest.approx(4 / NUM_USERS)
+        assert e.noise_multiplier == pytest.approx(s["sigma"], rel=1e-9)
+    assert contents.stage_end["ppo"]["status"] == "completed"
+    # recompute with dp-accounting alone: 2 x PoissonSampled(q, Gaussian(sigma / sqrt(K)))
+    acc = dp_accounting.pld.PLDAccountant()
+    acc.compose(dp_accounting.PoissonSampledDpEvent(4 / NUM_USERS, dp_accounting.GaussianDpEvent(s["sigma"] / 2**0.5)), 2)
+    reference = acc.get_epsilon(TARGET_DELTA)
+    assert private_run["eps"] == pytest.approx(reference, rel=0.01)
+    assert s["epsilon"] == pytest.approx(private_run["eps"]) and s["epsilon"] <= TARGET_EPS
+    # counting the epochs as fresh steps would have cost less: the repeats really are in the ledger
+    fresh = dp_accounting.pld.PLDAccountant()
+    fresh.compose(dp_accounting.PoissonSampledDpEvent(4 / NUM_USERS, dp_accounting.GaussianDpEvent(s["sigma"])), 4)
+    assert fresh.get_epsilon(TARGET_DELTA) < 0.95 * reference
+
+    rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    keys = {r["key"] for r in rows}
+    assert {"privacy/epsilon", "privacy/sigma_eff", "ppo/kl", "ppo/reward", "ppo/clipfrac", "eval/gold_reward",
+            "perf/steps_per_sec"} <= keys
+    gold = [r for r in rows if r["key"] == "eval/gold_reward"]
+    assert [r["step"] for r in gold] == [0, 1, 2]  # before training and after every iteration
+    assert all(not r.get("private", False) for r in rows)
+    assert [h["iteration"] for h in s["history"]] == [0, 1, 2]
+
+
+def test_export_loads_and_equals_adapted_policy(private_run, dirs):
+    from transformers import AutoModelForCausalLM
+
+    from trainers.models.lora import load_lora
+    from trainers.rlhf.heads import PolicyValueModel
+
+    out = private_run["root"] / "out"
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "model")).eval()
+    adapted = load_lora(str(dirs["sft"]), out / "adapter")
+    sft = AutoModelForCausalLM.from_pretrained(str(dirs["sft"])).eval()
+    ids = torch.tensor([[0, 5, 9, 17, 33, 60, 2]])
+    with torch.no_grad():
+        a, m, base = adapted(input_ids=ids).logits, merged(input_ids=ids).logits, sft(input_ids=ids).logits
+    torch.testing.assert_close(m, a, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(m, base, atol=1e-6), "PPO updates must have moved the policy off the SFT model"
+    PolicyValueModel(sft).load_head(out / "value_head.safetensors")  # the value head file is a valid head
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+
+
+def test_first_epoch_ratio_is_one_and_logprobs_match_generate(dirs):
+    """Left padding + mask-derived positions: the learner's log-probs equal the sampler's, so the PPO ratio is
+    exactly 1 at release 0 (approx_kl ~ 0, clipfrac 0), for the whole batch and for any micro-batch of it."""
+    from trainers.models.tokenizer import padding_side
+    from trainers.rlhf.experience import ppo_loss_on_experience
+    from trainers.rollout import generate_rollouts
+    from trainers.stages.ppo import build_experience, load_ppo_models, pad_rollouts
+
+    cfg = make_cfg()
+    models = load_ppo_models(make_ctx(cfg, private=False, ledger=None), sft_dir=dirs["sft"], rm_dir=dirs["rm"])
+    with torch.no_grad():  # a non-zero adapter, so the policy differs from the reference
+        for n, p in models.policy.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.3)
+    tok = models.tokenizer
+    prompts = ["the", "i loved the music and the", "a dull", "what a wonderful and"]
+    gen = generate_rollouts(models.policy, tok, prompts, max_new_tokens=6, temperature=1.0, top_k=0, seed=5,
+                            batch_size=4)
+    padded = pad_rollouts(gen, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+    exp = build_experience(models, padded, torch.tensor([0, 1, 1, 2]), beta=0.1, objective=cfg.ppo.objective,
+                           chunk_records=3)
+    # generate's own logits of the greedy continuation of the same left-padded batch
+    with padding_side(tok, "left"):
+        enc = tok([tok.eos_token + p for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = models.policy.generate(**enc, do_sample=False, max_new_tokens=4, pad_token_id=tok.pad_token_id,
+                                     eos_token_id=tok.eos_token_id, return_dict_in_generate=True, output_logits=True)
+    greedy = [type(gen[0])(enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist(),
+                           out.sequences[i, enc["input_ids"].shape[1]:].tolist(), "") for i in range(4)]
+    g_pad = pad_rollouts(greedy, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+    g_exp = build_experience(models, g_pad, torch.arange(4), beta=0.1, objective=cfg.ppo.objective, chunk_records=4)
+    gen_lp = torch.log_softmax(torch.stack(out.logits, 1).float(), -1).gather(-1, g_pad.sequences[:, g_pad.prompt_len:, None])[..., 0]
+    torch.testing.assert_close(g_exp.old_logprobs, gen_lp * g_pad.action_mask, rtol=1e-4, atol=1e-4)
+
+    for index in (torch.arange(4), torch.tensor([2]), torch.tensor([1, 3])):
+        mb = exp.select(index)
+        logits, values = models.actor(mb.sequences, mb.attention_mask)
+        loss, stats = ppo_loss_on_experience(mb, logits, values, clip_eps=0.2, value_clip=0.2, vf_coef=0.1)
+        assert stats.approx_kl.abs().max() < 1e-6 and stats.clipfrac.max() == 0
+    assert exp.kl.abs().sum() > 0 and torch.isfinite(exp.advantages).all()
+
+
+def test_nonprivate_writes_no_events(dirs, tmp_path):
+    ledger = Ledger.open(tmp_path / "ledger.jsonl", run_id="np", target_epsilon=TARGET_EPS,
+                         target_delta=TARGET_DELTA, composition="parallel")
+    try:
+        s = run(dirs, make_ctx(make_cfg("ppo.iterations=1", "ppo.ppo_epochs=1"), private=False, ledger=ledger),
+                tmp_path / "out", use_ray=False)
+    finally:
+        ledger.close()
+    contents = read_ledger(tmp_path / "ledger.jsonl")
+    assert contents.events == [] and "ppo" not in contents.stages
+    assert s["status"] == "completed" and s["epsilon"] is None and s["sigma"] is None
+    assert (tmp_path / "out" / "model" / "config.json").is_file()
+
+
+def test_spent_budget_stops_the_stage_as_refused(dirs, tmp_path):
+    """Sequential composition: another stage already spent the run's budget, so the filter refuses PPO's first
+    step; nothing is released and the ledger says why."""
+    ledger = Ledger.open(tmp_path / "ledger.jsonl", run_id="r", target_epsilon=1.0, target_delta=TARGET_DELTA,
+                         composition="sequential")
+    try:
+        ledger.begin_stage("sft", user_fingerprint="x", num_users=10, target_epsilon=1.0, target_delta=TARGET_DELTA / 2)
+        ledger.record(PrivacyEvent("sft", 0, "gradient", 1.0, 0.5), enforce=False)  # epsilon >> 1
+        s = run(dirs, make_ctx(make_cfg(), private=True, ledger=ledger, target=0.5), tmp_path / "out", use_ray=False)
+    finally:
+        ledger.close()
+    contents = read_ledger(tmp_path / "ledger.jsonl")
+    assert s["status"] == "refused" and s["iterations_done"] == 0 and "budget" in s["reason"]
+    assert [e.stage for e in contents.events] == ["sft"]
+    assert contents.stage_end["ppo"]["status"] == "refused"
+
+
+def test_minibatches_refused_before_anything_is_spent(dirs, tmp_path):
+    from trainers.stages.ppo import UnsupportedPPOConfig
+
+    ledger = Ledger.open(tmp_path / "ledger.jsonl", run_id="m", target_epsilon=TARGET_EPS, target_delta=TARGET_DELTA)
+    try:
+        with pytest.raises(UnsupportedPPOConfig, match="ppo.minibatches=2"):
+            run(dirs, make_ctx(make_cfg("ppo.minibatches=2"), private=True, ledger=ledger), tmp_path / "out")
+    finally:
+        ledger.close()
+    assert read_ledger(tmp_path / "ledger.jsonl").stages == {}
+
+
+@pytest.fixture
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow  # ~40 s on 2 shared cores: Ray start-up plus a full Ray run
+def test_ray_rollouts_equal_in_process(dirs, private_run, ray_local, tmp_path):
+    """2 Ray actors (LoRA-only sync) give the same rollouts as in-process generation, so the private Ray run
+    trains exactly the same policy as the in-process one."""
+    from trainers.engine.sampling import PoissonUserSampler
+    from trainers.stages.common import UserIndex
+    from trainers.data.io import load_prompts
+    from trainers.stages.ppo import _Rollouts, load_ppo_models, rollout_seed
+
+    cfg = make_cfg()
+    ctx = make_ctx(cfg, private=False, ledger=None)
+    data = load_prompts(dirs["d3"])
+    users = UserIndex.from_ids(list(data.rows["user_id"]))
+    records = users.records_of(PoissonUserSampler(users.num_users, sampling_rate=4 / NUM_USERS, seed=3).sample(0))
+    prompts = [data.rows["prompt"][i] for i in records.tolist()]
+    assert len(prompts) >= 2
+    models = load_ppo_models(ctx, sft_dir=dirs["sft"], rm_dir=dirs["rm"])
+    ray_gen = _Rollouts(models, sft_dir=dirs["sft"], cfg=cfg.ppo, use_ray=True)
+    try:
+        ray_gen.sync()
+        local = _Rollouts(models, sft_dir=dirs["sft"], cfg=cfg.ppo, use_ray=False)
+        assert ray_gen.generate(prompts, seed=rollout_seed(3, 0)) == local.generate(prompts, seed=rollout_seed(3, 0))
+    finally:
+        ray_gen.shutdown()
+
+    ledger = Ledger.open(tmp_path / "ledger.jsonl", run_id="t", target_epsilon=TARGET_EPS, target_delta=TARGET_DELTA,
+                         composition="parallel")
+    try:
+        s = run(dirs, make_ctx(cfg, private=True, ledger=ledger), tmp_path / "out", use_ray=True)
+    finally:
+        ledger.close()
+    assert s["rollout"]["ray_actors"] == 2 and s["rollout"]["sync_count"] == 3  # initial + after each iteration
+    assert s["rollout"]["sync_bytes"] > 0
+    assert s["history"] == private_run["summary"]["history"]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(private_run["root"] / "out" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,701 @@
+"""DP-PPO on D3 (Wu et al. 2023, stage 3): the recipe, top to bottom.
+
+    users = UserIndex(D3)                                      # the privacy unit
+    sigma = calibrate_stage(ctx, q=q, steps=T, repeats=K)      # before any step, from the public schedule
+    for t in range(T):
+        sample users (Poisson, rate q) -> their prompts -> rollouts (Ray actors or in process, same seeds)
+        score: private RM on the last token (post-processing), reference log-probs, values
+        Experience: r_t = -beta * KL_t (+ score on the last token), GAE per trajectory, user-safe normalization
+        for k in range(K): engine.step(UserBatch(exp, exp.user_index), loss_fn, repeats=K, release=k); opt.step()
+        sync ONLY the LoRA weights to the rollout actors
+        public evaluation on public prompts: reward, KL, gold reward, policy-change clip fraction (free)
+
+Privacy decisions, and why:
+  * One Poisson sample per iteration, reused for K epochs: ONE PrivacyEvent with repeats=K (multiplier
+    sigma_eff / sqrt(K)), emitted by the engine before the first release. Counting the epochs as fresh steps would
+    understate epsilon badly (DESIGN.md section 2, "Reuse of a sample").
+  * minibatches > 1 is refused (before anything is spent). Disjoint user minibatches within an epoch would be
+    sound with the SAME event (each user is in one release per epoch, so K releases per iteration) if the
+    partition were a public function of the user id and each minibatch were normalized by the public B / M. The
+    engine's event model cannot express it: every release of a step must be over the same records, normalized by
+    q * N. See ``check_supported``.
+  * The loss is per record: the clipped surrogate and the value loss are means over the record's own actions,
+    advantages are normalized per trajectory or by a public constant (batch whitening is refused at config load).
+  * The reward model's scores and the reference's log-probs are post-processing of DP (or public) models.
+  * beta is fixed, or adapted from the KL measured on PUBLIC prompts only; never from the private batch.
+  * Every logged number is public: epsilon and sigma_eff (ledger), and statistics of generations on a fixed set
+    of public evaluation prompts (reward, KL to the reference, gold reward, and ``ppo/clipfrac``: the fraction of
+    public-rollout tokens whose probability ratio new/old left [1 - clip_eps, 1 + clip_eps] over the iteration).
+    The clip fraction of the PRIVATE batch would need its own noisy release; we chose the public one instead.
+  * Throughput (``perf/steps_per_sec``) is a wall-clock timing and therefore weakly depends on the realized batch
+    size; it is logged as a public systems metric, as every DP trainer does. Do not feed it to a controller.
+
+Determinism: the sample of iteration t, the rollout seeds and the noise depend only on (seed, t); rollouts by N
+Ray actors equal in-process generation (``trainers.rollout``). The actor runs in eval mode throughout (gradients
+still flow): dropout would make per-user gradients random and the PPO ratio differ from 1 at the first epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from trainers.rlhf.experience import Experience, make_experience, response_slice, rollout_masks
+from trainers.rlhf.heads import PolicyValueModel, ScoreModel, position_ids_from_attention_mask
+from trainers.rlhf.ppo import kl_per_token, logprobs_from_logits, masked_fill_zero
+from trainers.stages.common import (
+    StageContext,
+    UserIndex,
+    build_engine,
+    calibrate_stage,
+    progress_bar,
+    public_lm_loss,
+    save_json,
+    spent_epsilon,
+)
+
+STAGE = "ppo"
+PUBLIC_EVAL_PROMPTS = 16
+"""Public prompts generated from the policy after every iteration for the logged reward/KL/gold reward."""
+
+
+class UnsupportedPPOConfig(ValueError):
+    """A PPO setting the recipe cannot run with correct accounting; raised before any privacy is spent."""
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+@dataclass
+class PPOModels:
+    """Everything DP-PPO runs: the trainable actor-critic and the two frozen scorers.
+
+    Attributes:
+        actor: ``PolicyValueModel(SFT + new LoRA)``; trainable: the LoRA A/B tensors and the value head.
+        reference: the SFT model, frozen (eval mode, no grad): the KL anchor.
+        reward: the private reward model (``ScoreModel`` with the RM stage's head), frozen.
+        tokenizer: the SFT model's tokenizer (shared by all three: they come from one base model).
+    """
+
+    actor: PolicyValueModel
+    reference: nn.Module
+    reward: ScoreModel
+    tokenizer: Any
+
+    @property
+    def policy(self) -> nn.Module:
+        """The peft-wrapped causal LM inside the actor (what generates and what is exported)."""
+        return self.actor.policy
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_ppo_models(ctx: StageContext, *, sft_dir: Path, rm_dir: Path) -> PPOModels:
+    """Build the actor (SFT + new LoRA + value head, seeded by the stage), the frozen reference and the RM.
+
+    Raises:
+        FileNotFoundError: ``sft_dir`` is not a saved model, or ``rm_dir`` lacks ``backbone/`` or the head file.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from trainers.models.lora import add_lora
+    from trainers.models.tokenizer import load_tokenizer
+
+    sft_dir, rm_dir = Path(sft_dir), Path(rm_dir)
+    if not (sft_dir / "config.json").is_file():
+        raise FileNotFoundError(f"sft_dir {sft_dir}: no config.json; pass the SFT stage's merged export (model/)")
+    backbone_dir, head_path = rm_dir / "backbone", rm_dir / "head.safetensors"
+    if not (backbone_dir / "config.json").is_file() or not head_path.is_file():
+        raise FileNotFoundError(
+            f"rm_dir {rm_dir}: expected backbone/ (merged HF model) and head.safetensors from the reward-model stage"
+        )
+    lora = ctx.cfg.ppo.lora
+    tokenizer = load_tokenizer(sft_dir)
+    torch.manual_seed(ctx.seed)  # the new LoRA's A and the value head: one draw per stage seed
+    policy = add_lora(
+        AutoModelForCausalLM.from_pretrained(str(sft_dir)),
+        r=lora.r,
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+        target_modules=tuple(lora.target_modules),
+    )
+    actor = PolicyValueModel(policy)
+    actor.eval()  # no dropout anywhere: deterministic per-user gradients, PPO ratio exactly 1 at epoch 0
+    reference = _freeze(AutoModelForCausalLM.from_pretrained(str(sft_dir)))
+    reward = ScoreModel(AutoModelForCausalLM.from_pretrained(str(backbone_dir)))
+    reward.load_head(head_path)
+    _freeze(reward)
+    return PPOModels(actor=actor, reference=reference, reward=reward, tokenizer=tokenizer)
+
+
+# ------------------------------------------------------------------------------------------ rollout tensors
+
+
+@dataclass(frozen=True)
+class RolloutTensors:
+    """Rollouts re-padded for scoring: prompts LEFT-padded to width P, responses RIGHT-padded to width T.
+
+    Attributes:
+        sequences: [R, P + T] int64.
+        attention_mask: [R, P + T] int64 (prompt padding and response padding after EOS are 0).
+        action_mask: [R, T] int64, 1 on real response tokens (up to and including the first EOS).
+        prompt_len: P.
+        texts: the R decoded responses (for the gold oracle on PUBLIC prompts only).
+    """
+
+    sequences: Tensor
+    attention_mask: Tensor
+    action_mask: Tensor
+    prompt_len: int
+    texts: list[str]
+
+    @property
+    def num_records(self) -> int:
+        return int(self.sequences.shape[0])
+
+
+def pad_rollouts(rollouts: Sequence[Any], *, pad_id: int, eos_id: int) -> RolloutTensors:
+    """Left-pad the prompts and right-pad the responses of ``trainers.rollout.Rollout`` records.
+
+    The padding width may differ from the one ``generate`` used (rollouts come from several generate calls);
+    positions are recomputed from the mask (``position_ids_from_attention_mask``) in every forward, so the
+    log-probs do not depend on it.
+    """
+    if not rollouts:
+        raise ValueError("pad_rollouts needs at least one rollout")
+    P = max(len(r.prompt_ids) for r in rollouts)
+    T = max(len(r.response_ids) for r in rollouts)
+    R = len(rollouts)
+    sequences = torch.full((R, P + T), pad_id, dtype=torch.long)  # [R, S]
+    prompt_mask = torch.zeros((R, P), dtype=torch.long)  # [R, P]
+    for i, r in enumerate(rollouts):
+        if not r.prompt_ids or not r.response_ids:
+            raise ValueError(f"rollout {i} has an empty prompt or response; generation always yields both")
+        p = len(r.prompt_ids)
+        sequences[i, P - p : P] = torch.tensor(r.prompt_ids, dtype=torch.long)
+        prompt_mask[i, P - p :] = 1
+        sequences[i, P : P + len(r.response_ids)] = torch.tensor(r.response_ids, dtype=torch.long)
+    attention_mask, action_mask = rollout_masks(sequences, prompt_mask, eos_token_id=eos_id)
+    return RolloutTensors(sequences, attention_mask, action_mask, P, [r.text for r in rollouts])
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def reference_logits(reference: nn.Module, sequences: Tensor, attention_mask: Tensor) -> Tensor:
+    """[R, S, V] reference logits with mask-derived positions (the same positions the policy sees)."""
+    return reference(
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_attention_mask(attention_mask),
+    ).logits
+
+
+def build_experience(
+    models: PPOModels,
+    rollouts: RolloutTensors,
+    user_index: Tensor,
+    *,
+    beta: float,
+    objective: Any,
+    chunk_records: int,
+) -> Experience:
+    """Score a sample of rollouts and build its PPO targets, ``chunk_records`` rows at a time (memory bound).
+
+    ``make_experience`` is per record, so the chunked result equals the whole-batch one row for row.
+
+    Args:
+        user_index: [R] int64 user of each rollout (the engine's privacy unit).
+        objective: ``PPOObjectiveConfig``.
+    """
+    parts: list[Experience] = []
+    with torch.no_grad():
+        for sl in _chunks(rollouts.num_records, chunk_records):
+            seq, am = rollouts.sequences[sl], rollouts.attention_mask[sl]
+            logits, values = models.actor(seq, am)  # [r, S, V], [r, S]
+            parts.append(
+                make_experience(
+                    sequences=seq,
+                    attention_mask=am,
+                    action_mask=rollouts.action_mask[sl],
+                    prompt_len=rollouts.prompt_len,
+                    user_index=user_index[sl],
+                    policy_logits=logits,
+                    ref_logits=reference_logits(models.reference, seq, am),
+                    values=values,
+                    scores=models.reward(seq, am),  # [r]: post-processing of the DP reward model
+                    beta=beta,
+                    gamma=objective.gamma,
+                    lam=objective.lam,
+                    advantage_normalization=objective.advantage_normalization,
+                    advantage_scale=objective.advantage_scale,
+                    kl_estimator=objective.kl_estimator,
+                )
+            )
+    return concat_experience(parts)
+
+
+def concat_experience(parts: Sequence[Experience]) -> Experience:
+    """One Experience from chunks that share the padded widths (rows in order)."""
+    if not parts:
+        raise ValueError("concat_experience needs at least one part")
+    widths = {(p.prompt_len, p.sequences.shape[1]) for p in parts}
+    if len(widths) != 1:
+        raise ValueError(f"chunks were padded differently: {sorted(widths)}")
+    values: dict[str, Any] = {}
+    for f in fields(Experience):
+        first = getattr(parts[0], f.name)
+        values[f.name] = torch.cat([getattr(p, f.name) for p in parts]) if isinstance(first, Tensor) else first
+    return Experience(**values)
+
+
+def ppo_loss_fn(actor: PolicyValueModel, objective: Any) -> Any:
+    """The per-record loss the engine differentiates: clipped policy loss + vf_coef * clipped value loss.
+
+    One forward of the shared actor-critic per micro-batch, so one per-user gradient covers the LoRA and the value
+    head. Returns [R]; nothing is reduced across records.
+    """
+    from trainers.rlhf.experience import ppo_loss_on_experience
+
+    def loss_fn(exp: Experience) -> Tensor:
+        logits, values = actor(exp.sequences, exp.attention_mask)  # [r, S, V], [r, S]
+        loss, _ = ppo_loss_on_experience(
+            exp,
+            logits,
+            values,
+            clip_eps=objective.clip_eps,
+            value_clip=objective.value_clip_or_none,
+            vf_coef=objective.vf_coef,
+        )
+        return loss  # [r]
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------- public evaluation
+
+
+@dataclass(frozen=True)
+class PublicEval:
+    """Generations of the current policy on the fixed PUBLIC evaluation prompts, and what they cost nothing to log.
+
+    Attributes:
+        rollouts: the padded generations.
+        logprobs: [R, T] the generating policy's log-probs of the generated tokens (0 on padding).
+        reward: mean private-RM score (post-processing of the DP reward model on public prompts).
+        kl: mean over prompts of the per-sequence KL to the reference (sum of k1 over actions, nats).
+        gold_reward: mean gold (VADER) reward of the responses.
+    """
+
+    rollouts: RolloutTensors
+    logprobs: Tensor
+    reward: float
+    kl: float
+    gold_reward: float
+
+
+def _response_logprobs(model_logits: Tensor, rollouts: RolloutTensors, sl: slice) -> Tensor:
+    T = rollouts.action_mask.shape[1]
+    resp = rollouts.sequences[sl, rollouts.prompt_len :]  # [r, T]
+    lp = logprobs_from_logits(response_slice(model_logits, rollouts.prompt_len, T), resp)  # [r, T]
+    return masked_fill_zero(lp, rollouts.action_mask[sl])
+
+
+@torch.no_grad()
+def policy_logprobs(models: PPOModels, rollouts: RolloutTensors, *, chunk_records: int) -> Tensor:
+    """[R, T] current policy log-probs of the rollouts' tokens (0 on padding)."""
+    out = []
+    for sl in _chunks(rollouts.num_records, chunk_records):
+        logits, _ = models.actor(rollouts.sequences[sl], rollouts.attention_mask[sl])
+        out.append(_response_logprobs(logits, rollouts, sl))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def public_eval(
+    models: PPOModels, prompts: Sequence[str], *, cfg: Any, seed: int, chunk_records: int
+) -> PublicEval:
+    """Generate from the current policy on PUBLIC prompts and measure reward, KL to the reference, gold reward.
+
+    The same seed every iteration (common random numbers): differences between iterations come from the policy,
+    not from the sampling noise.
+    """
+    from trainers.data.oracle import gold_reward
+    from trainers.rollout import generate_rollouts
+
+    tok = models.tokenizer
+    gen = generate_rollouts(
+        models.policy,
+        tok,
+        list(prompts),
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        seed=seed,
+        batch_size=cfg.rollout_batch_size,
+    )
+    rollouts = pad_rollouts(gen, pad_id=int(tok.pad_token_id), eos_id=int(tok.eos_token_id))
+    logprobs, kls, scores = [], [], []
+    for sl in _chunks(rollouts.num_records, chunk_records):
+        seq, am = rollouts.sequences[sl], rollouts.attention_mask[sl]
+        logits, _ = models.actor(seq, am)
+        lp = _response_logprobs(logits, rollouts, sl)  # [r, T]
+        ref_lp = _response_logprobs(reference_logits(models.reference, seq, am), rollouts, sl)  # [r, T]
+        kls.append(masked_fill_zero(kl_per_token(lp, ref_lp, estimator="k1"), rollouts.action_mask[sl]).sum(1))
+        scores.append(models.reward(seq, am))
+        logprobs.append(lp)
+    return PublicEval(
+        rollouts=rollouts,
+        logprobs=torch.cat(logprobs),
+        reward=float(torch.cat(scores).mean()),
+        kl=float(torch.cat(kls).mean()),
+        gold_reward=float(sum(gold_reward(rollouts.texts)) / rollouts.num_records),
+    )
+
+
+def policy_change(models: PPOModels, before: PublicEval, *, clip_eps: float, chunk_records: int) -> tuple[float, float]:
+    """(clip fraction, approx KL) of the policy update on PUBLIC rollouts generated before it.
+
+    clipfrac: share of generated tokens whose ratio pi_new / pi_old is outside [1 - clip_eps, 1 + clip_eps], i.e.
+    where PPO's clipped surrogate would be flat; approx KL: cleanrl's mean of (ratio - 1) - log ratio. Both are
+    computed on public prompts, so they are free to log (the private batch's clip fraction is not released).
+    """
+    new = policy_logprobs(models, before.rollouts, chunk_records=chunk_records)  # [R, T]
+    mask = before.rollouts.action_mask.bool()
+    log_ratio = masked_fill_zero(new - before.logprobs, mask)  # [R, T]
+    ratio = torch.exp(log_ratio)
+    n = mask.sum().clamp(min=1)
+    clipped = ((ratio - 1.0).abs() > clip_eps) & mask
+    approx_kl = masked_fill_zero((ratio - 1.0) - log_ratio, mask).sum() / n
+    return float(clipped.sum() / n), float(approx_kl)
+
+
+# ------------------------------------------------------------------------------------------------ rollouts
+
+
+class _Rollouts:
+    """Generation of the sampled prompts: N Ray actors (LoRA-only sync) or the learner's own model, same seeds."""
+
+    def __init__(self, models: PPOModels, *, sft_dir: Path, cfg: Any, use_ray: bool) -> None:
+        self.models = models
+        self.cfg = cfg
+        self.group = None
+        self._started_ray = False
+        if use_ray and cfg.rollout_actors >= 1:
+            import ray
+
+            from trainers.rollout import RolloutGroup
+
+            if not ray.is_initialized():  # embedded default; on a cluster the job's Ray is already up
+                ray.init(include_dashboard=False, log_to_driver=False)
+                self._started_ray = True
+            self.group = RolloutGroup(sft_dir, lora=cfg.lora, num_actors=cfg.rollout_actors, threads=1)
+
+    def generate(self, prompts: Sequence[str], *, seed: int) -> list[Any]:
+        from trainers.rollout import generate_rollouts
+
+        kwargs = dict(
+            max_new_tokens=self.cfg.max_new_tokens,
+            temperature=self.cfg.temperature,
+            top_k=self.cfg.top_k,
+            seed=seed,
+            batch_size=self.cfg.rollout_batch_size,
+        )
+        if self.group is not None:
+            return self.group.generate(prompts, **kwargs)
+        return generate_rollouts(self.models.policy, self.models.tokenizer, list(prompts), **kwargs)
+
+    def sync(self) -> tuple[int, float] | None:
+        """Send the policy's LoRA tensors (not the value head, not the base) to the actors; (bytes, seconds)."""
+        if self.group is None:
+            return None
+        from trainers.rollout import lora_state_dict
+
+        stats = self.group.sync_lora(lora_state_dict(self.models.policy))
+        return stats.bytes, stats.seconds
+
+    def shutdown(self) -> None:
+        if self.group is not None:
+            self.group.shutdown()
+            self.group = None
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+            self._started_ray = False
+
+
+# --------------------------------------------------------------------------------------------------- recipe
+
+
+def check_supported(cfg: Any) -> None:
+    """Refuse, before any privacy is spent, PPO settings whose accounting the engine cannot express.
+
+    Raises:
+        UnsupportedPPOConfig: ``ppo.minibatches > 1``.
+    """
+    if cfg.ppo.minibatches != 1:
+        raise UnsupportedPPOConfig(
+            f"ppo.minibatches={cfg.ppo.minibatches}: not supported; set ppo.minibatches=1. Disjoint user "
+            "minibatches would cost the same event as one update per epoch only if each user were in exactly one "
+            "minibatch (partition by a public hash of the user id) and each minibatch update were normalized by "
+            "the public q*N/minibatches; the DP engine's releases must all be over the same sample normalized by "
+            "q*N, so the recipe cannot account minibatches correctly. Use ppo.ppo_epochs for more updates per "
+            "sample (accounted as repeats of one sample)"
+        )
+
+
+def rollout_seed(seed: int, iteration: int) -> int:
+    """Seed of iteration t's rollouts (generate micro-batch i uses this + i): distinct per (stage seed, t)."""
+    from trainers.engine.sampling import step_seed
+
+    return step_seed(seed, iteration, "ppo/rollout") % (1 << 31)
+
+
+def run_ppo(
+    ctx: StageContext,
+    *,
+    sft_dir: Path,
+    rm_dir: Path,
+    prompts_path: str,
+    out_dir: Path,
+    public_windows: Tensor | None = None,
+    eval_prompts: Sequence[str] | None = None,
+    use_ray: bool = True,
+) -> dict[str, Any]:
+    """Run DP-PPO (or its non-private baseline) and save the policy; returns a plain-data summary.
+
+    Args:
+        ctx: the stage context (``ctx.stage == "ppo"``); private stages need ``ctx.ledger`` and the target.
+        sft_dir: the SFT stage's merged export (HF causal LM + tokenizer): the policy's base and the reference.
+        rm_dir: the reward-model stage's output: ``backbone/`` (merged HF causal LM) and ``head.safetensors``.
+        prompts_path: D3 (user_id, prompt), JSONL or Parquet.
+        out_dir: receives ``adapter/`` (peft), ``value_head.safetensors``, ``model/`` (merged HF export) and
+            ``summary.json``.
+        public_windows: optional PUBLIC token windows [W, L]; their LM loss is logged as ``eval/public_lm_loss``.
+        eval_prompts: PUBLIC held-out prompts; the first ``PUBLIC_EVAL_PROMPTS`` are generated from the policy
+            after every iteration for ``ppo/reward``, ``ppo/kl``, ``ppo/clipfrac`` and ``eval/gold_reward``.
+            Default ``ctx.extras["eval_prompts"]``; without any, nothing is evaluated (and an adaptive beta,
+            which must be fed a public KL, is refused).
+        use_ray: generate rollouts with ``ppo.rollout_actors`` Ray actors (LoRA-only sync after each iteration);
+            False generates in process with the same seeds and the same results.
+
+    Returns:
+        iterations, q, sigma, K, N, epsilon, beta, final public reward/KL/gold reward, sync bytes/seconds, wall
+        seconds and status ("completed" or "refused" with a reason).
+
+    Raises:
+        UnsupportedPPOConfig: ppo.minibatches > 1 (before anything is spent).
+        ValueError: a private stage without ledger or target; adaptive beta without public eval prompts.
+    """
+    from accounting.ledger import BudgetExceededError
+    from trainers.data.io import load_prompts
+    from trainers.engine.engine import UserBatch
+    from trainers.engine.sampling import PoissonUserSampler
+    from trainers.models.lora import merge_and_save
+
+    cfg = ctx.cfg
+    pcfg, objective = cfg.ppo, cfg.ppo.objective
+    if ctx.stage != STAGE:
+        raise ValueError(f"run_ppo needs a context for stage {STAGE!r}, got {ctx.stage!r}")
+    check_supported(cfg)
+    if eval_prompts is None:
+        eval_prompts = ctx.extras.get("eval_prompts")
+    eval_prompts = list(eval_prompts or [])[:PUBLIC_EVAL_PROMPTS]
+    if objective.kl_controller == "adaptive" and not eval_prompts:
+        raise ValueError(
+            "ppo.objective.kl_controller=adaptive needs a released or public KL; pass public eval_prompts (the "
+            "recipe adapts beta from the KL on them), or use kl_controller=fixed"
+        )
+    if ctx.private and (ctx.ledger is None or ctx.target_epsilon is None or ctx.target_delta is None):
+        raise ValueError("stage 'ppo' is private: the context needs the ledger and the target (epsilon, delta)")
+
+    start = time.perf_counter()
+    data = load_prompts(prompts_path)
+    record_users = list(data.rows["user_id"])
+    prompts = list(data.rows["prompt"])
+    users = UserIndex.from_ids(record_users)
+    N, T, K = users.num_users, pcfg.iterations, pcfg.ppo_epochs
+    q = pcfg.sampling_rate(N)
+    sigma = calibrate_stage(ctx, q=q, steps=T, repeats=K) if ctx.private else None
+
+    models = load_ppo_models(ctx, sft_dir=Path(sft_dir), rm_dir=Path(rm_dir))
+    trainable = [p for p in models.actor.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=pcfg.lr)
+    if ctx.private:
+        ctx.ledger.begin_stage(
+            STAGE,
+            user_fingerprint=users.fingerprint,
+            num_users=N,
+            target_epsilon=ctx.target_epsilon,
+            target_delta=ctx.target_delta,
+        )
+    engine = build_engine(ctx, models.actor, q=q, users=users, optimizer=optimizer, sigma=sigma)
+    sampler = PoissonUserSampler(N, sampling_rate=q, seed=ctx.seed)
+    kl_ctl = objective.build_kl_controller()
+    loss_fn = ppo_loss_fn(models.actor, objective)
+    chunk = cfg.engine.max_physical_batch_records
+    eval_seed = rollout_seed(ctx.seed, 1 << 20)  # one fixed public-eval seed for every iteration
+
+    rollout = _Rollouts(models, sft_dir=Path(sft_dir), cfg=pcfg, use_ray=use_ray)
+    sync_bytes, sync_seconds, sync_count = 0, 0.0, 0
+    status, reason, done = "completed", "", 0
+    sigma_eff: float | None = None
+    history: list[dict[str, float]] = []
+    bar = progress_bar(ctx, T, "ppo")
+    try:
+        first = rollout.sync()  # the actors' fresh adapter has its own random A: make it the learner's
+        if first is not None:
+            sync_bytes, sync_seconds, sync_count = first[0], first[1], 1
+        evaluation = (
+            public_eval(models, eval_prompts, cfg=pcfg, seed=eval_seed, chunk_records=chunk) if eval_prompts else None
+        )
+        if evaluation is not None:
+            _log_eval(ctx, evaluation, step=0)
+            history.append({"iteration": 0, "reward": evaluation.reward, "kl": evaluation.kl,
+                            "gold_reward": evaluation.gold_reward})
+        if public_windows is not None:
+            ctx.log("eval/public_lm_loss", public_lm_loss(models.policy, public_windows), step=0)
+        for t in range(T):
+            t0 = time.perf_counter()
+            sampled = sampler.sample(t)  # [n] user indices (private: never logged)
+            records = users.records_of(sampled)  # [R] record indices of every sampled user
+            beta = kl_ctl.value
+            if records.numel() > 0:
+                gen = rollout.generate([prompts[i] for i in records.tolist()], seed=rollout_seed(ctx.seed, t))
+                tok = models.tokenizer
+                padded = pad_rollouts(gen, pad_id=int(tok.pad_token_id), eos_id=int(tok.eos_token_id))
+                exp = build_experience(
+                    models, padded, users.record_user[records], beta=beta, objective=objective, chunk_records=chunk
+                )
+                batch = UserBatch(records=exp, user_ids=exp.user_index)
+            else:
+                batch = UserBatch.empty()  # still a DP step: the release is noise only
+            try:
+                for k in range(K):
+                    result = engine.step(batch, loss_fn, repeats=K, release=k)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if result.event is not None:
+                        sigma_eff = result.event.noise_multiplier
+            except BudgetExceededError as err:
+                status, reason = "refused", str(err)
+                break
+            done = t + 1
+            synced = rollout.sync()
+            if synced is not None:
+                sync_bytes, sync_seconds, sync_count = sync_bytes + synced[0], sync_seconds + synced[1], sync_count + 1
+                ctx.log("rollout/sync_bytes", synced[0], step=done)
+                ctx.log("rollout/sync_seconds", synced[1], step=done)
+            row: dict[str, float] = {"iteration": done, "beta": beta}
+            if evaluation is not None:
+                clipfrac, approx_kl = policy_change(models, evaluation, clip_eps=objective.clip_eps, chunk_records=chunk)
+                evaluation = public_eval(models, eval_prompts, cfg=pcfg, seed=eval_seed, chunk_records=chunk)
+                _log_eval(ctx, evaluation, step=done)
+                ctx.log("ppo/clipfrac", clipfrac, step=done)
+                ctx.log("ppo/approx_kl", approx_kl, step=done)
+                kl_ctl.update(evaluation.kl, n_steps=pcfg.expected_users_per_iteration)  # public KL only
+                row.update(reward=evaluation.reward, kl=evaluation.kl, gold_reward=evaluation.gold_reward,
+                           clipfrac=clipfrac)
+            if public_windows is not None:
+                ctx.log("eval/public_lm_loss", public_lm_loss(models.policy, public_windows), step=done)
+            eps = spent_epsilon(ctx)
+            if ctx.private:
+                ctx.log("privacy/epsilon", eps, step=done)
+                if sigma_eff is not None:
+                    ctx.log("privacy/sigma_eff", sigma_eff, step=done)
+            ctx.log("charts/beta", beta, step=done)
+            ctx.log("perf/steps_per_sec", 1.0 / max(time.perf_counter() - t0, 1e-9), step=done)
+            row["epsilon"] = eps
+            history.append(row)
+            bar.update(1)
+            bar.set_postfix(
+                {k: f"{row[k]:.3g}" for k in ("reward", "kl", "gold_reward", "epsilon") if k in row}, refresh=False
+            )
+    finally:
+        bar.close()
+        rollout.shutdown()
+        engine.close()  # remove the per-user hooks before the model is copied for export
+    if ctx.private:
+        ctx.ledger.end_stage(STAGE, status=status, reason=reason)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models.policy.save_pretrained(str(out_dir / "adapter"))
+    models.actor.save_head(out_dir / "value_head.safetensors")
+    merge_and_save(models.policy, models.tokenizer, out_dir / "model")
+    final = history[-1] if history else {}
+    summary: dict[str, Any] = {
+        "stage": STAGE,
+        "private": ctx.private,
+        "status": status,
+        "reason": reason,
+        "iterations": T,
+        "iterations_done": done,
+        "num_users": N,
+        "sampling_rate": q,
+        "expected_users_per_iteration": q * N,
+        "ppo_epochs": K,
+        "sigma": sigma,
+        "sigma_eff": sigma_eff,
+        "epsilon": spent_epsilon(ctx) if ctx.private else None,
+        "target_epsilon": ctx.target_epsilon if ctx.private else None,
+        "target_delta": ctx.target_delta if ctx.private else None,
+        "kl_controller": objective.kl_controller,
+        "beta_final": kl_ctl.value,
+        "advantage_normalization": objective.advantage_normalization,
+        "clipfrac_source": "public eval prompts (policy change over each iteration)",
+        "public_eval_prompts": len(eval_prompts),
+        "final_reward": final.get("reward"),
+        "final_kl": final.get("kl"),
+        "final_gold_reward": final.get("gold_reward"),
+        "history": history,
+        "rollout": {
+            "ray_actors": pcfg.rollout_actors if rollout_used_ray(use_ray, pcfg) else 0,
+            "sync_count": sync_count,
+            "sync_bytes": sync_bytes,
+            "sync_seconds": sync_seconds,
+        },
+        "wall_seconds": time.perf_counter() - start,
+    }
+    save_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def rollout_used_ray(use_ray: bool, pcfg: Any) -> bool:
+    return bool(use_ray and pcfg.rollout_actors >= 1)
+
+
+def _log_eval(ctx: StageContext, ev: PublicEval, *, step: int) -> None:
+    """Public-prompt statistics: free to log (no private data involved)."""
+    ctx.log("ppo/reward", ev.reward, step=step)
+    ctx.log("ppo/kl", ev.kl, step=step)
+    ctx.log("eval/gold_reward", ev.gold_reward, step=step)
+
+
+__all__ = [
+    "PPOModels",
+    "PublicEval",
+    "RolloutTensors",
+    "UnsupportedPPOConfig",
+    "build_experience",
+    "check_supported",
+    "concat_experience",
+    "load_ppo_models",
+    "pad_rollouts",
+    "policy_change",
+    "public_eval",
+    "run_ppo",
+]
