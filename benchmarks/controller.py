@@ -1,0 +1,271 @@
+"""Learned controller vs fixed schedules: DP-SFT on the embedded task at equal (epsilon, delta).
+
+For each epsilon and seed, the same DP-SFT (LoRA on the embedded base model, Poisson-sampled users of D1, the real
+DP engine and a write-ahead ledger with the RDP filter at one fixed order) runs with five clip/noise policies:
+  fixed      DP-SGD, one threshold per module C/sqrt(K), sigma calibrated to spend epsilon in the planned steps
+  per_layer  fixed thresholds split by public module size (trainers.stages.common.group_thresholds)
+  adaptive   Andrew et al. quantile tracking from noisy clip counts (their cost folded into the same sigma_eff)
+  online     the learned controller, SB3 SAC learning inside the run (default schedule during warm-up)
+  frozen     the learned controller pretrained on PUBLIC proxy fine-tuning (SB3 here, or --artifact PATH)
+Measured: held-out perplexity (public validation windows not used by the controller's reward) every
+``--eval-every`` steps; final perplexity; the first step at which each method's seed-mean curve reaches the best
+baseline's final perplexity; the controller's overhead (time in plan/observe, its validation evaluations
+included) as a share of step time. Every run's ledger epsilon is reported and must be <= the target.
+
+  .venv/bin/python benchmarks/controller.py --json                  # defaults: eps 1 and 4, 3 seeds
+  .venv/bin/python benchmarks/controller.py --seeds 1 --steps 20    # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+METHODS = ("fixed", "per_layer", "adaptive", "online", "frozen")
+BASELINES = ("fixed", "per_layer", "adaptive")
+
+
+class TimedPolicy:
+    """Wraps a policy and accumulates the seconds spent in plan/observe (the controller's overhead)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.seconds = inner, 0.0
+
+    def plan(self, step: int, groups: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return self.inner.plan(step, groups)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+    def observe(self, released: Any) -> None:
+        t = time.perf_counter()
+        try:
+            self.inner.observe(released)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+def prepare(args: argparse.Namespace) -> dict[str, Any]:
+    """The embedded task, base model, tokenized D1 records and public validation windows (split in two)."""
+    from launch.config import load_config
+    from launch.schema import RunConfig
+    from trainers.data.io import load_public, load_sft
+    from trainers.data.task import build_task
+    from trainers.models.base import ensure_base_model, eval_windows, load_base_model, pack
+    from trainers.rlhf.sft import tokenize_sft_pairs
+    from trainers.stages.common import UserIndex
+
+    cfg = load_config(RunConfig, args.config, args.overrides)
+    task = build_task(cfg.data, cache_dir=cfg.run.cache_dir, progress=False)
+    info = ensure_base_model(cfg.model, cfg.data, cache_dir=cfg.run.cache_dir, public_train=task.public_train,
+                             public_valid=task.public_valid, progress=False)
+    _, tokenizer = load_base_model(info.path)
+    rows = load_sft(task.sft).rows
+    users = UserIndex.from_ids(list(rows["user_id"]))
+    batch = tokenize_sft_pairs(tokenizer, list(rows["prompt"]), list(rows["response"]), max_length=cfg.sft.max_len)
+    records = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "loss_mask": batch.loss_mask}
+    public = list(load_public(task.public_valid).rows["text"])
+    windows = eval_windows(pack(tokenizer, public), seq_len=min(64, cfg.model.pretrain_seq_len),
+                           max_tokens=cfg.model.eval_max_tokens)
+    half = windows.shape[0] // 2
+    return {"cfg": cfg, "base": info.path, "users": users, "records": records,
+            "reward_windows": windows[:half], "eval_windows": windows[half:]}
+
+
+def pretrain_frozen(args: argparse.Namespace, out: Path) -> str:
+    from controller.artifact import Provenance
+    from controller.config import ControllerConfig, ProxyEnvConfig
+    from controller.env import ProxyDPEnv
+    from controller.sb3 import train_sb3
+
+    cfg = ControllerConfig(interval=args.interval, learning_starts=4, batch_size=32, gradient_steps=8,
+                           env=ProxyEnvConfig(steps=args.steps, interval=args.interval, target_epsilons=list(args.epsilons)))
+    env = ProxyDPEnv(cfg.env, cfg.spec())
+    train_sb3(env, config=cfg, episodes=args.pretrain_episodes, provenance=Provenance(
+        trainer="sb3", model_layers=[cfg.env.n_layer], model_width=cfg.env.n_embd, epsilons=list(args.epsilons),
+        delta=cfg.env.delta, steps=cfg.env.steps), out=out)
+    return str(out)
+
+
+def run_one(prep: dict[str, Any], *, method: str, epsilon: float, seed: int, args: argparse.Namespace,
+            artifact: str | None, workdir: Path) -> dict[str, Any]:
+    from accounting.ledger import Ledger
+    from controller.budget import BudgetGuard
+    from controller.config import ControllerConfig
+    from controller.policy import LearnedController
+    from trainers.engine.engine import DPEngine, UserBatch, clipping_groups, trainable_named_parameters
+    from trainers.engine.policy import AdaptiveClippingPolicy, FixedPolicy, GroupSpec, PerLayerFixedPolicy
+    from trainers.engine.sampling import PoissonUserSampler
+    from trainers.models.base import load_base_model
+    from trainers.models.lora import add_lora
+    from trainers.stages.common import public_lm_loss
+    from trainers.stages.sft import sft_loss_fn
+
+    cfg, users, records = prep["cfg"], prep["users"], prep["records"]
+    n = users.num_users
+    q = min(1.0, args.batch_users / n)
+    delta = 1.0 / n
+    steps = args.steps
+    torch.manual_seed(seed)
+    model, _ = load_base_model(prep["base"])
+    model = add_lora(model, r=cfg.sft.lora.r, alpha=cfg.sft.lora.alpha, target_modules=tuple(cfg.sft.lora.target_modules))
+    model.train()
+    params = trainable_named_parameters(model)
+    groups = [GroupSpec(name=g, numel=sum(params[i][1].numel() for i in idx), param_names=tuple(params[i][0] for i in idx))
+              for g, idx in clipping_groups(model, params, "module")]
+    k = len(groups)
+    # One RDP filter order and one calibrated sigma for every method: equal epsilon by construction.
+    guard = BudgetGuard(target_epsilon=epsilon, delta=delta, sampling_rate=q, steps=steps)
+    sigma, order = guard.sigma_reference, guard.rdp_order
+    c = args.clip_norm
+    if method == "fixed":
+        policy: Any = FixedPolicy(noise_multiplier=sigma, clip_norm=c / math.sqrt(k))
+    elif method == "per_layer":
+        w = [math.sqrt(g.numel) for g in groups]
+        norm = math.sqrt(sum(x * x for x in w))
+        policy = PerLayerFixedPolicy(noise_multiplier=sigma, clip_norms=[c * x / norm for x in w])
+    elif method == "adaptive":
+        policy = AdaptiveClippingPolicy(noise_multiplier=sigma, initial_clip_norm=c / math.sqrt(k),
+                                        count_noise_std=max(q * n / 20.0, math.sqrt(k) * sigma), target_quantile=0.5)
+    else:
+        mode = "online" if method == "online" else "frozen"
+        ccfg = ControllerConfig(mode=mode, load=artifact if mode == "frozen" else "", interval=args.interval,
+                                learning_starts=2, batch_size=16, gradient_steps=4, seed=seed)
+        policy = LearnedController(
+            config=ccfg, target_epsilon=epsilon, delta=delta, sampling_rate=q, steps=steps,
+            validation_loss=lambda: public_lm_loss(model, prep["reward_windows"]), rdp_order=order, stage="sft",
+            reference_clips=[c / math.sqrt(k)] * k,
+        )
+    timed = TimedPolicy(policy)
+    run_dir = workdir / f"{method}-{epsilon}-{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger.open(run_dir / "ledger.jsonl", run_id=run_dir.name, target_epsilon=epsilon, target_delta=delta,
+                         accountant="rdp", composition="parallel", rdp_order=order)
+    ledger.begin_stage("sft", user_fingerprint=users.fingerprint, num_users=n)
+    opt = torch.optim.Adam([p for _, p in params], lr=cfg.sft.lr)
+    engine = DPEngine(model, stage="sft", sampling_rate=q, num_users=n, seed=seed, policy=timed,
+                      event_sink=ledger.record, admit=ledger.admit, optimizer=opt,
+                      max_records_per_microbatch=cfg.engine.max_physical_batch_records)
+    sampler = PoissonUserSampler(n, sampling_rate=q, seed=seed)
+    loss_fn = sft_loss_fn(model)
+    curve = [(0, math.exp(public_lm_loss(model, prep["eval_windows"])))]
+    step_seconds = 0.0
+    for t in range(steps):
+        idx = users.records_of(sampler.sample(t))
+        batch = UserBatch(records={kk: v[idx] for kk, v in records.items()}, user_ids=users.record_user[idx])
+        start = time.perf_counter()
+        engine.step(batch, loss_fn)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step_seconds += time.perf_counter() - start
+        if (t + 1) % args.eval_every == 0 or t + 1 == steps:
+            curve.append((t + 1, math.exp(public_lm_loss(model, prep["eval_windows"]))))
+    engine.close()
+    ledger.end_stage("sft")
+    eps = ledger.epsilon("sft")
+    ledger.close()
+    return {"method": method, "epsilon_target": epsilon, "seed": seed, "epsilon_spent": eps,
+            "events": len(ledger.events("sft")) if hasattr(ledger, "events") else steps,
+            "final_ppl": curve[-1][1], "curve": curve, "step_seconds": step_seconds,
+            "policy_seconds": timed.seconds, "sigma_reference": sigma}
+
+
+def summarize(runs: list[dict[str, Any]], epsilons: list[float]) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for eps in epsilons:
+        rows = {m: [r for r in runs if r["method"] == m and r["epsilon_target"] == eps] for m in METHODS}
+        rows = {m: rs for m, rs in rows.items() if rs}
+        means = {}
+        for m, rs in rows.items():
+            steps_axis = [s for s, _ in rs[0]["curve"]]
+            mean_curve = [statistics.fmean(r["curve"][i][1] for r in rs) for i in range(len(steps_axis))]
+            finals = [r["final_ppl"] for r in rs]
+            means[m] = {
+                "final_ppl": statistics.fmean(finals),
+                "final_ppl_sd": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                "curve_steps": steps_axis, "curve_ppl": mean_curve,
+                "overhead_share": statistics.fmean(r["policy_seconds"] / max(r["step_seconds"], 1e-9) for r in rs),
+                "max_epsilon_spent": max(r["epsilon_spent"] for r in rs),
+            }
+        baselines = [m for m in BASELINES if m in means]
+        best = min(baselines, key=lambda m: means[m]["final_ppl"]) if baselines else None
+        for m, s in means.items():
+            if best is not None:
+                target = means[best]["final_ppl"]
+                reached = [st for st, p in zip(s["curve_steps"], s["curve_ppl"]) if p <= target]
+                s["steps_to_best_baseline"] = reached[0] if reached else None
+                s["step_share_to_best_baseline"] = (reached[0] / s["curve_steps"][-1]) if reached else None
+            if "fixed" in means:
+                s["ppl_vs_fixed"] = s["final_ppl"] / means["fixed"]["final_ppl"]
+        table[str(eps)] = {"best_baseline": best, "methods": means}
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "launch/configs/tiny.yaml"))
+    parser.add_argument("overrides", nargs="*", default=["data.num_users=300"])
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--interval", type=int, default=5)
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--batch-users", type=int, default=16)
+    parser.add_argument("--clip-norm", type=float, default=1.0)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--artifact", default="", help="pretrained controller for 'frozen' (default: pretrain one)")
+    parser.add_argument("--pretrain-episodes", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    prep = prepare(args)
+    work = Path(tempfile.mkdtemp(prefix="dpalign-bench-controller-"))
+    artifact = args.artifact or None
+    pretrain_s = 0.0
+    if "frozen" in args.methods and artifact is None:
+        t = time.time()
+        artifact = pretrain_frozen(args, work / "artifact")
+        pretrain_s = time.time() - t
+    runs = []
+    for eps in args.epsilons:
+        for seed in range(args.seeds):
+            for m in args.methods:
+                r = run_one(prep, method=m, epsilon=eps, seed=seed, args=args, artifact=artifact, workdir=work)
+                assert r["epsilon_spent"] <= eps, f"{m} overspent: {r['epsilon_spent']} > {eps}"
+                runs.append(r)
+                if not args.json:
+                    print(f"eps={eps} seed={seed} {m:9s} final ppl {r['final_ppl']:.3f} "
+                          f"eps spent {r['epsilon_spent']:.3f} overhead {r['policy_seconds'] / r['step_seconds']:.3f}",
+                          flush=True)
+    out = {"settings": {k: v for k, v in vars(args).items() if k != "json"}, "num_users": prep["users"].num_users,
+           "pretrain_seconds": pretrain_s, "total_seconds": time.time() - t0,
+           "table": summarize(runs, args.epsilons), "runs": runs}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for eps, t in out["table"].items():
+            print(f"\n== epsilon {eps}: best baseline {t['best_baseline']}")
+            for m, s in t["methods"].items():
+                print(f"  {m:9s} ppl {s['final_ppl']:.3f}±{s['final_ppl_sd']:.3f}  vs fixed {s.get('ppl_vs_fixed', float('nan')):.3f}"
+                      f"  steps to best baseline {s.get('steps_to_best_baseline')}  overhead {s['overhead_share']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
