@@ -283,8 +283,15 @@ def deepspeed_apply_fn(engine: Any) -> ApplyFn:
     versions. DeepSpeed averages gradients over ranks; the averaged g is g because g is the same on every rank
     (the cost is one redundant reduce of LoRA-sized tensors per step). Gradient accumulation is 1 and predivide
     is off (build_deepspeed_config), so no other factor enters. Under ZeRO-3 a parameter outside forward may be
-    a partitioned placeholder; GatheredParameters makes it whole for the surrogate (a no-op for persistent LoRA
-    tensors) and the gradient hook receives the full-shape g.
+    a partitioned placeholder; GatheredParameters makes those whole for the surrogate (persistent LoRA tensors,
+    see param_persistence_threshold, are whole already and left alone) and the gradient hook receives the
+    full-shape g.
+
+    Precondition: no other backward through DeepSpeed-managed trainable parameters between two applies. ZeRO-1/2/3
+    hook every trainable parameter's gradient accumulation; a per-user backward that accumulates into ``p.grad``
+    (``loss.backward()``) feeds the raw, unclipped gradient into DeepSpeed's buckets. Per-user gradients must be
+    computed without accumulating parameter gradients (``torch.autograd.grad``, or
+    ``backward(inputs=<module outputs>)``).
 
     Tested: after one step, parameters under ZeRO-2 and ZeRO-3 equal a plain torch optimizer applying g.
     """
@@ -304,7 +311,10 @@ def deepspeed_apply_fn(engine: Any) -> ApplyFn:
                 f"deepspeed_apply_fn: got {len(grads)} gradients for {len(params)} trainable tensors "
                 f"({', '.join(n for n, _ in named[:3])}, ...)"
             )
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=stage3):
+        # Only partitioned placeholders need a gather; persistent LoRA tensors are already whole, and gathering
+        # them would also re-partition ("free") them on exit while modules may still hold them.
+        missing = [p for p in params if stage3 and _zero3_partitioned(p)]
+        with deepspeed.zero.GatheredParameters(missing, modifier_rank=None, enabled=bool(missing)):
             for (name, p), g in zip(named, grads, strict=True):
                 if tuple(g.shape) != tuple(p.shape):
                     raise ValueError(
@@ -319,6 +329,12 @@ def deepspeed_apply_fn(engine: Any) -> ApplyFn:
         engine.step()
 
     return apply
+
+
+def _zero3_partitioned(p: Tensor) -> bool:
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE
 
 
 def gather_trainable_state(engine: Any) -> dict[str, Tensor]:
