@@ -1,0 +1,257 @@
+"""`dpalign run`: data -> base model (cached) -> DP-SFT -> DP reward model -> DP-PPO -> evaluation -> report.
+
+The driver owns the run directory and the write-ahead ledger. Before any stage runs (before any privacy is
+spent) it loads every stage's data, computes the composition mode from the stages' user ids (parallel when no
+user is in two private stages, sequential otherwise -- never from a flag), each stage's (epsilon, delta) target,
+and refuses an overlap without a configured budget split. Each stage is a plain recipe
+(``trainers.stages.sft/rm/ppo``) run inside ``RunDir.stage``, so a crash leaves either a finished stage or none;
+``--resume`` skips finished stages and appends to the same ledger (never rolled back).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+STAGE_ORDER = ("sft", "rm", "ppo")
+
+
+def _quiet_libraries() -> None:
+    """dp-accounting's RDP search logs every non-converging order at WARNING; our callers get the number."""
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:  # pragma: no cover
+        pass
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _public_windows(tokenizer: Any, texts: list[str], *, seq_len: int, count: int) -> Any:
+    from trainers.models.base import eval_windows, pack
+
+    return eval_windows(pack(tokenizer, texts), seq_len=seq_len, max_tokens=seq_len * count)
+
+
+def plan_privacy(cfg: Any, stage_users: dict[str, set[str]]) -> dict[str, Any]:
+    """Composition mode, run delta and per-stage (epsilon, delta) targets, from the config and the data.
+
+    Raises:
+        trainers.stages.config.CompositionError: private stages share users and no budget split is configured.
+    """
+    from trainers.stages.config import presets, resolve_composition, resolve_deltas, stage_targets
+
+    privacy = cfg.privacy
+    protection = presets(privacy.preset)
+    mode = resolve_composition(privacy, stage_users)
+    private = privacy.private_stages
+    union = set().union(*(stage_users[s] for s in private)) if private else set()
+    run_delta, deltas = resolve_deltas(
+        privacy, mode=mode, stage_num_users={s: len(stage_users[s]) for s in private}, union_num_users=len(union)
+    )
+    targets = stage_targets(privacy, mode=mode)
+    return {
+        "protection": protection,
+        "mode": mode,
+        "run_delta": run_delta,
+        "deltas": deltas,
+        "targets": targets,
+        "private": private,
+    }
+
+
+def _rdp_order(cfg: Any, plan: dict[str, Any], stage_schedules: dict[str, tuple[float, int, int]]) -> float:
+    """The RDP filter's order, fixed before the run: the best order for the first private stage's planned
+    schedule at its target (the other stages are calibrated at this same order)."""
+    from accounting.accountants import choose_rdp_order, schedule
+    from accounting.calibration import calibrate_noise_multiplier
+
+    if cfg.privacy.rdp_order is not None:
+        return float(cfg.privacy.rdp_order)
+    first = plan["private"][0]
+    q, steps, k = stage_schedules[first]
+    cal = calibrate_noise_multiplier(
+        target_epsilon=plan["targets"][first], delta=plan["deltas"][first], sampling_rate=q, steps=steps,
+        repeats=k, accountant="rdp",
+    )
+    runs = schedule(noise_multiplier=cal.noise_multiplier, sampling_rate=q, steps=steps, repeats=k)
+    return choose_rdp_order(runs, delta=plan["deltas"][first])
+
+
+def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the whole private alignment pipeline; returns the report (also written to the run dir)."""
+    import torch
+
+    from accounting.ledger import Ledger
+    from launch.pipeline.metrics import MetricsLogger, read_metrics
+    from launch.pipeline.report import StagePrivacy, build_report, series_from_metrics, stage_entry, write_report
+    from launch.pipeline.rundir import RunDir
+    from trainers.data.io import load_eval_prompts, load_preferences, load_prompts, load_public, load_sft
+    from trainers.data.task import build_task
+    from trainers.models.base import ensure_base_model, load_base_model
+    from trainers.stages.common import StageContext
+
+    _quiet_libraries()
+    t_start = time.time()
+    wall: dict[str, float] = {}
+    run = RunDir.resume(resume, cfg) if resume else RunDir.for_config(cfg)
+    metrics = MetricsLogger(run.tb_dir, run.metrics_path)
+    metrics.log_config(cfg)
+
+    # --- data and base model (cached by config hash) -----------------------------------------------------------
+    t = time.time()
+    task = build_task(cfg.data, cache_dir=cfg.run.cache_dir, progress=progress)
+    sft_data, rm_data, ppo_data = load_sft(task.sft), load_preferences(task.rm), load_prompts(task.ppo)
+    stage_users = {
+        "sft": set(sft_data.rows["user_id"]),
+        "rm": set(rm_data.rows["user_id"]),
+        "ppo": set(ppo_data.rows["user_id"]),
+    }
+    eval_prompts = list(load_eval_prompts(task.eval).rows["prompt"])[: cfg.eval.prompts]
+    public_valid = list(load_public(task.public_valid).rows["text"]) if task.public_valid else []
+    wall["data"] = time.time() - t
+
+    # --- privacy plan: decided before any step, from the data --------------------------------------------------
+    plan = plan_privacy(cfg, stage_users)
+    schedules = {
+        "sft": (cfg.sft.sampling_rate(len(stage_users["sft"])), cfg.sft.num_steps(len(stage_users["sft"])), 1),
+        "rm": (cfg.rm.sampling_rate(len(stage_users["rm"])), cfg.rm.num_steps(len(stage_users["rm"])), 1),
+        "ppo": (cfg.ppo.sampling_rate(len(stage_users["ppo"])), cfg.ppo.iterations, cfg.ppo.ppo_epochs),
+    }
+
+    t = time.time()
+    base = ensure_base_model(
+        cfg.model, cfg.data, cache_dir=cfg.run.cache_dir, public_train=task.public_train or None,
+        public_valid=task.public_valid or None, progress=progress,
+    )
+    base_dir = Path(base.path)
+    wall["base_model"] = time.time() - t
+    _, tokenizer = load_base_model(base_dir)
+    seq_len = min(64, cfg.model.n_positions) if not cfg.model.name_or_path else 64
+    windows = (
+        _public_windows(tokenizer, public_valid, seq_len=seq_len, count=cfg.eval.perplexity_records)
+        if public_valid
+        else None
+    )
+
+    ledger = None
+    if plan["private"]:
+        accountant = cfg.privacy.accountant
+        order = _rdp_order(cfg, plan, schedules) if accountant == "rdp" else None
+        ledger = Ledger.open(
+            run.ledger_path, run_id=run.run_id, target_epsilon=cfg.privacy.target_epsilon,
+            target_delta=plan["run_delta"], accountant=accountant, composition=plan["mode"], rdp_order=order,
+        )
+
+    # --- the three stages ------------------------------------------------------------------------------------
+    summaries: dict[str, dict[str, Any]] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    try:
+        for i, name in enumerate(STAGE_ORDER):
+            protection = plan["protection"][name]
+            if run.is_done(name):
+                info = run.done_info(name) or {}
+                summaries[name] = info.get("summary", {})
+                wall[name] = float(info.get("wall_time_s", 0.0))
+            else:
+                ctx = StageContext(
+                    stage=name, cfg=cfg, private=protection.private, ledger=ledger if protection.private else None,
+                    metrics=metrics, target_epsilon=plan["targets"].get(name), target_delta=plan["deltas"].get(name),
+                    seed=cfg.run.seed * 1000 + i, progress=progress,
+                    extras={"eval_prompts": eval_prompts},
+                )
+                t = time.time()
+                torch.manual_seed(ctx.seed)
+                with run.stage(name) as out:
+                    summary = _run_stage(name, ctx, run, out.path, task, base_dir, windows, public_valid)
+                    out.summary.update(summary)
+                summaries[name] = summary
+                wall[name] = time.time() - t
+            summary = summaries[name]
+            sp = None
+            if protection.private and ledger is not None:
+                q, _, k = schedules[name]
+                sp = StagePrivacy(
+                    target_epsilon=plan["targets"][name], delta=plan["deltas"][name],
+                    epsilon_spent=float(ledger.report()["stages"][name]["epsilon"]),
+                    accountant=ledger.run.accountant, composition=plan["mode"],
+                    noise_multiplier=float(summary.get("noise_multiplier") or 0.0), sampling_rate=q,
+                    steps=int(summary.get("steps", 0)), repeats=k, num_users=len(stage_users[name]),
+                    expected_batch_users=q * len(stage_users[name]),
+                )
+            entries[name] = stage_entry(
+                private=protection.private, reason=protection.reason, status=summary.get("status", "completed"),
+                wall_time_s=wall[name], privacy=sp, metrics=_public_metrics(summary),
+            )
+
+        # --- evaluation on public prompts (post-processing) --------------------------------------------------
+        t = time.time()
+        evaluation = _evaluate(cfg, run, base_dir, eval_prompts, windows, summaries, progress)
+        wall["eval"] = time.time() - t
+    finally:
+        metrics.close()
+    wall["total"] = time.time() - t_start
+    status = "completed" if all(e["status"] == "completed" for e in entries.values()) else "partial"
+    report = build_report(
+        run_id=run.run_id, preset=cfg.privacy.preset, status=status, stages=entries,
+        ledger_privacy=ledger.report() if ledger is not None else None, evaluation=evaluation,
+        series=series_from_metrics(read_metrics(run.metrics_path)), wall_time_s=wall,
+    )
+    if ledger is not None:
+        ledger.close()
+    write_report(report, report_json=run.report_json, report_md=run.report_md, plots_dir=run.plots_dir)
+    report["_run_dir"] = str(run.path)
+    return report
+
+
+def _public_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """Numbers from a stage summary that are public (public held-out data) -- never private-batch statistics."""
+    keys = ("public_valid_loss", "public_valid_loss_start", "accuracy", "accuracy_start", "final_public_reward",
+            "final_public_kl", "final_gold_reward", "sync_bytes", "sync_seconds")
+    return {k: float(summary[k]) for k in keys if isinstance(summary.get(k), (int, float))}
+
+
+def _run_stage(name: str, ctx: Any, run: Any, out_dir: Path, task: Any, base_dir: Path, windows: Any,
+               public_valid: list[str]) -> dict[str, Any]:
+    if name == "sft":
+        from trainers.stages.sft import run_sft
+
+        return run_sft(ctx, base_dir=base_dir, data_path=task.sft, out_dir=out_dir, public_windows=windows)
+    if name == "rm":
+        from trainers.stages.rm import run_rm
+
+        return run_rm(ctx, sft_dir=run.stage_dir("sft") / "model", data_path=task.rm, out_dir=out_dir,
+                      public_texts=public_valid)
+    from trainers.stages.ppo import run_ppo
+
+    return run_ppo(ctx, sft_dir=run.stage_dir("sft") / "model", rm_dir=run.stage_dir("rm"), prompts_path=task.ppo,
+                   out_dir=out_dir, public_windows=windows, use_ray=ctx.cfg.ppo.rollout_actors > 0)
+
+
+def _evaluate(cfg: Any, run: Any, base_dir: Path, prompts: list[str], windows: Any,
+              summaries: dict[str, dict[str, Any]], progress: bool) -> dict[str, Any]:
+    from trainers.models.base import load_base_model
+    from trainers.stages.evaluate import evaluate_policy
+
+    policies: dict[str, Any] = {}
+    sft_model, _ = load_base_model(run.stage_dir("sft") / "model")
+    for name, path in (("base", base_dir), ("sft", run.stage_dir("sft") / "model"),
+                       ("final", run.stage_dir("ppo") / "model")):
+        model, tok = load_base_model(path)
+        policies[name] = evaluate_policy(
+            model, tok, prompts, eval_cfg=cfg.eval, reference=None if name == "sft" else sft_model,
+            public_windows=windows,
+        )
+    rm = summaries.get("rm", {})
+    return {
+        "prompts": len(prompts),
+        "seeds": list(cfg.eval.seeds),
+        "policies": policies,
+        "reward_model": {"accuracy": float(rm["accuracy"]), "pairs": int(rm["gold_pairs"])} if "accuracy" in rm else None,
+    }
