@@ -286,7 +286,7 @@ class EngineConfig:
     """C: the per-user L2 bound (flat) or the L2 norm of the vector of group thresholds (per_module/per_tensor;
     each group starts at C / sqrt(#groups))."""
     policy: Literal["fixed", "per_layer", "adaptive"] = "fixed"
-    """Thresholds: fixed (set before the run), per_layer (fixed, split across groups by public depth), adaptive
+    """Thresholds: fixed (set before the run), per_layer (fixed, C_k proportional to sqrt(group size) with ||C||_2 = clip_norm: one per-coordinate threshold), adaptive
     (Andrew et al. 2021 quantile tracking from noisy clip counts; needs privacy.accountant=rdp)."""
     adaptive_quantile: float = 0.5
     """adaptive: the fraction of users whose update should be unclipped."""
@@ -417,7 +417,8 @@ class PPOConfig:
     top_k: int = 0
     """Top-k filter of rollouts; 0 disables it (on-policy sampling)."""
     rollout_actors: int = 2
-    """Ray actors generating rollouts; only the LoRA weights are synced to them after each iteration."""
+    """Ray actors generating rollouts; only the LoRA weights are synced to them after each iteration. 0 generates
+    in the learner's process without Ray (same seeds, same samples; for debugging and fast tests)."""
     rollout_batch_size: int = 16
     """Prompts per generate call on an actor; batch i uses seed + i, so results do not depend on the actor count."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -440,7 +441,7 @@ class PPOConfig:
         require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         require(self.temperature > 0, "temperature", "must be > 0 (PPO samples on-policy)")
         require(self.top_k >= 0, "top_k", "must be >= 0 (0: off)")
-        require(self.rollout_actors >= 1, "rollout_actors", "must be >= 1")
+        require(self.rollout_actors >= 0, "rollout_actors", "must be >= 0 (0: generate in-process, no Ray)")
         require(self.rollout_batch_size >= 1, "rollout_batch_size", "must be >= 1")
 
     def sampling_rate(self, num_users: int) -> float:
