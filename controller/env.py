@@ -1,8 +1,9 @@
 """A gymnasium environment of PROXY DP fine-tuning on PUBLIC text: where the controller learns at no privacy cost.
 
 One episode = a short DP-SGD LoRA fine-tune of a tiny GPT-2 (byte-level, so no tokenizer build) on public
-reviews: Poisson sampling at rate q, per-example gradients of every LoRA module, group-wise clipping to C_k,
-isotropic Gaussian noise s_k = sigma * ||C||_2, division by the public expected batch size q*N, Adam. Every
+reviews, run by the REAL DP engine (trainers/engine): Poisson sampling at rate q, per-user gradients of every LoRA
+module, group-wise clipping to C_k, isotropic Gaussian noise s_k = sigma * ||C||_2, division by the public
+expected batch size q*N, Adam. Every
 ``interval`` DP steps the agent sets (C_k, sigma) for the next interval through the same spaces and the same budget
 layer a private run uses, and is rewarded by the decrease of the held-out (public) validation loss, minus an
 optional penalty on the budget share spent. The episode's "private" texts are public, so the accounting inside an
@@ -24,7 +25,6 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from controller.budget import BudgetGuard
@@ -61,46 +61,32 @@ def encode_bytes(texts: list[str], seq_len: int) -> Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-class PerExampleGrads:
-    """Per-example gradients of LoRA A/B weights (bias-free nn.Linear) from one batched forward/backward.
+class _SetPlan:
+    """The engine-side policy of the proxy: plays the (C_k, sigma) the env decided and keeps the last release."""
 
-    For y = x W^T with x [b, T, i] and dL/dy [b, T, o], example j's gradient is sum_t dL/dy[j, t] x[j, t]^T
-    (Opacus's Linear rule); activations come from a forward hook, output gradients from a tensor hook.
-    """
+    def __init__(self) -> None:
+        self.clip_norms: tuple[float, ...] = ()
+        self.sigma = 1.0
+        self.released: Any = None
 
-    def __init__(self, modules: list[nn.Linear]) -> None:
-        self.modules = modules
-        self._acts: dict[int, Tensor] = {}
-        self._grads: dict[int, Tensor] = {}
-        for m in modules:
-            m.register_forward_hook(self._forward_hook)
+    def plan(self, step: int, groups: Any) -> Any:
+        from trainers.engine.policy import StepPlan
 
-    def _forward_hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        if not torch.is_grad_enabled():
-            return
-        key = id(module)
-        self._acts[key] = inputs[0].detach()
+        total = math.sqrt(sum(c * c for c in self.clip_norms))  # isotropic noise: sigma_eff = sigma
+        return StepPlan(clip_norms=self.clip_norms, noise_stds=(self.sigma * total,) * len(self.clip_norms))
 
-        def store(g: Tensor) -> None:
-            self._grads[key] = g.detach()
-
-        output.register_hook(store)
-
-    def collect(self) -> list[Tensor]:
-        """[b, o, i] per-example weight gradient of each module, in ``modules`` order; clears the buffers."""
-        out = [torch.einsum("bto,bti->boi", self._grads[id(m)], self._acts[id(m)]) for m in self.modules]
-        self._acts.clear()
-        self._grads.clear()
-        return out
+    def observe(self, released: Any) -> None:
+        self.released = released
 
 
 class ProxyDPTrainer:
-    """A tiny GPT-2 + LoRA fine-tuned with DP-SGD on public texts (the proxy of a private stage)."""
+    """A tiny GPT-2 + LoRA fine-tuned on public texts by the REAL DP engine (trainers/engine): each text is one
+    "user", Poisson-sampled at rate q; per-user gradients, per-module clipping, noise, division by q*N."""
 
     def __init__(self, cfg: ProxyEnvConfig) -> None:
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        from trainers.models.lora import add_lora, lora_groups
+        from trainers.models.lora import add_lora
 
         self.cfg = cfg
         if cfg.threads > 0:
@@ -115,100 +101,84 @@ class ProxyDPTrainer:
         self._pretrain_base(base)
         self.model = add_lora(base, r=cfg.lora_r, alpha=2.0 * cfg.lora_r, target_modules=tuple(cfg.lora_targets))
         self.model.eval()  # no dropout anywhere; gradients still flow
-        groups = lora_groups(self.model)
-        self.group_names = tuple(groups)
-        self.params = [p for ps in groups.values() for p in ps]  # [A0, B0, A1, B1, ...]
-        self.group_sizes = tuple(sum(p.numel() for p in ps) for ps in groups.values())
-        owners = {id(p): m for m in self.model.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
-        self.grads = PerExampleGrads([owners[id(p)] for p in self.params])
-        self._init_state = {id(p): p.detach().clone() for p in self.params}
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self._init_std = {id(p): float(p.detach().std()) for p in self.params}
         self.train_ids = encode_bytes(
             public_texts(cfg.train_texts, seed=cfg.seed + 1, sentiment=0.9, one_style=True), cfg.seq_len
         )
         self.valid_ids = encode_bytes(
             public_texts(cfg.valid_texts, seed=cfg.seed + 2, sentiment=0.9, one_style=True), cfg.seq_len
         )
+        self.policy = _SetPlan()
+        self.events: list[Any] = []
         self.reset(seed=cfg.seed)
 
     def _pretrain_base(self, base: nn.Module) -> None:
         cfg = self.cfg
-        if cfg.base_pretrain_steps == 0:
-            return
-        ids = encode_bytes(public_texts(512, seed=cfg.seed), cfg.seq_len)
-        opt = torch.optim.Adam(base.parameters(), lr=3e-3)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        base.train()
-        for _ in range(cfg.base_pretrain_steps):
-            x = ids[torch.randint(0, ids.shape[0], (32,), generator=gen)]
-            loss = base(input_ids=x, labels=x).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        if cfg.base_pretrain_steps > 0:
+            ids = encode_bytes(public_texts(512, seed=cfg.seed), cfg.seq_len)
+            opt = torch.optim.Adam(base.parameters(), lr=3e-3)
+            gen = torch.Generator().manual_seed(cfg.seed)
+            base.train()
+            for _ in range(cfg.base_pretrain_steps):
+                x = ids[torch.randint(0, ids.shape[0], (32,), generator=gen)]
+                loss = base(input_ids=x, labels=x).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
         base.eval()
         for p in base.parameters():
             p.requires_grad_(False)
 
     def reset(self, *, seed: int) -> None:
-        """Fresh adapter (B = 0 so the model starts at the base; A re-drawn per seed), optimizer and sampler."""
+        """Fresh adapter (B = 0: the model starts at the base; A re-drawn per seed), optimizer, sampler, engine."""
+        from trainers.engine.engine import DPEngine
+        from trainers.engine.sampling import PoissonUserSampler
+
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for i, p in enumerate(self.params):
-                if i % 2 == 0:  # A: same scale as at creation, new draw
-                    p.copy_(torch.randn(p.shape, generator=gen) * self._init_state[id(p)].std())
-                else:
+            for name, p in self.model.named_parameters():
+                if "lora_A" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * self._init_std[id(p)])
+                elif "lora_B" in name:
                     p.zero_()
         self.opt = torch.optim.Adam(self.params, lr=self.cfg.lr)
-        self.sampler = np.random.default_rng(seed)
-        self.prev_noisy: list[Tensor] | None = None
+        n = self.train_ids.shape[0]
+        self.sampler = PoissonUserSampler(n, sampling_rate=self.cfg.sampling_rate, seed=seed)
+        self.engine = DPEngine(
+            self.model, stage="proxy", sampling_rate=self.cfg.sampling_rate, num_users=n, seed=seed,
+            policy=self.policy, event_sink=self.events.append, optimizer=self.opt,
+            check_record_independence=False,  # byte LM, no cross-record ops: checked once in the engine's tests
+        )
+        self.group_names = tuple(g.name for g in self.engine.groups)
+        self.previous_flat: list[Tensor] | None = None
 
     @torch.no_grad()
     def validation_loss(self) -> float:
         return float(self.model(input_ids=self.valid_ids, labels=self.valid_ids).loss)
 
-    def dp_step(self, *, step: int, clip_norms: tuple[float, ...], sigma: float, sampling_rate: float) -> Released:
-        """One DP-SGD step; returns what it released (summaries of the noised update only)."""
-        n = self.train_ids.shape[0]
-        k = len(self.group_names)
-        expected_batch = sampling_rate * n  # public normalizer, never the realized batch size
-        idx = np.nonzero(self.sampler.random(n) < sampling_rate)[0]
-        sums = [torch.zeros_like(p) for p in self.params]
-        if idx.size:
-            x = self.train_ids[torch.as_tensor(idx)]  # [b, T]
-            logits = self.model(input_ids=x).logits  # [b, T, V]
-            per_token = F.cross_entropy(
-                logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1), reduction="none"
-            ).view(x.shape[0], -1)  # [b, T-1]
-            per_token.mean(dim=1).sum().backward()  # sum of per-example mean losses: no cross-example term
-            per_ex = self.grads.collect()  # per param: [b, o, i]
-            for g in range(k):
-                a, b_ = per_ex[2 * g], per_ex[2 * g + 1]
-                norms = (a.flatten(1).pow(2).sum(1) + b_.flatten(1).pow(2).sum(1)).sqrt()  # [b]
-                factor = (clip_norms[g] / (norms + 1e-12)).clamp(max=1.0)  # [b]
-                sums[2 * g] = torch.einsum("b,boi->oi", factor, a)
-                sums[2 * g + 1] = torch.einsum("b,boi->oi", factor, b_)
-            for p in self.params:
-                p.grad = None
-        std = sigma * math.sqrt(sum(c * c for c in clip_norms))  # isotropic: sigma_eff = sigma
-        noisy = [(s + torch.randn_like(s) * std) / expected_batch for s in sums]
-        for p, g in zip(self.params, noisy):
-            p.grad = g
+    def dp_step(self, *, step: int, clip_norms: tuple[float, ...], sigma: float) -> tuple[Released, Any]:
+        """One DP step on the engine; returns our Released record and the engine's PrivacyEvent."""
+        from controller.policy import released_from_engine
+        from trainers.engine.engine import UserBatch
+        from trainers.rlhf.sft import causal_lm_loss_per_record
+
+        self.policy.clip_norms, self.policy.sigma = tuple(clip_norms), float(sigma)
+        users = self.sampler.sample(step)  # [n] sampled texts ("users")
+        x = self.train_ids[users]  # [n, T]
+        batch = UserBatch(records={"input_ids": x, "loss_mask": torch.ones_like(x)}, user_ids=users)
+        model = self.model
+
+        def loss_fn(rec: dict[str, Tensor]) -> Tensor:  # [R] per-record mean next-token loss
+            return causal_lm_loss_per_record(model(input_ids=rec["input_ids"]).logits, rec["input_ids"],
+                                             rec["loss_mask"])
+
+        result = self.engine.step(batch, loss_fn)
         self.opt.step()
-        sq, cos = [], []
-        for g in range(k):
-            cur = torch.cat([noisy[2 * g].flatten(), noisy[2 * g + 1].flatten()])
-            sq.append(float(cur.pow(2).sum()))
-            if self.prev_noisy is None:
-                cos.append(0.0)
-            else:
-                cos.append(float(F.cosine_similarity(cur, self.prev_noisy[g], dim=0)))
-        self.prev_noisy = [
-            torch.cat([noisy[2 * g].flatten(), noisy[2 * g + 1].flatten()]) for g in range(k)
-        ]
-        return Released(
-            step=step, group_names=self.group_names, group_sizes=self.group_sizes,
-            clip_norms=tuple(float(c) for c in clip_norms), noise_stds=(std,) * k,
-            expected_batch_size=expected_batch, noisy_grad_sq_norms=tuple(sq), noisy_cos_prev=tuple(cos),
-        )
+        self.opt.zero_grad(set_to_none=True)
+        record, self.previous_flat = released_from_engine(result.released, previous=self.previous_flat,
+                                                          event=result.event)
+        return record, result.event
 
 
 class ProxyDPEnv(gym.Env):
@@ -261,11 +231,10 @@ class ProxyDPEnv(gym.Env):
         released = None
         for _ in range(min(self.cfg.interval, self.guard.steps_left)):
             safe = self.guard.safe_action(clip_norms=clips, sigma=sigma)
-            released = self.trainer.dp_step(
-                step=self.guard.steps_done, clip_norms=safe.clip_norms, sigma=safe.noise_multiplier,
-                sampling_rate=self.cfg.sampling_rate,
+            released, event = self.trainer.dp_step(
+                step=self.guard.steps_done, clip_norms=safe.clip_norms, sigma=safe.noise_multiplier * (1 + 1e-9)
             )
-            self.guard.record(self.guard.event(safe.noise_multiplier))
+            self.guard.record(event)  # the engine's own event: sigma_eff recomputed from (C_k, s_k)
         loss = self.trainer.validation_loss()
         spent = self.guard.epsilon_spent() - eps_before
         reward = self.cfg.reward_scale * (self.prev_loss - loss) / self.initial_loss - self.cfg.privacy_penalty * (
