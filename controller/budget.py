@@ -188,13 +188,17 @@ class BudgetGuard:
         )
 
     def safe_action(self, *, clip_norms: Iterable[float], sigma: float) -> SafeAction:
-        """Clamp sigma into [floor, max_noise_multiplier]; fall back to the floor when the ledger refuses."""
+        """Clamp sigma into [floor, max_noise_multiplier] (the floor itself at the last step, which then spends
+        the whole remaining budget); fall back to the floor when the ledger refuses."""
         if self.steps_left == 0:
             raise BudgetExhausted(f"all {self.steps} planned steps already ran; the stage must stop")
         floor = self.floor()
         proposed = float(sigma)
         s = proposed if math.isfinite(proposed) else floor
         s = min(max(s, floor), self.max_noise_multiplier)
+        if self.steps_left == 1:
+            # Budget left after the last step is wasted: the last step spends exactly what remains.
+            s = floor
         fell_back = False
         if self.admit is not None and not self.admit(self.event(s)):
             fell_back = True

@@ -88,3 +88,13 @@ def test_state_dict_round_trip():
     other.load_state_dict(guard.state_dict())
     assert other.steps_done == 3 and other.floor() == guard.floor()
     assert other.epsilon_spent() == guard.epsilon_spent()
+
+
+def test_last_step_spends_the_remaining_budget():
+    guard = BudgetGuard(target_epsilon=2.0, delta=1e-5, sampling_rate=0.05, steps=10)
+    for _ in range(9):
+        guard.record(guard.event(guard.safe_action(clip_norms=[1.0], sigma=50.0).noise_multiplier))
+    last = guard.safe_action(clip_norms=[1.0], sigma=50.0)  # a timid proposal would waste the budget
+    assert last.noise_multiplier == last.floor < 50.0
+    guard.record(guard.event(last.noise_multiplier))
+    assert 2.0 * 0.99 < guard.epsilon_spent() <= 2.0
