@@ -1,99 +1,97 @@
 """Privacy events from learner workers to the driver-owned ledger, write-ahead.
 
-Design choice. The driver owns the ledger file (DESIGN §4). Learners run in Ray Train workers, possibly on other
-machines without a shared filesystem, so rank 0 does not open the file itself: it sends each event to a
-:class:`LedgerSink` actor pinned to the DRIVER's node, which appends the line, flushes and fsyncs, and only then
-returns. Rank 0 blocks on that reply (:func:`remote_event_writer`) before the update is applied, so
-write-ahead holds across processes: the event is on the driver's disk before any rank's parameters change (the
-other ranks wait for rank 0 in the next collective, and rank 0 applies only after the reply). If a worker dies
-after the write, the event stays counted: a crash over-counts, never under-counts. Other ranks never write (the
-engine gates emission on ``is_main_process``).
+Design choice. The driver owns the ledger (DESIGN §4): ``accounting.ledger.Ledger`` on RUN_DIR/ledger.jsonl, one
+writer, held by an exclusive flock. Learners run in Ray Train workers, possibly on other machines without a shared
+filesystem, so rank 0 never opens the file. For the duration of a learner run the driver hands the ledger to a
+:class:`LedgerSink` actor pinned to the DRIVER's node (the driver closes its handle, the sink reopens the same
+file with the same run arguments, and gives it back when the run ends). Rank 0's engine calls
+
+  * ``admit=remote_admit(sink)``: the privacy filter, evaluated on the ledger, before anything is computed;
+  * ``event_sink=remote_event_writer(sink)``: ``Ledger.record`` appends, flushes and fsyncs the event line, and
+    only then does the call return.
+
+Rank 0 blocks on that reply before its ``apply_fn`` runs, and the other ranks cannot apply before rank 0 joins
+the next collective, so write-ahead holds across processes: the event is on the driver's disk before any rank's
+parameters change. A worker that dies after the write leaves the event counted: a crash over-counts, never
+under-counts. Other ranks never write (the engine gates emission on ``is_main_process``).
 
 Cost: one actor round trip per DP step (about a millisecond locally), negligible beside a training step.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 
-class JsonlAppender:
-    """Append one JSON object per line; each append is flushed and fsynced before it returns."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("a", encoding="utf-8")
-
-    def append(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(record, sort_keys=True) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-
-    def close(self) -> None:
-        self._fh.close()
-
-
 class _LedgerSinkImpl:
-    """Actor body: owns one appender on the driver's node; appends arrive in call order (one actor thread)."""
+    """Actor body: owns the ledger object on the driver's node; calls arrive in order (one actor thread)."""
 
-    def __init__(self, open_appender: Callable[[], Any]) -> None:
-        self._appender = open_appender()
-        self._count = 0
+    def __init__(self, open_ledger: Callable[[], Any]) -> None:
+        self._ledger = open_ledger()
 
-    def append(self, record: dict[str, Any]) -> int:
-        self._appender.append(record)
-        self._count += 1
-        return self._count
+    def record(self, event: Any) -> int:
+        self._ledger.record(event)
+        return len(self._ledger.events())
 
-    def count(self) -> int:
-        return self._count
+    def admit(self, event: Any) -> Any:
+        return self._ledger.admit(event)
 
     def close(self) -> None:
-        closer = getattr(self._appender, "close", None)
-        if callable(closer):
-            closer()
+        self._ledger.close()
 
 
-def start_ledger_sink(path: str | os.PathLike, open_appender: Callable[[], Any] | None = None) -> Any:
-    """Start a :class:`LedgerSink` actor on this (the driver's) node; returns its handle to pass to learners.
+def start_ledger_sink(open_ledger: Callable[[], Any]) -> Any:
+    """Start the sink actor on this (the driver's) node and return its handle, to pass to the learners.
+
+    Close the driver's own ledger handle first (the ledger admits one writer) and reopen it after
+    :func:`stop_ledger_sink`.
 
     Args:
-        path: the ledger file on the driver's disk (used by the default JSONL appender).
-        open_appender: a picklable zero-argument factory returning an object with ``append(record: dict)`` that
-            is durable when it returns (default: :class:`JsonlAppender` on ``path``). Lets the accounting
-            package's ledger writer be used unchanged.
+        open_ledger: a picklable zero-argument factory run inside the actor, e.g.
+            ``functools.partial(Ledger.open, run_dir / "ledger.jsonl", run_id=..., target_epsilon=...,
+            target_delta=..., accountant=..., composition=...)`` (the same arguments as the driver's, so it
+            resumes the same file). The object needs ``record(event)`` (durable on return), ``admit(event)``,
+            ``events()`` and ``close()``.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    factory = open_appender or _JsonlFactory(str(Path(path).resolve()))
     node_id = ray.get_runtime_context().get_node_id()
     actor_cls = ray.remote(num_cpus=0, max_restarts=0)(_LedgerSinkImpl)
-    return actor_cls.options(
+    sink = actor_cls.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
-    ).remote(factory)
+    ).remote(open_ledger)
+    ray.get(
+        sink.__ray_ready__.remote()
+    )  # surface a bad factory (locked file, wrong run) here, not in a worker
+    return sink
 
 
-class _JsonlFactory:
-    def __init__(self, path: str) -> None:
-        self.path = path
+def stop_ledger_sink(sink: Any) -> None:
+    """Close the sink's ledger (releasing the file lock) and end the actor."""
+    import ray
 
-    def __call__(self) -> JsonlAppender:
-        return JsonlAppender(self.path)
+    ray.get(sink.close.remote())
+    ray.kill(sink)
 
 
 def remote_event_writer(sink: Any) -> Callable[[Any], None]:
-    """In a worker: ``emit(event)`` sends ``event.to_dict()`` (or a dict) to the sink and BLOCKS until it is on
-    disk. Use it as the engine's event callback on rank 0 only."""
+    """In rank 0: the engine's ``event_sink``. Sends the PrivacyEvent and BLOCKS until it is on the driver's
+    disk; a refusal by the ledger (budget, unknown stage) is raised here, before anything is released."""
     import ray
 
     def emit(event: Any) -> None:
-        record = event if isinstance(event, dict) else event.to_dict()
-        ray.get(sink.append.remote(record))
+        ray.get(sink.record.remote(event))
 
     return emit
+
+
+def remote_admit(sink: Any) -> Callable[[Any], Any]:
+    """In rank 0: the engine's ``admit`` (the privacy filter on the driver's ledger); returns its Admission."""
+    import ray
+
+    def admit(event: Any) -> Any:
+        return ray.get(sink.admit.remote(event))
+
+    return admit

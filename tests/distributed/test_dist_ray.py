@@ -6,7 +6,7 @@ setup. References are computed in the driver with one process and a plain torch 
 
 from __future__ import annotations
 
-import json
+import functools
 import sys
 import tempfile
 import traceback
@@ -50,7 +50,8 @@ def _dp_loop(config: dict) -> None:
     rank 0 emits each event to the driver's ledger, and checks it is on disk before the update is applied."""
     import ray.train
 
-    from cluster.ledger import remote_event_writer
+    from accounting.ledger import read_ledger
+    from cluster.ledger import remote_admit, remote_event_writer
     from cluster.train import worker_info
     from trainers.distributed import allreduce_sum_fn, assert_replicated, poisson_sample, shard_users
 
@@ -66,7 +67,7 @@ def _dp_loop(config: dict) -> None:
     def apply(grads):
         assert_replicated(grads)
         if info.is_main_process:  # write-ahead: the event of this step is on the driver's disk already
-            assert len(ledger.read_text().splitlines()) == len(applied) + 1
+            assert len(read_ledger(ledger).events) == len(applied) + 1
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         opt.step()
@@ -81,6 +82,7 @@ def _dp_loop(config: dict) -> None:
         is_main_process=info.is_main_process,
         optimizer=opt,
         event_sink=remote_event_writer(config["sink"]) if info.is_main_process else None,
+        admit=remote_admit(config["sink"]) if info.is_main_process else None,
     )
     local_users = 0
     for step in range(STEPS):
@@ -130,19 +132,30 @@ def _reference(optimizer_factory, noise: float, *, engine: bool = False) -> list
 
 
 def test_two_gloo_learners_equal_single_process_and_ledger_is_write_ahead(ray_session):
-    from cluster.ledger import start_ledger_sink
+    from accounting.ledger import Ledger
+    from cluster.ledger import start_ledger_sink, stop_ledger_sink
+    from cluster.runtime import init_ray
     from cluster.train import run_learners
 
+    assert init_ray().started_here is False  # idempotent: joins the module's session
     ledger = ray_session / "ledger.jsonl"
-    sink = start_ledger_sink(ledger)
-    result = run_learners(
-        _dp_loop,
-        {"sink": sink, "ledger": str(ledger)},
-        num_workers=2,
-        max_failures=0,
-        storage_path=str(ray_session),
-        name="dp2",
+    open_ledger = functools.partial(
+        Ledger.open, ledger, run_id="dist", target_epsilon=50.0, target_delta=1e-5
     )
+    with open_ledger() as driver_ledger:  # the driver creates the run and the stage, then hands the file over
+        driver_ledger.begin_stage("test", user_fingerprint="users16", num_users=H.NUM_USERS)
+    sink = start_ledger_sink(open_ledger)
+    try:
+        result = run_learners(
+            _dp_loop,
+            {"sink": sink, "ledger": str(ledger)},
+            num_workers=2,
+            max_failures=0,
+            storage_path=str(ray_session),
+            name="dp2",
+        )
+    finally:
+        stop_ledger_sink(sink)
     with result.checkpoint.as_directory() as d:
         got = torch.load(Path(d) / "lora.pt")
     sgd = lambda ps: torch.optim.SGD(ps, lr=1.0)  # noqa: E731
@@ -153,12 +166,13 @@ def test_two_gloo_learners_equal_single_process_and_ledger_is_write_ahead(ray_se
     for a, b, c in zip(got, want, textbook, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # 2 ranks == 1 process (same engine, same seed)
         torch.testing.assert_close(b, c, rtol=0, atol=1e-6)  # the engine == per-user autograd by hand
-    events = [json.loads(line) for line in ledger.read_text().splitlines()]
-    assert [e["step"] for e in events] == list(range(STEPS))
+    with (
+        open_ledger() as driver_ledger
+    ):  # back with the driver: one event per step, as the engine planned them
+        events = driver_ledger.events("test")
+    assert [e.step for e in events] == list(range(STEPS))
     for e in events:  # sigma_eff comes from the accounting helper (floating point), q is the configured rate
-        assert (
-            e["noise_multiplier"] == pytest.approx(NOISE, rel=1e-9) and e["sampling_rate"] == H.SAMPLING_RATE
-        )
+        assert e.noise_multiplier == pytest.approx(NOISE, rel=1e-9) and e.sampling_rate == H.SAMPLING_RATE
 
 
 def _deepspeed_loop(config: dict) -> None:
