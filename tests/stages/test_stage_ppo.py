@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from accounting.ledger import Ledger, read_ledger
 from accounting.events import PrivacyEvent
+from accounting.ledger import Ledger, read_ledger
 from launch.config import load_config
 from launch.pipeline.metrics import MetricsLogger
 from launch.schema import RunConfig
@@ -219,28 +219,62 @@ def test_first_epoch_ratio_is_one_and_logprobs_match_generate(dirs):
 
 
 def test_nonprivate_writes_no_events(dirs, tmp_path):
+    """The baseline: same path, no ledger traffic. Also covers an empty Poisson sample (seed 3, q = 1/12: the
+    third sample is empty), an adaptive beta fed the public KL, per-trajectory advantages and public LM loss."""
+    from trainers.engine.sampling import PoissonUserSampler
+
+    samples = [PoissonUserSampler(NUM_USERS, sampling_rate=1 / NUM_USERS, seed=3).sample(t).numel() for t in range(3)]
+    assert samples[0] > 0 and samples[2] == 0
+    cfg = make_cfg(
+        "ppo.iterations=3", "ppo.ppo_epochs=2", "ppo.expected_users_per_iteration=1",
+        "ppo.objective.kl_controller=adaptive", "ppo.objective.kl_target=0.001", "ppo.objective.kl_horizon=10",
+        "ppo.objective.advantage_normalization=per_trajectory",
+    )
     ledger = Ledger.open(tmp_path / "ledger.jsonl", run_id="np", target_epsilon=TARGET_EPS,
                          target_delta=TARGET_DELTA, composition="parallel")
+    metrics = MetricsLogger(tmp_path / "tb", tmp_path / "metrics.jsonl")
+    windows = torch.randint(1, 200, (3, 16), generator=torch.Generator().manual_seed(0))
     try:
-        s = run(dirs, make_ctx(make_cfg("ppo.iterations=1", "ppo.ppo_epochs=1"), private=False, ledger=ledger),
-                tmp_path / "out", use_ray=False)
+        s = run(dirs, make_ctx(cfg, private=False, ledger=ledger, metrics=metrics), tmp_path / "out",
+                use_ray=False, public_windows=windows)
     finally:
+        metrics.close()
         ledger.close()
     contents = read_ledger(tmp_path / "ledger.jsonl")
     assert contents.events == [] and "ppo" not in contents.stages
-    assert s["status"] == "completed" and s["epsilon"] is None and s["sigma"] is None
+    assert s["status"] == "completed" and s["iterations_done"] == 3
+    assert s["epsilon"] is None and s["sigma"] is None
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    public_kl = [r["value"] for r in rows if r["key"] == "ppo/kl" and r["step"] >= 1]
+    assert len(public_kl) == 3 and all(k >= 0 for k in public_kl)
+    beta = cfg.ppo.objective.init_kl_coef  # beta is a function of the logged PUBLIC KLs only
+    for kl in public_kl:
+        beta *= 1 + min(max(kl / 0.001 - 1, -0.2), 0.2) * 1 / 10
+    assert s["beta_final"] == pytest.approx(beta, rel=1e-9) and s["beta_final"] != cfg.ppo.objective.init_kl_coef
+    keys = {r["key"] for r in rows}
+    assert "eval/public_lm_loss" in keys and "charts/beta" in keys
+    assert not any(k.startswith("privacy/") for k in keys)
     assert (tmp_path / "out" / "model" / "config.json").is_file()
+
+
+def test_adaptive_beta_without_public_prompts_is_refused(dirs, tmp_path):
+    ctx = make_ctx(make_cfg("ppo.objective.kl_controller=adaptive"), private=False, ledger=None)
+    ctx.extras.clear()
+    with pytest.raises(ValueError, match="kl_controller=adaptive needs a released or public KL"):
+        run(dirs, ctx, tmp_path / "out", use_ray=False)
 
 
 def test_spent_budget_stops_the_stage_as_refused(dirs, tmp_path):
     """Sequential composition: another stage already spent the run's budget, so the filter refuses PPO's first
     step; nothing is released and the ledger says why."""
-    ledger = Ledger.open(tmp_path / "ledger.jsonl", run_id="r", target_epsilon=1.0, target_delta=TARGET_DELTA,
-                         composition="sequential")
+    ledger = Ledger.open(tmp_path / "ledger.jsonl", run_id="r", target_epsilon=TARGET_EPS,
+                         target_delta=TARGET_DELTA, composition="sequential")
     try:
-        ledger.begin_stage("sft", user_fingerprint="x", num_users=10, target_epsilon=1.0, target_delta=TARGET_DELTA / 2)
-        ledger.record(PrivacyEvent("sft", 0, "gradient", 1.0, 0.5), enforce=False)  # epsilon >> 1
-        s = run(dirs, make_ctx(make_cfg(), private=True, ledger=ledger, target=0.5), tmp_path / "out", use_ray=False)
+        ledger.begin_stage("sft", user_fingerprint="x", num_users=10, target_delta=TARGET_DELTA)
+        ledger.record(PrivacyEvent("sft", 0, "gradient", 1.0, 0.3), enforce=False)  # epsilon >> TARGET_EPS
+        assert ledger.epsilon() > TARGET_EPS
+        # PPO's own schedule fits its target (calibrated), but the run's sequential budget is gone
+        s = run(dirs, make_ctx(make_cfg(), private=True, ledger=ledger), tmp_path / "out", use_ray=False)
     finally:
         ledger.close()
     contents = read_ledger(tmp_path / "ledger.jsonl")
@@ -274,9 +308,9 @@ def ray_local():
 def test_ray_rollouts_equal_in_process(dirs, private_run, ray_local, tmp_path):
     """2 Ray actors (LoRA-only sync) give the same rollouts as in-process generation, so the private Ray run
     trains exactly the same policy as the in-process one."""
+    from trainers.data.io import load_prompts
     from trainers.engine.sampling import PoissonUserSampler
     from trainers.stages.common import UserIndex
-    from trainers.data.io import load_prompts
     from trainers.stages.ppo import _Rollouts, load_ppo_models, rollout_seed
 
     cfg = make_cfg()

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from trainers.rlhf.experience import Experience, make_experience, response_slice, rollout_masks
 from trainers.rlhf.heads import PolicyValueModel, ScoreModel, position_ids_from_attention_mask
-from trainers.rlhf.ppo import kl_per_token, logprobs_from_logits, masked_fill_zero
+from trainers.rlhf.ppo import logprobs_from_logits, masked_fill_zero
 from trainers.stages.common import (
     StageContext,
     UserIndex,
@@ -295,7 +295,8 @@ class PublicEval:
         rollouts: the padded generations.
         logprobs: [R, T] the generating policy's log-probs of the generated tokens (0 on padding).
         reward: mean private-RM score (post-processing of the DP reward model on public prompts).
-        kl: mean over prompts of the per-sequence KL to the reference (sum of k1 over actions, nats).
+        kl: mean over prompts of the per-sequence KL to the reference: the exact KL of each next-token
+            distribution, summed over the generated tokens (nats per sequence, the unit of ``kl_target``).
         gold_reward: mean gold (VADER) reward of the responses.
     """
 
@@ -348,14 +349,19 @@ def public_eval(
     )
     rollouts = pad_rollouts(gen, pad_id=int(tok.pad_token_id), eos_id=int(tok.eos_token_id))
     logprobs, kls, scores = [], [], []
+    T = rollouts.action_mask.shape[1]
     for sl in _chunks(rollouts.num_records, chunk_records):
         seq, am = rollouts.sequences[sl], rollouts.attention_mask[sl]
-        logits, _ = models.actor(seq, am)
-        lp = _response_logprobs(logits, rollouts, sl)  # [r, T]
-        ref_lp = _response_logprobs(reference_logits(models.reference, seq, am), rollouts, sl)  # [r, T]
-        kls.append(masked_fill_zero(kl_per_token(lp, ref_lp, estimator="k1"), rollouts.action_mask[sl]).sum(1))
+        logits, _ = models.actor(seq, am)  # [r, S, V]
+        ref_logits = reference_logits(models.reference, seq, am)  # [r, S, V]
+        logp = torch.log_softmax(response_slice(logits, rollouts.prompt_len, T).float(), -1)  # [r, T, V]
+        ref_logp = torch.log_softmax(response_slice(ref_logits, rollouts.prompt_len, T).float(), -1)
+        # exact KL(pi || pi_ref) of each next-token distribution along the generated path: non-negative and far
+        # less noisy than the sampled-token k1 estimate on a few prompts (it steers an adaptive beta)
+        token_kl = (logp.exp() * (logp - ref_logp)).sum(-1)  # [r, T]
+        kls.append(masked_fill_zero(token_kl, rollouts.action_mask[sl]).sum(1))  # [r] nats per sequence
         scores.append(models.reward(seq, am))
-        logprobs.append(lp)
+        logprobs.append(_response_logprobs(logits, rollouts, sl))
     return PublicEval(
         rollouts=rollouts,
         logprobs=torch.cat(logprobs),
