@@ -71,19 +71,40 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = load_config(RunConfig, args.config, args.overrides)
     task = build_task(cfg.data, cache_dir=cfg.run.cache_dir, progress=False)
-    info = ensure_base_model(cfg.model, cfg.data, cache_dir=cfg.run.cache_dir, public_train=task.public_train,
-                             public_valid=task.public_valid, progress=False)
+    info = ensure_base_model(
+        cfg.model,
+        cfg.data,
+        cache_dir=cfg.run.cache_dir,
+        public_train=task.public_train,
+        public_valid=task.public_valid,
+        progress=False,
+    )
     _, tokenizer = load_base_model(info.path)
     rows = load_sft(task.sft).rows
     users = UserIndex.from_ids(list(rows["user_id"]))
-    batch = tokenize_sft_pairs(tokenizer, list(rows["prompt"]), list(rows["response"]), max_length=cfg.sft.max_len)
-    records = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "loss_mask": batch.loss_mask}
+    batch = tokenize_sft_pairs(
+        tokenizer, list(rows["prompt"]), list(rows["response"]), max_length=cfg.sft.max_len
+    )
+    records = {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "loss_mask": batch.loss_mask,
+    }
     public = list(load_public(task.public_valid).rows["text"])
-    windows = eval_windows(pack(tokenizer, public), seq_len=min(64, cfg.model.pretrain_seq_len),
-                           max_tokens=cfg.model.eval_max_tokens)
+    windows = eval_windows(
+        pack(tokenizer, public),
+        seq_len=min(64, cfg.model.pretrain_seq_len),
+        max_tokens=cfg.model.eval_max_tokens,
+    )
     half = windows.shape[0] // 2
-    return {"cfg": cfg, "base": info.path, "users": users, "records": records,
-            "reward_windows": windows[:half], "eval_windows": windows[half:]}
+    return {
+        "cfg": cfg,
+        "base": info.path,
+        "users": users,
+        "records": records,
+        "reward_windows": windows[:half],
+        "eval_windows": windows[half:],
+    }
 
 
 def pretrain_frozen(args: argparse.Namespace, out: Path) -> str:
@@ -92,17 +113,41 @@ def pretrain_frozen(args: argparse.Namespace, out: Path) -> str:
     from controller.env import ProxyDPEnv
     from controller.sb3 import train_sb3
 
-    cfg = ControllerConfig(interval=args.interval, learning_starts=4, batch_size=32, gradient_steps=8,
-                           env=ProxyEnvConfig(steps=args.steps, interval=args.interval, target_epsilons=list(args.epsilons)))
+    cfg = ControllerConfig(
+        interval=args.interval,
+        learning_starts=4,
+        batch_size=32,
+        gradient_steps=8,
+        env=ProxyEnvConfig(steps=args.steps, interval=args.interval, target_epsilons=list(args.epsilons)),
+    )
     env = ProxyDPEnv(cfg.env, cfg.spec())
-    train_sb3(env, config=cfg, episodes=args.pretrain_episodes, provenance=Provenance(
-        trainer="sb3", model_layers=[cfg.env.n_layer], model_width=cfg.env.n_embd, epsilons=list(args.epsilons),
-        delta=cfg.env.delta, steps=cfg.env.steps), out=out)
+    train_sb3(
+        env,
+        config=cfg,
+        episodes=args.pretrain_episodes,
+        provenance=Provenance(
+            trainer="sb3",
+            model_layers=[cfg.env.n_layer],
+            model_width=cfg.env.n_embd,
+            epsilons=list(args.epsilons),
+            delta=cfg.env.delta,
+            steps=cfg.env.steps,
+        ),
+        out=out,
+    )
     return str(out)
 
 
-def run_one(prep: dict[str, Any], *, method: str, epsilon: float, seed: int, args: argparse.Namespace,
-            artifact: str | None, workdir: Path) -> dict[str, Any]:
+def run_one(
+    prep: dict[str, Any],
+    *,
+    method: str,
+    epsilon: float,
+    seed: int,
+    args: argparse.Namespace,
+    artifact: str | None,
+    workdir: Path,
+) -> dict[str, Any]:
     from accounting.ledger import Ledger
     from controller.budget import BudgetGuard
     from controller.config import ControllerConfig
@@ -122,11 +167,17 @@ def run_one(prep: dict[str, Any], *, method: str, epsilon: float, seed: int, arg
     steps = args.steps
     torch.manual_seed(seed)
     model, _ = load_base_model(prep["base"])
-    model = add_lora(model, r=cfg.sft.lora.r, alpha=cfg.sft.lora.alpha, target_modules=tuple(cfg.sft.lora.target_modules))
+    model = add_lora(
+        model, r=cfg.sft.lora.r, alpha=cfg.sft.lora.alpha, target_modules=tuple(cfg.sft.lora.target_modules)
+    )
     model.train()
     params = trainable_named_parameters(model)
-    groups = [GroupSpec(name=g, numel=sum(params[i][1].numel() for i in idx), param_names=tuple(params[i][0] for i in idx))
-              for g, idx in clipping_groups(model, params, "module")]
+    groups = [
+        GroupSpec(
+            name=g, numel=sum(params[i][1].numel() for i in idx), param_names=tuple(params[i][0] for i in idx)
+        )
+        for g, idx in clipping_groups(model, params, "module")
+    ]
     k = len(groups)
     # One RDP filter order and one calibrated sigma for every method: equal epsilon by construction.
     guard = BudgetGuard(target_epsilon=epsilon, delta=delta, sampling_rate=q, steps=steps)
@@ -139,27 +190,60 @@ def run_one(prep: dict[str, Any], *, method: str, epsilon: float, seed: int, arg
         norm = math.sqrt(sum(x * x for x in w))
         policy = PerLayerFixedPolicy(noise_multiplier=sigma, clip_norms=[c * x / norm for x in w])
     elif method == "adaptive":
-        policy = AdaptiveClippingPolicy(noise_multiplier=sigma, initial_clip_norm=c / math.sqrt(k),
-                                        count_noise_std=max(q * n / 20.0, math.sqrt(k) * sigma), target_quantile=0.5)
+        policy = AdaptiveClippingPolicy(
+            noise_multiplier=sigma,
+            initial_clip_norm=c / math.sqrt(k),
+            count_noise_std=max(q * n / 20.0, math.sqrt(k) * sigma),
+            target_quantile=0.5,
+        )
     else:
         mode = "online" if method == "online" else "frozen"
-        ccfg = ControllerConfig(mode=mode, load=artifact if mode == "frozen" else "", interval=args.interval,
-                                learning_starts=2, batch_size=16, gradient_steps=4, seed=seed)
+        ccfg = ControllerConfig(
+            mode=mode,
+            load=artifact if mode == "frozen" else "",
+            interval=args.interval,
+            learning_starts=2,
+            batch_size=16,
+            gradient_steps=4,
+            seed=seed,
+        )
         policy = LearnedController(
-            config=ccfg, target_epsilon=epsilon, delta=delta, sampling_rate=q, steps=steps,
-            validation_loss=lambda: public_lm_loss(model, prep["reward_windows"]), rdp_order=order, stage="sft",
+            config=ccfg,
+            target_epsilon=epsilon,
+            delta=delta,
+            sampling_rate=q,
+            steps=steps,
+            validation_loss=lambda: public_lm_loss(model, prep["reward_windows"]),
+            rdp_order=order,
+            stage="sft",
             reference_clips=[c / math.sqrt(k)] * k,
         )
     timed = TimedPolicy(policy)
     run_dir = workdir / f"{method}-{epsilon}-{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger.open(run_dir / "ledger.jsonl", run_id=run_dir.name, target_epsilon=epsilon, target_delta=delta,
-                         accountant="rdp", composition="parallel", rdp_order=order)
+    ledger = Ledger.open(
+        run_dir / "ledger.jsonl",
+        run_id=run_dir.name,
+        target_epsilon=epsilon,
+        target_delta=delta,
+        accountant="rdp",
+        composition="parallel",
+        rdp_order=order,
+    )
     ledger.begin_stage("sft", user_fingerprint=users.fingerprint, num_users=n)
     opt = torch.optim.Adam([p for _, p in params], lr=cfg.sft.lr)
-    engine = DPEngine(model, stage="sft", sampling_rate=q, num_users=n, seed=seed, policy=timed,
-                      event_sink=ledger.record, admit=ledger.admit, optimizer=opt,
-                      max_records_per_microbatch=cfg.engine.max_physical_batch_records)
+    engine = DPEngine(
+        model,
+        stage="sft",
+        sampling_rate=q,
+        num_users=n,
+        seed=seed,
+        policy=timed,
+        event_sink=ledger.record,
+        admit=ledger.admit,
+        optimizer=opt,
+        max_records_per_microbatch=cfg.engine.max_physical_batch_records,
+    )
     sampler = PoissonUserSampler(n, sampling_rate=q, seed=seed)
     loss_fn = sft_loss_fn(model)
     curve = [(0, math.exp(public_lm_loss(model, prep["eval_windows"])))]
@@ -178,10 +262,18 @@ def run_one(prep: dict[str, Any], *, method: str, epsilon: float, seed: int, arg
     ledger.end_stage("sft")
     eps = ledger.epsilon("sft")
     ledger.close()
-    return {"method": method, "epsilon_target": epsilon, "seed": seed, "epsilon_spent": eps,
-            "events": len(ledger.events("sft")) if hasattr(ledger, "events") else steps,
-            "final_ppl": curve[-1][1], "curve": curve, "step_seconds": step_seconds,
-            "policy_seconds": timed.seconds, "sigma_reference": sigma}
+    return {
+        "method": method,
+        "epsilon_target": epsilon,
+        "seed": seed,
+        "epsilon_spent": eps,
+        "events": len(ledger.events("sft")) if hasattr(ledger, "events") else steps,
+        "final_ppl": curve[-1][1],
+        "curve": curve,
+        "step_seconds": step_seconds,
+        "policy_seconds": timed.seconds,
+        "sigma_reference": sigma,
+    }
 
 
 def summarize(runs: list[dict[str, Any]], epsilons: list[float]) -> dict[str, Any]:
@@ -197,16 +289,19 @@ def summarize(runs: list[dict[str, Any]], epsilons: list[float]) -> dict[str, An
             means[m] = {
                 "final_ppl": statistics.fmean(finals),
                 "final_ppl_sd": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-                "curve_steps": steps_axis, "curve_ppl": mean_curve,
-                "overhead_share": statistics.fmean(r["policy_seconds"] / max(r["step_seconds"], 1e-9) for r in rs),
+                "curve_steps": steps_axis,
+                "curve_ppl": mean_curve,
+                "overhead_share": statistics.fmean(
+                    r["policy_seconds"] / max(r["step_seconds"], 1e-9) for r in rs
+                ),
                 "max_epsilon_spent": max(r["epsilon_spent"] for r in rs),
             }
         baselines = [m for m in BASELINES if m in means]
         best = min(baselines, key=lambda m: means[m]["final_ppl"]) if baselines else None
-        for m, s in means.items():
+        for s in means.values():
             if best is not None:
                 target = means[best]["final_ppl"]
-                reached = [st for st, p in zip(s["curve_steps"], s["curve_ppl"]) if p <= target]
+                reached = [st for st, p in zip(s["curve_steps"], s["curve_ppl"], strict=True) if p <= target]
                 s["steps_to_best_baseline"] = reached[0] if reached else None
                 s["step_share_to_best_baseline"] = (reached[0] / s["curve_steps"][-1]) if reached else None
             if "fixed" in means:
@@ -216,7 +311,9 @@ def summarize(runs: list[dict[str, Any]], epsilons: list[float]) -> dict[str, An
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default=str(ROOT / "launch/configs/tiny.yaml"))
     parser.add_argument("overrides", nargs="*", default=["data.num_users=300"])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0])
@@ -227,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-users", type=int, default=16)
     parser.add_argument("--clip-norm", type=float, default=1.0)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--artifact", default="", help="pretrained controller for 'frozen' (default: pretrain one)")
+    parser.add_argument(
+        "--artifact", default="", help="pretrained controller for 'frozen' (default: pretrain one)"
+    )
     parser.add_argument("--pretrain-episodes", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", action="store_true")
@@ -246,24 +345,35 @@ def main(argv: list[str] | None = None) -> int:
     for eps in args.epsilons:
         for seed in range(args.seeds):
             for m in args.methods:
-                r = run_one(prep, method=m, epsilon=eps, seed=seed, args=args, artifact=artifact, workdir=work)
+                r = run_one(
+                    prep, method=m, epsilon=eps, seed=seed, args=args, artifact=artifact, workdir=work
+                )
                 assert r["epsilon_spent"] <= eps, f"{m} overspent: {r['epsilon_spent']} > {eps}"
                 runs.append(r)
                 if not args.json:
-                    print(f"eps={eps} seed={seed} {m:9s} final ppl {r['final_ppl']:.3f} "
-                          f"eps spent {r['epsilon_spent']:.3f} overhead {r['policy_seconds'] / r['step_seconds']:.3f}",
-                          flush=True)
-    out = {"settings": {k: v for k, v in vars(args).items() if k != "json"}, "num_users": prep["users"].num_users,
-           "pretrain_seconds": pretrain_s, "total_seconds": time.time() - t0,
-           "table": summarize(runs, args.epsilons), "runs": runs}
+                    print(
+                        f"eps={eps} seed={seed} {m:9s} final ppl {r['final_ppl']:.3f} "
+                        f"eps spent {r['epsilon_spent']:.3f} overhead {r['policy_seconds'] / r['step_seconds']:.3f}",
+                        flush=True,
+                    )
+    out = {
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "num_users": prep["users"].num_users,
+        "pretrain_seconds": pretrain_s,
+        "total_seconds": time.time() - t0,
+        "table": summarize(runs, args.epsilons),
+        "runs": runs,
+    }
     if args.json:
         print(json.dumps(out))
     else:
         for eps, t in out["table"].items():
             print(f"\n== epsilon {eps}: best baseline {t['best_baseline']}")
             for m, s in t["methods"].items():
-                print(f"  {m:9s} ppl {s['final_ppl']:.3f}±{s['final_ppl_sd']:.3f}  vs fixed {s.get('ppl_vs_fixed', float('nan')):.3f}"
-                      f"  steps to best baseline {s.get('steps_to_best_baseline')}  overhead {s['overhead_share']:.3f}")
+                print(
+                    f"  {m:9s} ppl {s['final_ppl']:.3f}±{s['final_ppl_sd']:.3f}  vs fixed {s.get('ppl_vs_fixed', float('nan')):.3f}"
+                    f"  steps to best baseline {s.get('steps_to_best_baseline')}  overhead {s['overhead_share']:.3f}"
+                )
     return 0
 
 

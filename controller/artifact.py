@@ -20,7 +20,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -148,8 +147,13 @@ def save_artifact(
     meta = {
         "format_version": FORMAT_VERSION,
         "spec": spec.to_dict(),
-        "actor": {"obs_dim": actor.obs_dim, "act_dim": actor.act_dim, "hidden": actor.hidden, "activation": "relu",
-                  "squash": "tanh"},
+        "actor": {
+            "obs_dim": actor.obs_dim,
+            "act_dim": actor.act_dim,
+            "hidden": actor.hidden,
+            "activation": "relu",
+            "squash": "tanh",
+        },
         "obs_norm": asdict(obs_norm),
         "provenance": asdict(provenance),
     }

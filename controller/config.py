@@ -60,8 +60,11 @@ class ProxyEnvConfig:
 
     def check(self, prefix: str = "controller.env") -> None:
         require(self.n_layer >= 1, f"{prefix}.n_layer", "must be >= 1")
-        require(self.n_embd >= 8 and self.n_embd % max(self.n_head, 1) == 0, f"{prefix}.n_embd",
-                "must be >= 8 and divisible by n_head")
+        require(
+            self.n_embd >= 8 and self.n_embd % max(self.n_head, 1) == 0,
+            f"{prefix}.n_embd",
+            "must be >= 8 and divisible by n_head",
+        )
         require(self.seq_len >= 4, f"{prefix}.seq_len", "must be >= 4")
         require(self.lora_r >= 1, f"{prefix}.lora_r", "must be >= 1")
         require(bool(self.lora_targets), f"{prefix}.lora_targets", "must name at least one module")
@@ -71,8 +74,11 @@ class ProxyEnvConfig:
         require(0.0 < self.sampling_rate <= 1.0, f"{prefix}.sampling_rate", "must be in (0, 1]")
         require(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
         require(1 <= self.interval <= self.steps, f"{prefix}.interval", "must be in [1, steps]")
-        require(bool(self.target_epsilons) and all(e > 0 for e in self.target_epsilons),
-                f"{prefix}.target_epsilons", "must be a non-empty list of numbers > 0")
+        require(
+            bool(self.target_epsilons) and all(e > 0 for e in self.target_epsilons),
+            f"{prefix}.target_epsilons",
+            "must be a non-empty list of numbers > 0",
+        )
         require(0.0 < self.delta < 1.0, f"{prefix}.delta", "must be in (0, 1)")
         require(self.reference_clip > 0, f"{prefix}.reference_clip", "must be > 0")
         require(self.lr > 0, f"{prefix}.lr", "must be > 0")
@@ -134,10 +140,16 @@ class ControllerConfig:
 
     def check(self) -> None:
         if self.mode == "online":
-            require(not self.load, "controller.load", "must be empty with controller.mode=online (use frozen or "
-                    "finetune to start from an artifact)")
+            require(
+                not self.load,
+                "controller.load",
+                "must be empty with controller.mode=online (use frozen or "
+                "finetune to start from an artifact)",
+            )
         else:
-            require(bool(self.load), "controller.load", f"controller.mode={self.mode} needs an artifact directory")
+            require(
+                bool(self.load), "controller.load", f"controller.mode={self.mode} needs an artifact directory"
+            )
         require(self.interval >= 1, "controller.interval", "must be >= 1")
         require(self.buckets >= 1, "controller.buckets", "must be >= 1")
         require(self.clip_range >= 1.0, "controller.clip_range", "must be >= 1")
@@ -149,8 +161,11 @@ class ControllerConfig:
         require(self.batch_size >= 1, "controller.batch_size", "must be >= 1")
         require(self.learning_rate > 0, "controller.learning_rate", "must be > 0")
         require(self.gradient_steps >= 0, "controller.gradient_steps", "must be >= 0")
-        require(bool(self.hidden) and all(h >= 1 for h in self.hidden), "controller.hidden",
-                "must be a non-empty list of sizes >= 1")
+        require(
+            bool(self.hidden) and all(h >= 1 for h in self.hidden),
+            "controller.hidden",
+            "must be a non-empty list of sizes >= 1",
+        )
         require(self.privacy_penalty >= 0, "controller.privacy_penalty", "must be >= 0")
         require(self.pretrain_iterations >= 1, "controller.pretrain_iterations", "must be >= 1")
         require(self.pretrain_env_runners >= 0, "controller.pretrain_env_runners", "must be >= 0")

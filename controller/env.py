@@ -93,13 +93,23 @@ class ProxyDPTrainer:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         config = GPT2Config(
-            vocab_size=VOCAB, n_positions=max(cfg.seq_len, 16), n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-            n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
-            bos_token_id=EOS_BYTE, eos_token_id=EOS_BYTE,
+            vocab_size=VOCAB,
+            n_positions=max(cfg.seq_len, 16),
+            n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=False,
+            bos_token_id=EOS_BYTE,
+            eos_token_id=EOS_BYTE,
         )
         base = GPT2LMHeadModel(config)
         self._pretrain_base(base)
-        self.model = add_lora(base, r=cfg.lora_r, alpha=2.0 * cfg.lora_r, target_modules=tuple(cfg.lora_targets))
+        self.model = add_lora(
+            base, r=cfg.lora_r, alpha=2.0 * cfg.lora_r, target_modules=tuple(cfg.lora_targets)
+        )
         self.model.eval()  # no dropout anywhere; gradients still flow
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self._init_std = {id(p): float(p.detach().std()) for p in self.params}
@@ -146,8 +156,14 @@ class ProxyDPTrainer:
         n = self.train_ids.shape[0]
         self.sampler = PoissonUserSampler(n, sampling_rate=self.cfg.sampling_rate, seed=seed)
         self.engine = DPEngine(
-            self.model, stage="proxy", sampling_rate=self.cfg.sampling_rate, num_users=n, seed=seed,
-            policy=self.policy, event_sink=self.events.append, optimizer=self.opt,
+            self.model,
+            stage="proxy",
+            sampling_rate=self.cfg.sampling_rate,
+            num_users=n,
+            seed=seed,
+            policy=self.policy,
+            event_sink=self.events.append,
+            optimizer=self.opt,
             check_record_independence=False,  # byte LM, no cross-record ops: checked once in the engine's tests
         )
         self.group_names = tuple(g.name for g in self.engine.groups)
@@ -170,14 +186,16 @@ class ProxyDPTrainer:
         model = self.model
 
         def loss_fn(rec: dict[str, Tensor]) -> Tensor:  # [R] per-record mean next-token loss
-            return causal_lm_loss_per_record(model(input_ids=rec["input_ids"]).logits, rec["input_ids"],
-                                             rec["loss_mask"])
+            return causal_lm_loss_per_record(
+                model(input_ids=rec["input_ids"]).logits, rec["input_ids"], rec["loss_mask"]
+            )
 
         result = self.engine.step(batch, loss_fn)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        record, self.previous_flat = released_from_engine(result.released, previous=self.previous_flat,
-                                                          event=result.event)
+        record, self.previous_flat = released_from_engine(
+            result.released, previous=self.previous_flat, event=result.event
+        )
         return record, result.event
 
 
@@ -191,7 +209,9 @@ class ProxyDPEnv(gym.Env):
 
     metadata: dict[str, Any] = {"render_modes": []}
 
-    def __init__(self, config: ProxyEnvConfig | dict | None = None, spec: SpaceSpec | dict | None = None) -> None:
+    def __init__(
+        self, config: ProxyEnvConfig | dict | None = None, spec: SpaceSpec | dict | None = None
+    ) -> None:
         if isinstance(config, dict) and "env" in config:  # RLlib env_config: {"env": {...}, "spec": {...}}
             spec = config.get("spec", spec)
             config = config["env"]
@@ -215,7 +235,10 @@ class ProxyDPEnv(gym.Env):
         self.trainer.reset(seed=ep_seed)
         target = float(self.cfg.target_epsilons[int(self.np_random.integers(len(self.cfg.target_epsilons)))])
         self.guard = BudgetGuard(
-            target_epsilon=target, delta=self.cfg.delta, sampling_rate=self.cfg.sampling_rate, steps=self.cfg.steps,
+            target_epsilon=target,
+            delta=self.cfg.delta,
+            sampling_rate=self.cfg.sampling_rate,
+            steps=self.cfg.steps,
             stage="proxy",
         )
         self.initial_loss = self.trainer.validation_loss()
@@ -232,19 +255,29 @@ class ProxyDPEnv(gym.Env):
         for _ in range(min(self.cfg.interval, self.guard.steps_left)):
             safe = self.guard.safe_action(clip_norms=clips, sigma=sigma)
             released, event = self.trainer.dp_step(
-                step=self.guard.steps_done, clip_norms=safe.clip_norms, sigma=safe.noise_multiplier * (1 + 1e-9)
+                step=self.guard.steps_done,
+                clip_norms=safe.clip_norms,
+                sigma=safe.noise_multiplier * (1 + 1e-9),
             )
             self.guard.record(event)  # the engine's own event: sigma_eff recomputed from (C_k, s_k)
         loss = self.trainer.validation_loss()
         spent = self.guard.epsilon_spent() - eps_before
-        reward = self.cfg.reward_scale * (self.prev_loss - loss) / self.initial_loss - self.cfg.privacy_penalty * (
-            spent / self.guard.target_epsilon
-        )
+        reward = self.cfg.reward_scale * (
+            self.prev_loss - loss
+        ) / self.initial_loss - self.cfg.privacy_penalty * (spent / self.guard.target_epsilon)
         validation = ValidationStats(loss=loss, previous_loss=self.prev_loss, initial_loss=self.initial_loss)
         self.prev_loss = loss
         obs = features_from_released(
-            released, self.guard.ledger_state(), validation, spec=self.space_spec, reference_clips=self.reference_clips
+            released,
+            self.guard.ledger_state(),
+            validation,
+            spec=self.space_spec,
+            reference_clips=self.reference_clips,
         )
         done = self.guard.steps_left == 0
-        info = {"validation_loss": loss, "epsilon": self.guard.epsilon_spent(), "sigma": self.guard.sigma_current}
+        info = {
+            "validation_loss": loss,
+            "epsilon": self.guard.epsilon_spent(),
+            "sigma": self.guard.sigma_current,
+        }
         return obs, float(reward), done, False, info

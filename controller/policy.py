@@ -34,19 +34,26 @@ from controller.spaces import SpaceSpec, features_from_released, initial_observa
 SIGMA_MARGIN = 1.0 + 1e-9
 
 
-def released_from_engine(released: Any, *, previous: list[torch.Tensor] | None, event: PrivacyEvent) -> tuple[
-    Released, list[torch.Tensor]
-]:
+def released_from_engine(
+    released: Any, *, previous: list[torch.Tensor] | None, event: PrivacyEvent
+) -> tuple[Released, list[torch.Tensor]]:
     """Our ``Released`` from the engine's ``ReleasedStep`` (noised quantities only), and the flat noisy update per
     group to compare the next step with. ``previous``: the last step's flat noisy updates (or None)."""
-    flat = [torch.cat([t.detach().reshape(-1).float() for t in g]) for g in released.noisy_grads]  # per group [d_k]
+    flat = [
+        torch.cat([t.detach().reshape(-1).float() for t in g]) for g in released.noisy_grads
+    ]  # per group [d_k]
     cos = [0.0] * len(flat)
     if previous is not None and len(previous) == len(flat):
-        cos = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in zip(flat, previous)]
+        cos = [
+            float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+            for a, b in zip(flat, previous, strict=True)
+        ]
     b = float(released.expected_batch_size)
     fractions = None
     if released.noisy_unclipped_counts is not None:
-        fractions = tuple(1.0 - float(c) / b for c in released.noisy_unclipped_counts)  # clipped share (noisy)
+        fractions = tuple(
+            1.0 - float(c) / b for c in released.noisy_unclipped_counts
+        )  # clipped share (noisy)
     rec = Released(
         step=int(released.step),
         group_names=tuple(g.name for g in released.groups),
@@ -100,9 +107,15 @@ class LearnedController:
         self.config = config
         self.validation_loss = validation_loss
         self.guard = BudgetGuard(
-            target_epsilon=target_epsilon, delta=delta, sampling_rate=sampling_rate, steps=steps, repeats=repeats,
-            rdp_order=rdp_order, max_noise_multiplier=config.max_noise_multiplier,
-            admit=(lambda e: bool(admit(e))) if admit is not None else None, stage=stage,
+            target_epsilon=target_epsilon,
+            delta=delta,
+            sampling_rate=sampling_rate,
+            steps=steps,
+            repeats=repeats,
+            rdp_order=rdp_order,
+            max_noise_multiplier=config.max_noise_multiplier,
+            admit=(lambda e: bool(admit(e))) if admit is not None else None,
+            stage=stage,
         )
         if artifact is None and config.load:
             artifact = load_artifact(config.load)
@@ -113,7 +126,9 @@ class LearnedController:
             from controller.sb3 import OnlineSAC
 
             self.learner = OnlineSAC.create(spec=self.spec, config=config, artifact=artifact)
-        self.obs_norm: ObsNorm = artifact.obs_norm if artifact is not None else ObsNorm.identity(self.spec.obs_dim)
+        self.obs_norm: ObsNorm = (
+            artifact.obs_norm if artifact is not None else ObsNorm.identity(self.spec.obs_dim)
+        )
         self.reference_clips: tuple[float, ...] | None = (
             tuple(float(c) for c in reference_clips) if reference_clips is not None else None
         )
@@ -138,7 +153,9 @@ class LearnedController:
         if self._initial_loss is None:
             self._initial_loss = self._previous_loss = float(self.validation_loss())
         if len(groups) != len(self.reference_clips):
-            raise ValueError(f"controller planned for {len(self.reference_clips)} groups, engine has {len(groups)}")
+            raise ValueError(
+                f"controller planned for {len(self.reference_clips)} groups, engine has {len(groups)}"
+            )
         if self._pending_decision:  # first step, or an interval just ended in observe()
             self._decide()
         safe = self.guard.safe_action(clip_norms=self._clips, sigma=self._sigma)
@@ -151,12 +168,17 @@ class LearnedController:
         if released.release != 0:  # later releases of a reused sample: same event, already counted
             return
         event = PrivacyEvent(
-            stage=self.guard.stage, step=int(released.step), purpose="gradient",
-            sampling_rate=self.guard.sampling_rate, noise_multiplier=released.plan.effective_noise_multiplier(),
+            stage=self.guard.stage,
+            step=int(released.step),
+            purpose="gradient",
+            sampling_rate=self.guard.sampling_rate,
+            noise_multiplier=released.plan.effective_noise_multiplier(),
             repeats=self.guard.repeats,
         )
         self.guard.record(event)
-        record, self._previous_flat = released_from_engine(released, previous=self._previous_flat, event=event)
+        record, self._previous_flat = released_from_engine(
+            released, previous=self._previous_flat, event=event
+        )
         done = self.guard.steps_left == 0
         if self.guard.steps_done % self.config.interval == 0 or done:
             self._end_interval(record, done)
@@ -165,9 +187,15 @@ class LearnedController:
     def _end_interval(self, record: Released, done: bool) -> None:
         loss = float(self.validation_loss())
         assert self._initial_loss is not None and self._previous_loss is not None
-        validation = ValidationStats(loss=loss, previous_loss=self._previous_loss, initial_loss=self._initial_loss)
+        validation = ValidationStats(
+            loss=loss, previous_loss=self._previous_loss, initial_loss=self._initial_loss
+        )
         obs = features_from_released(
-            record, self.guard.ledger_state(), validation, spec=self.spec, reference_clips=self.reference_clips
+            record,
+            self.guard.ledger_state(),
+            validation,
+            spec=self.spec,
+            reference_clips=self.reference_clips,
         )
         eps = self.guard.epsilon_spent()
         reward = self.config.reward_scale * (self._previous_loss - loss) / self._initial_loss - (
@@ -176,8 +204,15 @@ class LearnedController:
         if self.learner is not None and self._action is not None:
             self.learner.add(self._obs, self._action, reward, obs, done)
             self.learner.update()
-        self.history.append({"step": self.guard.steps_done, "sigma": self.guard.sigma_current, "epsilon": eps,
-                             "validation_loss": loss, "reward": reward})
+        self.history.append(
+            {
+                "step": self.guard.steps_done,
+                "sigma": self.guard.sigma_current,
+                "epsilon": eps,
+                "validation_loss": loss,
+                "reward": reward,
+            }
+        )
         self._obs, self._previous_loss, self._eps_at_decision = obs, loss, eps
         self._pending_decision = True
 
@@ -210,7 +245,9 @@ class LearnedController:
             "previous_loss": self._previous_loss,
             "eps_at_decision": self._eps_at_decision,
             "pending_decision": self._pending_decision,
-            "previous_flat": None if self._previous_flat is None else [t.tolist() for t in self._previous_flat],
+            "previous_flat": None
+            if self._previous_flat is None
+            else [t.tolist() for t in self._previous_flat],
             "history": self.history,
         }
         (d / "controller_state.json").write_text(json.dumps(state))
@@ -243,8 +280,9 @@ class LearnedController:
         if self.learner is not None:
             return self.learner.export(path, provenance=provenance)
         assert self.artifact is not None
-        return save_artifact(path, spec=self.spec, actor=self.artifact.actor, obs_norm=self.obs_norm,
-                             provenance=provenance)
+        return save_artifact(
+            path, spec=self.spec, actor=self.artifact.actor, obs_norm=self.obs_norm, provenance=provenance
+        )
 
 
 def controller_policy_factory(config: ControllerConfig) -> Callable[..., LearnedController]:
@@ -256,8 +294,9 @@ def controller_policy_factory(config: ControllerConfig) -> Callable[..., Learned
     ``ctx.ledger``; the reference thresholds are the stage's fixed ones (``group_thresholds``).
     """
 
-    def factory(*, ctx: Any, sigma: float, groups: Sequence[Any], expected_batch_size: float,
-                **kw: Any) -> LearnedController:
+    def factory(
+        *, ctx: Any, sigma: float, groups: Sequence[Any], expected_batch_size: float, **kw: Any
+    ) -> LearnedController:
         from trainers.stages.common import group_thresholds
 
         def need(key: str) -> Any:
@@ -277,10 +316,16 @@ def controller_policy_factory(config: ControllerConfig) -> Callable[..., Learned
                 "only accounted correctly by the RDP privacy filter"
             )
         return LearnedController(
-            config=config, target_epsilon=ctx.target_epsilon, delta=ctx.target_delta,
-            sampling_rate=float(need("sampling_rate")), steps=int(need("steps")),
-            validation_loss=need("validation_loss"), admit=ledger.admit if ledger is not None else None,
-            rdp_order=order, stage=ctx.stage, reference_clips=group_thresholds(ctx.cfg.engine, groups),
+            config=config,
+            target_epsilon=ctx.target_epsilon,
+            delta=ctx.target_delta,
+            sampling_rate=float(need("sampling_rate")),
+            steps=int(need("steps")),
+            validation_loss=need("validation_loss"),
+            admit=ledger.admit if ledger is not None else None,
+            rdp_order=order,
+            stage=ctx.stage,
+            reference_clips=group_thresholds(ctx.cfg.engine, groups),
         )
 
     return factory

@@ -54,9 +54,9 @@ def actor_from_rllib(module: Any, spec: SpaceSpec) -> MLPActor:
     last = head[0]
     if last.out_features != 2 * spec.act_dim:
         raise ValueError(f"pi head outputs {last.out_features}, expected 2 * {spec.act_dim} (mean, log_std)")
-    actor = MLPActor(spec.obs_dim, spec.act_dim, [l.out_features for l in enc])
+    actor = MLPActor(spec.obs_dim, spec.act_dim, [lin.out_features for lin in enc])
     with torch.no_grad():
-        for dst, src in zip(actor.linears()[:-1], enc):
+        for dst, src in zip(actor.linears()[:-1], enc, strict=True):
             dst.weight.copy_(src.weight)
             dst.bias.copy_(src.bias)
         actor.mu.weight.copy_(last.weight[: spec.act_dim])  # rows [0, A): the mean
@@ -71,22 +71,35 @@ def build_sac(config: ControllerConfig, *, obs_norm: ObsNorm, layers: list[int],
 
     register_env(ENV_NAME, make_env)
     spec = config.spec()
-    env_config = {"env": asdict(config.env), "spec": spec.to_dict(), "obs_norm": asdict(obs_norm),
-                  "layers": list(layers)}
+    env_config = {
+        "env": asdict(config.env),
+        "spec": spec.to_dict(),
+        "obs_norm": asdict(obs_norm),
+        "layers": list(layers),
+    }
     decisions = -(-config.env.steps // config.env.interval)
     sac = (
         SACConfig()
         .environment(ENV_NAME, env_config=env_config)
-        .env_runners(num_env_runners=num_env_runners, num_envs_per_env_runner=1,
-                     rollout_fragment_length=decisions, num_cpus_per_env_runner=1)
+        .env_runners(
+            num_env_runners=num_env_runners,
+            num_envs_per_env_runner=1,
+            rollout_fragment_length=decisions,
+            num_cpus_per_env_runner=1,
+        )
         .training(
-            actor_lr=config.learning_rate, critic_lr=config.learning_rate, alpha_lr=config.learning_rate,
+            actor_lr=config.learning_rate,
+            critic_lr=config.learning_rate,
+            alpha_lr=config.learning_rate,
             train_batch_size_per_learner=config.batch_size,
             num_steps_sampled_before_learning_starts=max(config.learning_starts, 1),
             replay_buffer_config={"type": "PrioritizedEpisodeReplayBuffer", "capacity": config.buffer_size},
         )
-        .rl_module(model_config=DefaultModelConfig(fcnet_hiddens=list(config.hidden), fcnet_activation="relu",
-                                                   head_fcnet_hiddens=[]))
+        .rl_module(
+            model_config=DefaultModelConfig(
+                fcnet_hiddens=list(config.hidden), fcnet_activation="relu", head_fcnet_hiddens=[]
+            )
+        )
         .reporting(min_sample_timesteps_per_iteration=decisions, metrics_num_episodes_for_smoothing=5)
         .debugging(seed=config.seed)
     )
@@ -132,9 +145,14 @@ def pretrain_rllib(
     finally:
         algo.stop()
     provenance = Provenance(
-        trainer="rllib", model_layers=list(layers), model_width=config.env.n_embd,
-        epsilons=list(config.env.target_epsilons), delta=config.env.delta, steps=config.env.steps,
-        env_steps=env_steps, training_curve=curve,
+        trainer="rllib",
+        model_layers=list(layers),
+        model_width=config.env.n_embd,
+        epsilons=list(config.env.target_epsilons),
+        delta=config.env.delta,
+        steps=config.env.steps,
+        env_steps=env_steps,
+        training_curve=curve,
     )
     path = save_artifact(out, spec=spec, actor=actor, obs_norm=norm, provenance=provenance)
     return path, curve

@@ -52,10 +52,14 @@ class SpacesOnly(gym.Env):
         self.action_space = spec.action_space()
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        raise RuntimeError("the online controller is driven by the DP run's plan/observe calls, not by env.reset")
+        raise RuntimeError(
+            "the online controller is driven by the DP run's plan/observe calls, not by env.reset"
+        )
 
     def step(self, action):
-        raise RuntimeError("the online controller is driven by the DP run's plan/observe calls, not by env.step")
+        raise RuntimeError(
+            "the online controller is driven by the DP run's plan/observe calls, not by env.step"
+        )
 
 
 class NormalizedObs(gym.ObservationWrapper):
@@ -92,9 +96,9 @@ def make_sac(spec: SpaceSpec, config: ControllerConfig, env: gym.Env | None = No
 def actor_from_sb3(model: SAC, spec: SpaceSpec) -> MLPActor:
     """Copy SB3's deterministic actor (latent_pi MLP, mu, tanh) into a plain :class:`MLPActor`."""
     linears = [m for m in model.actor.latent_pi if isinstance(m, torch.nn.Linear)]
-    actor = MLPActor(spec.obs_dim, spec.act_dim, [l.out_features for l in linears])
+    actor = MLPActor(spec.obs_dim, spec.act_dim, [lin.out_features for lin in linears])
     with torch.no_grad():
-        for dst, src in zip(actor.linears(), linears + [model.actor.mu]):
+        for dst, src in zip(actor.linears(), linears + [model.actor.mu], strict=True):
             dst.weight.copy_(src.weight)
             dst.bias.copy_(src.bias)
     return actor.eval()
@@ -103,13 +107,13 @@ def actor_from_sb3(model: SAC, spec: SpaceSpec) -> MLPActor:
 def actor_into_sb3(actor: MLPActor, model: SAC) -> None:
     """Initialize SB3's actor from a plain actor (finetune from an RLlib artifact); critics start fresh."""
     linears = [m for m in model.actor.latent_pi if isinstance(m, torch.nn.Linear)] + [model.actor.mu]
-    if [l.weight.shape for l in linears] != [l.weight.shape for l in actor.linears()]:
+    if [lin.weight.shape for lin in linears] != [lin.weight.shape for lin in actor.linears()]:
         raise ValueError(
             f"artifact actor hidden sizes {actor.hidden} differ from controller.hidden; set controller.hidden to "
             f"{actor.hidden} to finetune this artifact"
         )
     with torch.no_grad():
-        for dst, src in zip(linears, actor.linears()):
+        for dst, src in zip(linears, actor.linears(), strict=True):
             dst.weight.copy_(src.weight)
             dst.bias.copy_(src.bias)
 
@@ -117,8 +121,16 @@ def actor_into_sb3(actor: MLPActor, model: SAC) -> None:
 class OnlineSAC:
     """SB3 SAC driven by a run: ``act`` once per interval, ``add`` the finished interval, ``update``."""
 
-    def __init__(self, model: WarmStartSAC, *, spec: SpaceSpec, config: ControllerConfig, obs_norm: ObsNorm,
-                 decisions: int = 0, curve: list[float] | None = None) -> None:
+    def __init__(
+        self,
+        model: WarmStartSAC,
+        *,
+        spec: SpaceSpec,
+        config: ControllerConfig,
+        obs_norm: ObsNorm,
+        decisions: int = 0,
+        curve: list[float] | None = None,
+    ) -> None:
         self.model, self.spec, self.config, self.obs_norm = model, spec, config, obs_norm
         self.decisions = decisions
         self.curve = curve if curve is not None else []
@@ -126,8 +138,9 @@ class OnlineSAC:
         self.model._current_progress_remaining = 1.0
 
     @classmethod
-    def create(cls, *, spec: SpaceSpec, config: ControllerConfig,
-               artifact: ControllerArtifact | None = None) -> OnlineSAC:
+    def create(
+        cls, *, spec: SpaceSpec, config: ControllerConfig, artifact: ControllerArtifact | None = None
+    ) -> OnlineSAC:
         """Fresh (online) or from an artifact (finetune: its full SB3 state when present, else its actor)."""
         if artifact is not None and artifact.sb3_dir is not None:
             return cls.load(artifact.sb3_dir, spec=spec, config=config)
@@ -136,8 +149,13 @@ class OnlineSAC:
         if artifact is not None:
             actor_into_sb3(artifact.actor, model)
             norm = artifact.obs_norm
-        return cls(model, spec=spec, config=config, obs_norm=norm,
-                   decisions=config.learning_starts if artifact is not None else 0)
+        return cls(
+            model,
+            spec=spec,
+            config=config,
+            obs_norm=norm,
+            decisions=config.learning_starts if artifact is not None else 0,
+        )
 
     def act(self, obs: np.ndarray, *, deterministic: bool = False) -> np.ndarray:
         """Default action during warm-up, then SAC's (stochastic while learning)."""
@@ -148,10 +166,16 @@ class OnlineSAC:
         self.decisions += 1
         return np.asarray(action, dtype=np.float32)
 
-    def add(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray, done: bool) -> None:
+    def add(
+        self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray, done: bool
+    ) -> None:
         self.model.replay_buffer.add(
-            self.obs_norm(obs)[None], self.obs_norm(next_obs)[None], np.asarray(action, np.float32)[None],
-            np.array([reward], dtype=np.float32), np.array([done]), [{}],
+            self.obs_norm(obs)[None],
+            self.obs_norm(next_obs)[None],
+            np.asarray(action, np.float32)[None],
+            np.array([reward], dtype=np.float32),
+            np.array([done]),
+            [{}],
         )
         self.model.num_timesteps += 1
         self.curve.append(float(reward))
@@ -167,10 +191,16 @@ class OnlineSAC:
         d.mkdir(parents=True, exist_ok=True)
         self.model.save(d / "model.zip")
         self.model.save_replay_buffer(d / "replay_buffer.pkl")
-        (d / "state.json").write_text(json.dumps({
-            "decisions": self.decisions, "num_timesteps": int(self.model.num_timesteps),
-            "obs_norm": self.obs_norm.__dict__, "curve": self.curve,
-        }))
+        (d / "state.json").write_text(
+            json.dumps(
+                {
+                    "decisions": self.decisions,
+                    "num_timesteps": int(self.model.num_timesteps),
+                    "obs_norm": self.obs_norm.__dict__,
+                    "curve": self.curve,
+                }
+            )
+        )
         return d
 
     @classmethod
@@ -182,13 +212,24 @@ class OnlineSAC:
         if (d / "replay_buffer.pkl").is_file():
             model.load_replay_buffer(d / "replay_buffer.pkl")
         model.num_timesteps = int(state["num_timesteps"])
-        return cls(model, spec=spec, config=config, obs_norm=ObsNorm(**state["obs_norm"]),
-                   decisions=int(state["decisions"]), curve=list(state["curve"]))
+        return cls(
+            model,
+            spec=spec,
+            config=config,
+            obs_norm=ObsNorm(**state["obs_norm"]),
+            decisions=int(state["decisions"]),
+            curve=list(state["curve"]),
+        )
 
     def export(self, path: str | Path, *, provenance: Provenance) -> Path:
         """Artifact with the plain actor, the normalization and the full SB3 state (for finetune)."""
-        out = save_artifact(path, spec=self.spec, actor=actor_from_sb3(self.model, self.spec),
-                            obs_norm=self.obs_norm, provenance=provenance)
+        out = save_artifact(
+            path,
+            spec=self.spec,
+            actor=actor_from_sb3(self.model, self.spec),
+            obs_norm=self.obs_norm,
+            provenance=provenance,
+        )
         self.save(out / "sb3")
         return out
 
@@ -208,8 +249,15 @@ def fit_obs_norm(env: gym.Env, *, episodes: int, seed: int = 0) -> ObsNorm:
     return ObsNorm.fit(np.stack(obs_list))
 
 
-def train_sb3(env: gym.Env, *, config: ControllerConfig, episodes: int, norm_episodes: int = 2,
-              provenance: Provenance, out: str | Path | None = None) -> tuple[OnlineSAC, list[float]]:
+def train_sb3(
+    env: gym.Env,
+    *,
+    config: ControllerConfig,
+    episodes: int,
+    norm_episodes: int = 2,
+    provenance: Provenance,
+    out: str | Path | None = None,
+) -> tuple[OnlineSAC, list[float]]:
     """SAC on a proxy env in-process (public data, no privacy cost); writes an artifact to ``out`` if given.
 
     Returns the learner and the return of every episode (the training curve).
@@ -223,8 +271,9 @@ def train_sb3(env: gym.Env, *, config: ControllerConfig, episodes: int, norm_epi
     steps_per_episode = -(-env.unwrapped.cfg.steps // env.unwrapped.cfg.interval)
     model.learn(total_timesteps=episodes * steps_per_episode)
     curve = [float(r) for r in wrapped.get_episode_rewards()]
-    learner = OnlineSAC(model, spec=spec, config=config, obs_norm=norm, decisions=int(model.num_timesteps),
-                        curve=curve)
+    learner = OnlineSAC(
+        model, spec=spec, config=config, obs_norm=norm, decisions=int(model.num_timesteps), curve=curve
+    )
     if out is not None:
         provenance.training_curve = curve
         provenance.env_steps = int(model.num_timesteps)

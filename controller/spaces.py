@@ -175,11 +175,15 @@ class SpaceSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SpaceSpec:
         if int(d.get("version", -1)) != SPACES_VERSION:
-            raise ValueError(f"spaces version {d.get('version')!r} is not supported (this code: {SPACES_VERSION})")
+            raise ValueError(
+                f"spaces version {d.get('version')!r} is not supported (this code: {SPACES_VERSION})"
+            )
         if list(d.get("module_features", MODULE_FEATURES)) != list(MODULE_FEATURES) or list(
             d.get("global_features", GLOBAL_FEATURES)
         ) != list(GLOBAL_FEATURES):
-            raise ValueError("the artifact's feature list differs from this code's; retrain or use a matching version")
+            raise ValueError(
+                "the artifact's feature list differs from this code's; retrain or use a matching version"
+            )
         return cls(
             buckets=int(d["buckets"]),
             clip_range=float(d["clip_range"]),

@@ -49,7 +49,9 @@ def add_parser(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="controller_command", required=True)
-    pre = sub.add_parser("pretrain", help="train on proxy DP fine-tuning of public text and write an artifact")
+    pre = sub.add_parser(
+        "pretrain", help="train on proxy DP fine-tuning of public text and write an artifact"
+    )
     add_config_args(pre)
     pre.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     show = sub.add_parser("show", help="print an artifact's spec and provenance")
@@ -62,8 +64,17 @@ def main(args: argparse.Namespace) -> int:
         from controller.artifact import load_artifact
 
         art = load_artifact(args.path)
-        print(json.dumps({"spec": art.spec.to_dict(), "actor_hidden": art.actor.hidden,
-                          "provenance": asdict(art.provenance), "has_sb3_state": art.sb3_dir is not None}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "spec": art.spec.to_dict(),
+                    "actor_hidden": art.actor.hidden,
+                    "provenance": asdict(art.provenance),
+                    "has_sb3_state": art.sb3_dir is not None,
+                },
+                indent=2,
+            )
+        )
         return 0
 
     cfg = load_run_config(args, cls=_config_class())
@@ -78,10 +89,17 @@ def main(args: argparse.Namespace) -> int:
         from controller.sb3 import train_sb3
 
         env = ProxyDPEnv(ctrl.env, ctrl.spec())
-        provenance = Provenance(trainer="sb3", model_layers=[ctrl.env.n_layer], model_width=ctrl.env.n_embd,
-                                epsilons=list(ctrl.env.target_epsilons), delta=ctrl.env.delta, steps=ctrl.env.steps)
-        _, curve = train_sb3(env, config=ctrl, episodes=ctrl.pretrain_iterations, provenance=provenance,
-                             out=ctrl.out)
+        provenance = Provenance(
+            trainer="sb3",
+            model_layers=[ctrl.env.n_layer],
+            model_width=ctrl.env.n_embd,
+            epsilons=list(ctrl.env.target_epsilons),
+            delta=ctrl.env.delta,
+            steps=ctrl.env.steps,
+        )
+        _, curve = train_sb3(
+            env, config=ctrl, episodes=ctrl.pretrain_iterations, provenance=provenance, out=ctrl.out
+        )
         path = ctrl.out
     else:
         from cluster.runtime import ray_session
@@ -91,8 +109,13 @@ def main(args: argparse.Namespace) -> int:
         num_cpus = getattr(cfg, "ray_num_cpus", 0) or None
         with ray_session(address=address, num_cpus=num_cpus):
             path, curve = pretrain_rllib(ctrl, out=ctrl.out)
-    summary = {"artifact": str(path), "trainer": ctrl.pretrain_trainer, "iterations": len(curve),
-               "training_curve": [round(c, 4) for c in curve], "seconds": round(time.time() - start, 1)}
+    summary = {
+        "artifact": str(path),
+        "trainer": ctrl.pretrain_trainer,
+        "iterations": len(curve),
+        "training_curve": [round(c, 4) for c in curve],
+        "seconds": round(time.time() - start, 1),
+    }
     if args.json:
         print(json.dumps(summary))
     else:

@@ -22,8 +22,17 @@ def tiny_lora_lm(n_layer: int, seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     cfg = GPT2Config(
-        n_layer=n_layer, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=32, tie_word_embeddings=False,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        n_layer=n_layer,
+        n_embd=16,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=32,
+        tie_word_embeddings=False,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     model = add_lora(GPT2LMHeadModel(cfg), r=2, alpha=4)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -38,32 +47,71 @@ def records(num_users: int, seed: int = 0) -> tuple[dict[str, Tensor], Tensor]:
     """One record per user: a repeated pattern plus noise (learnable), loss on every token after the first."""
     gen = torch.Generator().manual_seed(seed)
     base = torch.arange(SEQ) % 7 + 1
-    ids = torch.where(torch.rand(num_users, SEQ, generator=gen) < 0.8, base, torch.randint(0, VOCAB, (num_users, SEQ), generator=gen))
+    ids = torch.where(
+        torch.rand(num_users, SEQ, generator=gen) < 0.8,
+        base,
+        torch.randint(0, VOCAB, (num_users, SEQ), generator=gen),
+    )
     mask = torch.ones(num_users, SEQ, dtype=torch.int64)
     return {"input_ids": ids, "loss_mask": mask}, torch.arange(num_users)
 
 
-def run_sft(model: nn.Module, policy, *, run_dir: Path, target_epsilon: float, delta: float, q: float, steps: int,
-            num_users: int, rdp_order: float, seed: int = 0) -> Ledger:
+def run_sft(
+    model: nn.Module,
+    policy,
+    *,
+    run_dir: Path,
+    target_epsilon: float,
+    delta: float,
+    q: float,
+    steps: int,
+    num_users: int,
+    rdp_order: float,
+    seed: int = 0,
+) -> Ledger:
     """A DP-SFT-like loop on the real engine and ledger; writes report.json so `privacy verify` can check it."""
     from accounting.composition import user_set_fingerprint
     from trainers.engine import DPEngine, PoissonUserSampler, UserBatch
 
     recs, users = records(num_users, seed)
-    ledger = Ledger.open(run_dir / "ledger.jsonl", run_id="ctrl-test", target_epsilon=target_epsilon,
-                         target_delta=delta, accountant="rdp", composition="parallel", rdp_order=rdp_order)
-    ledger.begin_stage("sft", user_fingerprint=user_set_fingerprint(map(str, users.tolist())), num_users=num_users)
+    ledger = Ledger.open(
+        run_dir / "ledger.jsonl",
+        run_id="ctrl-test",
+        target_epsilon=target_epsilon,
+        target_delta=delta,
+        accountant="rdp",
+        composition="parallel",
+        rdp_order=rdp_order,
+    )
+    ledger.begin_stage(
+        "sft", user_fingerprint=user_set_fingerprint(map(str, users.tolist())), num_users=num_users
+    )
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    engine = DPEngine(model, stage="sft", sampling_rate=q, num_users=num_users, seed=seed, policy=policy,
-                      event_sink=ledger.record, admit=ledger.admit, optimizer=opt)
+    engine = DPEngine(
+        model,
+        stage="sft",
+        sampling_rate=q,
+        num_users=num_users,
+        seed=seed,
+        policy=policy,
+        event_sink=ledger.record,
+        admit=ledger.admit,
+        optimizer=opt,
+    )
     sampler = PoissonUserSampler(num_users, sampling_rate=q, seed=seed)
 
     def loss_fn(rec):
-        return causal_lm_loss_per_record(model(input_ids=rec["input_ids"]).logits, rec["input_ids"], rec["loss_mask"])
+        return causal_lm_loss_per_record(
+            model(input_ids=rec["input_ids"]).logits, rec["input_ids"], rec["loss_mask"]
+        )
 
     for t in range(steps):
         idx = sampler.sample(t)
-        batch = UserBatch(records={k: v[idx] for k, v in recs.items()}, user_ids=users[idx]) if idx.numel() else UserBatch.empty()
+        batch = (
+            UserBatch(records={k: v[idx] for k, v in recs.items()}, user_ids=users[idx])
+            if idx.numel()
+            else UserBatch.empty()
+        )
         opt.zero_grad()
         engine.step(batch, loss_fn)
         opt.step()

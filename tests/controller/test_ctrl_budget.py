@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 
+import dp_accounting
 import pytest
 from dp_accounting.rdp import RdpAccountant
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import dp_accounting
 from accounting.accountants import schedule_epsilon
 from controller.budget import BudgetExhausted, BudgetGuard
 
@@ -35,11 +35,22 @@ def _fresh_epsilon(guard: BudgetGuard) -> float:
     refuse_above=st.one_of(st.none(), st.floats(min_value=0.0, max_value=50.0)),
 )
 def test_adversarial_proposals_never_exceed_target(target, q, steps, actions, refuse_above):
-    def admit(event):  # an adversarial filter: refuses everything above a threshold except the floor's own step
-        return refuse_above is None or event.noise_multiplier <= refuse_above or event.noise_multiplier == guard.floor()
+    def admit(
+        event,
+    ):  # an adversarial filter: refuses everything above a threshold except the floor's own step
+        return (
+            refuse_above is None
+            or event.noise_multiplier <= refuse_above
+            or event.noise_multiplier == guard.floor()
+        )
 
     guard = BudgetGuard(
-        target_epsilon=target, delta=1e-5, sampling_rate=q, steps=steps, max_noise_multiplier=500.0, admit=admit
+        target_epsilon=target,
+        delta=1e-5,
+        sampling_rate=q,
+        steps=steps,
+        max_noise_multiplier=500.0,
+        admit=admit,
     )
     for t in range(steps):
         action = guard.safe_action(clip_norms=[1.0, 2.0], sigma=actions[t])
@@ -58,7 +69,12 @@ def test_floor_is_tight_and_matches_fixed_schedule():
     # The floor spends the budget (within the bisection tolerance) and 1% less noise would not fit.
     assert guard.affordable(floor) and not guard.affordable(floor * 0.99)
     rdp_eps = schedule_epsilon(
-        noise_multiplier=floor, sampling_rate=0.05, steps=50, delta=1e-5, accountant="rdp", rdp_order=guard.rdp_order
+        noise_multiplier=floor,
+        sampling_rate=0.05,
+        steps=50,
+        delta=1e-5,
+        accountant="rdp",
+        rdp_order=guard.rdp_order,
     ).epsilon
     assert 1.9 < rdp_eps <= 2.0
 
@@ -74,8 +90,11 @@ def test_spending_more_noise_now_lowers_future_floors():
 def test_external_spending_exhausts_with_clear_error():
     guard = BudgetGuard(target_epsilon=1.0, delta=1e-5, sampling_rate=0.1, steps=10, max_noise_multiplier=5.0)
     for _ in range(200):
-        guard.record(guard.event(0.5, step=0).__class__(
-            stage="x", step=0, purpose="metric", sampling_rate=0.1, noise_multiplier=0.5))
+        guard.record(
+            guard.event(0.5, step=0).__class__(
+                stage="x", step=0, purpose="metric", sampling_rate=0.1, noise_multiplier=0.5
+            )
+        )
     with pytest.raises(BudgetExhausted, match="steps left"):
         guard.floor()
 
@@ -84,7 +103,9 @@ def test_state_dict_round_trip():
     guard = BudgetGuard(target_epsilon=2.0, delta=1e-5, sampling_rate=0.05, steps=20)
     for s in (1.0, 2.0, 5.0):
         guard.record(guard.event(s))
-    other = BudgetGuard(target_epsilon=2.0, delta=1e-5, sampling_rate=0.05, steps=20, rdp_order=guard.rdp_order)
+    other = BudgetGuard(
+        target_epsilon=2.0, delta=1e-5, sampling_rate=0.05, steps=20, rdp_order=guard.rdp_order
+    )
     other.load_state_dict(guard.state_dict())
     assert other.steps_done == 3 and other.floor() == guard.floor()
     assert other.epsilon_spent() == guard.epsilon_spent()

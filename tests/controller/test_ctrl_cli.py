@@ -11,10 +11,24 @@ from launch.cli import main
 
 def test_pretrain_sb3_writes_artifact_and_show_reads_it(tmp_path, capsys):
     out = tmp_path / "art"
-    rc = main(["controller", "pretrain", "controller.pretrain_trainer=sb3", "controller.pretrain_iterations=2",
-               "controller.hidden=[8, 8]", "controller.batch_size=4", "controller.learning_starts=1",
-               "controller.env.steps=6", "controller.env.interval=3", "controller.env.base_pretrain_steps=2",
-               "controller.env.train_texts=32", "controller.env.valid_texts=4", f"controller.out={out}", "--json"])
+    rc = main(
+        [
+            "controller",
+            "pretrain",
+            "controller.pretrain_trainer=sb3",
+            "controller.pretrain_iterations=2",
+            "controller.hidden=[8, 8]",
+            "controller.batch_size=4",
+            "controller.learning_starts=1",
+            "controller.env.steps=6",
+            "controller.env.interval=3",
+            "controller.env.base_pretrain_steps=2",
+            "controller.env.train_texts=32",
+            "controller.env.valid_texts=4",
+            f"controller.out={out}",
+            "--json",
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["iterations"] == 2 and summary["trainer"] == "sb3"

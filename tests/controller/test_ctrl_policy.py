@@ -23,8 +23,17 @@ def _order(steps: int) -> float:
 
 
 def _controller(model, cfg: ControllerConfig, steps: int, **kw) -> LearnedController:
-    return LearnedController(config=cfg, target_epsilon=TARGET, delta=DELTA, sampling_rate=Q, steps=steps,
-                             validation_loss=H.public_validation(model), rdp_order=_order(steps), stage="sft", **kw)
+    return LearnedController(
+        config=cfg,
+        target_epsilon=TARGET,
+        delta=DELTA,
+        sampling_rate=Q,
+        steps=steps,
+        validation_loss=H.public_validation(model),
+        rdp_order=_order(steps),
+        stage="sft",
+        **kw,
+    )
 
 
 def test_online_controller_finishes_within_budget_and_verifies(tmp_path):
@@ -32,8 +41,17 @@ def test_online_controller_finishes_within_budget_and_verifies(tmp_path):
     model = H.tiny_lora_lm(2)
     cfg = ControllerConfig(interval=3, learning_starts=1, batch_size=4, gradient_steps=1, hidden=[16, 16])
     ctrl = _controller(model, cfg, steps)
-    ledger = H.run_sft(model, ctrl, run_dir=tmp_path, target_epsilon=TARGET, delta=DELTA, q=Q, steps=steps,
-                       num_users=USERS, rdp_order=_order(steps))
+    ledger = H.run_sft(
+        model,
+        ctrl,
+        run_dir=tmp_path,
+        target_epsilon=TARGET,
+        delta=DELTA,
+        q=Q,
+        steps=steps,
+        num_users=USERS,
+        rdp_order=_order(steps),
+    )
     assert len(ledger.events("sft")) == steps and ctrl.guard.steps_left == 0
     assert ledger.epsilon("sft") <= TARGET
     assert math.isclose(ledger.epsilon("sft"), ctrl.guard.epsilon_spent(), rel_tol=1e-6)
@@ -51,8 +69,17 @@ def test_checkpoint_restores_the_same_controller(tmp_path):
     cfg = ControllerConfig(interval=3, learning_starts=1, batch_size=4, gradient_steps=1, hidden=[16, 16])
     ctrl = _controller(model, cfg, steps)
     (tmp_path / "a").mkdir()
-    H.run_sft(model, ctrl, run_dir=tmp_path / "a", target_epsilon=TARGET, delta=DELTA, q=Q, steps=6,
-              num_users=USERS, rdp_order=_order(steps))  # the first 6 of 9 planned steps
+    H.run_sft(
+        model,
+        ctrl,
+        run_dir=tmp_path / "a",
+        target_epsilon=TARGET,
+        delta=DELTA,
+        q=Q,
+        steps=6,
+        num_users=USERS,
+        rdp_order=_order(steps),
+    )  # the first 6 of 9 planned steps
     ctrl.save(tmp_path / "ckpt")
     other = _controller(model, cfg, steps)
     other.load(tmp_path / "ckpt")
@@ -70,12 +97,19 @@ def sb3_artifact(tmp_path_factory):
     from controller.env import ProxyDPEnv
     from controller.sb3 import train_sb3
 
-    env = ProxyDPEnv(ProxyEnvConfig(n_layer=2, steps=10, interval=5, base_pretrain_steps=5, train_texts=64,
-                                    valid_texts=8))
+    env = ProxyDPEnv(
+        ProxyEnvConfig(n_layer=2, steps=10, interval=5, base_pretrain_steps=5, train_texts=64, valid_texts=8)
+    )
     cfg = ControllerConfig(learning_starts=2, batch_size=4, gradient_steps=1, hidden=[16, 16])
     out = tmp_path_factory.mktemp("artifact")
-    learner, curve = train_sb3(env, config=cfg, episodes=3, norm_episodes=1,
-                               provenance=Provenance(trainer="sb3", model_layers=[2]), out=out)
+    learner, curve = train_sb3(
+        env,
+        config=cfg,
+        episodes=3,
+        norm_episodes=1,
+        provenance=Provenance(trainer="sb3", model_layers=[2]),
+        out=out,
+    )
     return out, learner, env
 
 
@@ -99,8 +133,17 @@ def test_frozen_controller_transfers_to_deeper_model(sb3_artifact, tmp_path):
     model = H.tiny_lora_lm(4)  # trained on 2 layers, runs on 4
     cfg = ControllerConfig(mode="frozen", load=str(path), interval=2, hidden=[16, 16])
     ctrl = _controller(model, cfg, steps)
-    ledger = H.run_sft(model, ctrl, run_dir=tmp_path, target_epsilon=TARGET, delta=DELTA, q=Q, steps=steps,
-                       num_users=USERS, rdp_order=_order(steps))
+    ledger = H.run_sft(
+        model,
+        ctrl,
+        run_dir=tmp_path,
+        target_epsilon=TARGET,
+        delta=DELTA,
+        q=Q,
+        steps=steps,
+        num_users=USERS,
+        rdp_order=_order(steps),
+    )
     assert len(ctrl.reference_clips) == 4 and len(ctrl.last_safe.clip_norms) == 4
     assert all(0.25 - 1e-9 <= c <= 4.0 + 1e-9 for c in ctrl.last_safe.clip_norms)
     assert len(ledger.events("sft")) == steps and ledger.epsilon("sft") <= TARGET
@@ -111,10 +154,26 @@ def test_finetune_from_artifact_keeps_learning(sb3_artifact, tmp_path):
     path, learner, _ = sb3_artifact
     steps = 6
     model = H.tiny_lora_lm(2)
-    cfg = ControllerConfig(mode="finetune", load=str(path), interval=2, learning_starts=2, batch_size=4,
-                           gradient_steps=1, hidden=[16, 16])
+    cfg = ControllerConfig(
+        mode="finetune",
+        load=str(path),
+        interval=2,
+        learning_starts=2,
+        batch_size=4,
+        gradient_steps=1,
+        hidden=[16, 16],
+    )
     ctrl = _controller(model, cfg, steps)
     before = ctrl.learner.model.replay_buffer.size()
-    H.run_sft(model, ctrl, run_dir=tmp_path, target_epsilon=TARGET, delta=DELTA, q=Q, steps=steps,
-              num_users=USERS, rdp_order=_order(steps))
+    H.run_sft(
+        model,
+        ctrl,
+        run_dir=tmp_path,
+        target_epsilon=TARGET,
+        delta=DELTA,
+        q=Q,
+        steps=steps,
+        num_users=USERS,
+        rdp_order=_order(steps),
+    )
     assert ctrl.learner.model.replay_buffer.size() == before + steps // 2

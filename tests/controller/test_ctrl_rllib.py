@@ -24,8 +24,10 @@ def _rllib_sac_module(spec: SpaceSpec, hidden: list[int]):
         DefaultModelConfig(fcnet_hiddens=hidden, fcnet_activation="relu", head_fcnet_hiddens=[])
     )
     return RLModuleSpec(
-        module_class=DefaultSACTorchRLModule, observation_space=normalized_space(spec),
-        action_space=spec.action_space(), model_config={**model_config, "twin_q": True},
+        module_class=DefaultSACTorchRLModule,
+        observation_space=normalized_space(spec),
+        action_space=spec.action_space(),
+        model_config={**model_config, "twin_q": True},
     ).build()
 
 
@@ -37,8 +39,13 @@ def test_rllib_actor_export_round_trip(tmp_path):
     spec = SpaceSpec(buckets=3)
     module = _rllib_sac_module(spec, [16, 16])
     norm = ObsNorm([0.5] * spec.obs_dim, [4.0] * spec.obs_dim, 10.0)
-    save_artifact(tmp_path, spec=spec, actor=actor_from_rllib(module, spec), obs_norm=norm,
-                  provenance=Provenance(trainer="rllib"))
+    save_artifact(
+        tmp_path,
+        spec=spec,
+        actor=actor_from_rllib(module, spec),
+        obs_norm=norm,
+        provenance=Provenance(trainer="rllib"),
+    )
     art = load_artifact(tmp_path)
     raw = np.random.default_rng(0).normal(size=(6, spec.obs_dim)).astype(np.float32)
     with torch.no_grad():
@@ -55,8 +62,13 @@ def test_artifact_refuses_foreign_versions(tmp_path):
     spec = SpaceSpec()
     from controller.artifact import MLPActor
 
-    save_artifact(tmp_path, spec=spec, actor=MLPActor(spec.obs_dim, spec.act_dim, [8]),
-                  obs_norm=ObsNorm.identity(spec.obs_dim), provenance=Provenance(trainer="sb3"))
+    save_artifact(
+        tmp_path,
+        spec=spec,
+        actor=MLPActor(spec.obs_dim, spec.act_dim, [8]),
+        obs_norm=ObsNorm.identity(spec.obs_dim),
+        provenance=Provenance(trainer="sb3"),
+    )
     meta = json.loads((tmp_path / "artifact.json").read_text())
     meta["format_version"] = 99
     (tmp_path / "artifact.json").write_text(json.dumps(meta))
@@ -72,11 +84,16 @@ def test_rllib_pretraining_writes_a_loadable_artifact(tmp_path):
     from cluster.runtime import ray_session
     from controller.rllib import pretrain_rllib
 
-    cfg = ControllerConfig(hidden=[16, 16], batch_size=8, learning_starts=2,
-                           env=ProxyEnvConfig(steps=10, interval=5, base_pretrain_steps=5, train_texts=64,
-                                              valid_texts=8))
+    cfg = ControllerConfig(
+        hidden=[16, 16],
+        batch_size=8,
+        learning_starts=2,
+        env=ProxyEnvConfig(steps=10, interval=5, base_pretrain_steps=5, train_texts=64, valid_texts=8),
+    )
     with ray_session(num_cpus=2):
-        path, curve = pretrain_rllib(cfg, out=tmp_path / "art", iterations=2, num_env_runners=1, norm_episodes=1)
+        path, curve = pretrain_rllib(
+            cfg, out=tmp_path / "art", iterations=2, num_env_runners=1, norm_episodes=1
+        )
     art = load_artifact(path)
     assert art.provenance.trainer == "rllib" and len(curve) == 2 and art.provenance.env_steps > 0
     assert art.spec == cfg.spec()
