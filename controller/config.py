@@ -107,6 +107,11 @@ class ControllerConfig:
     """The noise multiplier stays within [floor, floor * noise_range] (the floor spends the budget exactly)."""
     reference_clip: float = 1.0
     """Reference threshold C_ref of every LoRA module (the fixed DP-SGD threshold)."""
+    count_noise_std: float = 0.0
+    """Std (in users) of the noise on per-module clip counts released each step for the clip_fraction feature;
+    their cost is folded into the step's sigma_eff (the gradient gets correspondingly more noise). Raised to
+    sqrt(#modules) * sigma when smaller, so counts never take more than a quarter of the step's precision.
+    0 releases no counts."""
     max_noise_multiplier: float = 100.0
     """Upper bound on sigma for the budget layer's search."""
     learning_starts: int = 4
@@ -155,6 +160,7 @@ class ControllerConfig:
         require(self.clip_range >= 1.0, "controller.clip_range", "must be >= 1")
         require(self.noise_range >= 1.0, "controller.noise_range", "must be >= 1")
         require(self.reference_clip > 0, "controller.reference_clip", "must be > 0")
+        require(self.count_noise_std >= 0, "controller.count_noise_std", "must be >= 0 (0: no clip counts)")
         require(self.max_noise_multiplier > 0, "controller.max_noise_multiplier", "must be > 0")
         require(self.learning_starts >= 0, "controller.learning_starts", "must be >= 0")
         require(self.buffer_size >= 1, "controller.buffer_size", "must be >= 1")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from accounting.events import PrivacyEvent
+from accounting.mechanisms import grad_noise_for_target
 from controller.artifact import ControllerArtifact, ObsNorm, Provenance, load_artifact, save_artifact
 from controller.budget import BudgetGuard, SafeAction
 from controller.config import ControllerConfig
@@ -162,7 +163,18 @@ class LearnedController:
         self.last_safe = safe
         sigma = safe.noise_multiplier * SIGMA_MARGIN
         total = math.sqrt(sum(c * c for c in safe.clip_norms))
-        return StepPlan(clip_norms=safe.clip_norms, noise_stds=(sigma * total,) * len(safe.clip_norms))
+        k = len(safe.clip_norms)
+        if self.config.count_noise_std <= 0:
+            return StepPlan(clip_norms=safe.clip_norms, noise_stds=(sigma * total,) * k)
+        # Noisy clip counts (feature source (b)): the gradient gets less precision so that gradient + counts
+        # together are one Gaussian with multiplier sigma (Andrew et al.); the engine recomputes that sigma_eff.
+        count_std = max(
+            self.config.count_noise_std, math.sqrt(k) * sigma
+        )  # counts take <= 1/4 of the precision
+        z_grad = grad_noise_for_target(target_multiplier=sigma, count_noise_std=count_std, num_counts=k)
+        return StepPlan(
+            clip_norms=safe.clip_norms, noise_stds=(z_grad * total,) * k, count_noise_std=count_std
+        )
 
     def observe(self, released: Any) -> None:
         if released.release != 0:  # later releases of a reused sample: same event, already counted

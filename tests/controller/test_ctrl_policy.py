@@ -177,3 +177,28 @@ def test_finetune_from_artifact_keeps_learning(sb3_artifact, tmp_path):
         rdp_order=_order(steps),
     )
     assert ctrl.learner.model.replay_buffer.size() == before + steps // 2
+
+
+def test_controller_with_noisy_clip_counts_stays_within_budget(tmp_path):
+    steps = 6
+    model = H.tiny_lora_lm(2)
+    cfg = ControllerConfig(
+        interval=2, learning_starts=1, batch_size=4, gradient_steps=1, hidden=[16, 16], count_noise_std=3.0
+    )
+    ctrl = _controller(model, cfg, steps)
+    ledger = H.run_sft(
+        model,
+        ctrl,
+        run_dir=tmp_path,
+        target_epsilon=TARGET,
+        delta=DELTA,
+        q=Q,
+        steps=steps,
+        num_users=USERS,
+        rdp_order=_order(steps),
+    )
+    assert len(ledger.events("sft")) == steps and ledger.epsilon("sft") <= TARGET
+    # The counts reached the observation (has_clip_counts) and their cost is in the recorded sigma_eff.
+    assert ctrl._obs[-1] == 1.0
+    assert math.isclose(ledger.events("sft")[0].noise_multiplier, ctrl.guard.events[0].noise_multiplier)
+    assert verify_run(tmp_path).ok
