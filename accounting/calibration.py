@@ -8,6 +8,7 @@ PLD and the search only has to move down from it, with few PLD evaluations.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -55,6 +56,7 @@ class Calibration:
         return asdict(self)
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of its arguments; stages and studies repeat schedules
 def calibrate_noise_multiplier(
     *,
     target_epsilon: float,

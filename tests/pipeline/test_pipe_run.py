@@ -1,0 +1,140 @@
+"""`dpalign run` end to end on the tiny config: report, budget, verify, presets, refusals, crash and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "launch" / "configs" / "tiny.yaml")
+# A few steps per stage: the point is the plumbing and the accounting, not the utility.
+FAST = [
+    "sft.steps=2", "sft.expected_batch_users=6",
+    "rm.steps=2", "rm.expected_batch_users=6", "rm.gold_pairs=8",
+    "ppo.iterations=2", "ppo.expected_users_per_iteration=4", "ppo.max_new_tokens=6", "ppo.rollout_actors=0",
+    "eval.prompts=4", "eval.max_new_tokens=6", "eval.perplexity_records=4",
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def _run(tmp_path: Path, cache: str, *extra: str, name: str = "t") -> tuple[int, Path]:
+    run_dir = tmp_path / name
+    code = main(["run", "--config", TINY, f"run.cache_dir={cache}", f"run.dir={run_dir}", *FAST, *extra,
+                 "--no-progress", "--json"])
+    return code, run_dir
+
+
+def test_private_run_reports_within_budget_and_verifies(tmp_path, cache, capsys):
+    code, run_dir = _run(tmp_path, cache)
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["preset"] == "private" and report["status"] == "completed"
+    assert set(report["stages"]) == {"sft", "rm", "ppo"}
+    for name, entry in report["stages"].items():
+        sp = entry["privacy"]
+        assert entry["private"] and sp is not None, name
+        assert 0 < sp["epsilon_spent"] <= sp["target_epsilon"], name
+        assert sp["noise_multiplier"] > 0 and sp["steps"] >= 1, name
+    assert report["privacy"]["epsilon"] <= report["privacy"]["target_epsilon"]
+    assert report["stages"]["ppo"]["privacy"]["repeats"] == 1
+    ev = report["evaluation"]
+    assert set(ev["policies"]) == {"base", "sft", "final"}
+    assert ev["reward_model"] is not None and 0 <= ev["reward_model"]["accuracy"] <= 1
+    assert summary["status"] == "completed" and summary["epsilon"] == report["privacy"]["epsilon"]
+    for rel in ("config.yaml", "ledger.jsonl", "report.md", "stages/sft/adapter", "stages/rm/head.safetensors",
+                "stages/ppo/model"):
+        assert (run_dir / rel).exists(), rel
+    assert any((run_dir / "tb").rglob("events.out.tfevents.*"))
+
+    # the ledger alone reproduces the report's epsilon
+    assert main(["privacy", "verify", str(run_dir)]) == 0
+    # and a tampered report is caught
+    report["privacy"]["epsilon"] *= 0.5
+    (run_dir / "report.json").write_text(json.dumps(report))
+    assert main(["privacy", "verify", str(run_dir)]) == 1
+
+    # the merged final policy loads through the ordinary Hugging Face path
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(run_dir / "stages" / "ppo" / "model")
+
+
+@pytest.mark.parametrize("preset, private_stages", [("nonprivate", set()), ("decoupled", {"rm"})])
+def test_presets_protect_what_they_say(tmp_path, cache, preset, private_stages):
+    code, run_dir = _run(tmp_path, cache, f"privacy.preset={preset}", name=preset)
+    assert code == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert {n for n, e in report["stages"].items() if e["private"]} == private_stages
+    if not private_stages:
+        assert report["privacy"] is None and not (run_dir / "ledger.jsonl").exists()
+    else:
+        assert set(report["privacy"]["stages"]) == private_stages
+        lines = [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines()]
+        assert {x["stage"] for x in lines if x["type"] == "event"} == private_stages
+
+
+def test_shared_users_without_budget_split_are_refused_before_any_step(tmp_path, cache, capsys):
+    code, run_dir = _run(tmp_path, cache, "data.shared_users=3", name="overlap")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "3 users appear in more than one private stage" in err and "privacy.sft_share" in err
+    assert not (run_dir / "ledger.jsonl").exists()  # nothing was spent
+
+
+def test_sequential_composition_with_shares_stays_within_total(tmp_path, cache):
+    code, run_dir = _run(tmp_path, cache, "data.shared_users=3", "privacy.sft_share=0.4", "privacy.rm_share=0.3",
+                         "privacy.ppo_share=0.3", name="seq")
+    assert code == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["privacy"]["composition"] == "sequential"
+    assert report["privacy"]["epsilon"] <= report["privacy"]["target_epsilon"]
+    targets = {n: e["privacy"]["target_epsilon"] for n, e in report["stages"].items()}
+    assert targets == pytest.approx({"sft": 1.6, "rm": 1.2, "ppo": 1.2})
+
+
+def test_batch_whitening_is_refused_at_load(tmp_path, cache, capsys):
+    code, _ = _run(tmp_path, cache, "ppo.objective.advantage_normalization=batch", name="white")
+    assert code == 2
+    assert "ppo.objective.advantage_normalization" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_without_rerunning_finished_stages(tmp_path, cache):
+    run_dir = tmp_path / "crash"
+    cmd = [sys.executable, "-m", "launch.cli", "run", "--config", TINY, f"run.cache_dir={cache}",
+           f"run.dir={run_dir}", *FAST, "--no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = run_dir / "stages" / "sft.done"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the SFT stage never finished"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    sft_marker = marker.read_text()
+    ledger_before = (run_dir / "ledger.jsonl").read_bytes()
+    sft_events = sum(1 for line in ledger_before.splitlines() if b'"type": "event"' in line or b'"type":"event"' in line)
+
+    assert main(["run", "--resume", str(run_dir), "--no-progress"]) == 0
+    assert marker.read_text() == sft_marker  # SFT was not rerun
+    ledger_after = (run_dir / "ledger.jsonl").read_bytes()
+    assert ledger_after.startswith(ledger_before)  # never rolled back
+    events = [json.loads(x) for x in ledger_after.splitlines() if json.loads(x)["type"] == "event"]
+    assert sum(1 for e in events if e["stage"] == "sft") == sft_events
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["stages"]) == {"sft", "rm", "ppo"}
+    assert main(["privacy", "verify", str(run_dir)]) == 0
