@@ -79,7 +79,8 @@ def main(args: argparse.Namespace) -> int:
     origin = "built" if info.built else "reused from the cache"
     print(f"base model   {summary['params']:,} parameters, {origin}")
     print(
-        f"pretraining  {summary['steps']} steps in {summary['seconds']:.1f} s on {summary['threads']} threads"
+        f"pretraining  {summary['steps']} steps in {summary['seconds']:.1f} s wall, "
+        f"{summary['cpu_seconds']:.1f} s CPU, torch threads {summary['threads']}"
     )
     print(
         f"held-out     perplexity {summary['ppl']:.2f} vs unigram {summary['unigram_ppl']:.2f} "

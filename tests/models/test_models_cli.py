@@ -35,7 +35,12 @@ def test_pretrain_builds_then_reuses(tmp_path, capsys):
 
     assert main(["pretrain", *_config_args(), f"run.cache_dir={tmp_path}", *TINY_MODEL]) == 0
     text = capsys.readouterr().out
-    assert "reused from the cache" in text and "vs unigram" in text and str(model_dir) in text
+    assert (
+        "reused from the cache" in text
+        and "vs unigram" in text
+        and "s CPU" in text
+        and str(model_dir) in text
+    )
 
 
 def test_pretrain_config_errors_name_the_field(capsys):
