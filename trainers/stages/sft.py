@@ -86,7 +86,10 @@ def run_sft(
     model = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                      target_modules=tuple(cfg.lora.target_modules))
     model.train()
-    batch = tokenize_sft_pairs(tokenizer, list(rows["prompt"]), list(rows["response"]), max_length=cfg.max_len)
+    # BOS + prompt: the context every document had in pretraining, and the one rollouts and evaluation use.
+    bos = tokenizer.bos_token or tokenizer.eos_token
+    prompts = [bos + p for p in rows["prompt"]]
+    batch = tokenize_sft_pairs(tokenizer, prompts, list(rows["response"]), max_length=cfg.max_len)
     records = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "loss_mask": batch.loss_mask}
 
     sigma = None
