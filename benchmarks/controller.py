@@ -7,9 +7,10 @@ DP engine and a write-ahead ledger with the RDP filter at one fixed order) runs 
   adaptive   Andrew et al. quantile tracking from noisy clip counts (their cost folded into the same sigma_eff)
   online     the learned controller, SB3 SAC learning inside the run (default schedule during warm-up)
   frozen     the learned controller pretrained on PUBLIC proxy fine-tuning (SB3 here, or --artifact PATH)
-Measured: held-out perplexity (public validation windows not used by the controller's reward) every
-``--eval-every`` steps; final perplexity; the first step at which each method's seed-mean curve reaches the best
-baseline's final perplexity; the controller's overhead (time in plan/observe, its validation evaluations
+Measured: held-out perplexity of the response tokens of TEST users' demonstrations (a quarter of D1's users,
+never trained on; the controller's reward uses public validation text only) every ``--eval-every`` steps;
+final perplexity; the first step at which each method's seed-mean curve reaches the best baseline's final
+perplexity; the controller's overhead (time in plan/observe, its validation evaluations
 included) as a share of step time. Every run's ledger epsilon is reported and must be <= the target.
 
   .venv/bin/python benchmarks/controller.py --json                  # defaults: eps 1 and 4, 3 seeds
@@ -81,15 +82,24 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     )
     _, tokenizer = load_base_model(info.path)
     rows = load_sft(task.sft).rows
-    users = UserIndex.from_ids(list(rows["user_id"]))
-    batch = tokenize_sft_pairs(
-        tokenizer, list(rows["prompt"]), list(rows["response"]), max_length=cfg.sft.max_len
-    )
-    records = {
-        "input_ids": batch.input_ids,
-        "attention_mask": batch.attention_mask,
-        "loss_mask": batch.loss_mask,
-    }
+    # Users are split once: the last quarter (by sorted id) is a TEST set never trained on, used only for the
+    # benchmark's held-out perplexity (the SFT distribution); the controller never sees it.
+    ids = sorted(set(rows["user_id"]))
+    test_users = set(ids[len(ids) - max(1, len(ids) // 4) :])
+    train_rows = [i for i, u in enumerate(rows["user_id"]) if u not in test_users]
+    test_rows = [i for i, u in enumerate(rows["user_id"]) if u in test_users]
+
+    def tok(idx: list[int]) -> dict[str, Any]:
+        prompts, responses = list(rows["prompt"]), list(rows["response"])
+        b = tokenize_sft_pairs(
+            tokenizer, [prompts[i] for i in idx], [responses[i] for i in idx], max_length=cfg.sft.max_len
+        )
+        return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "loss_mask": b.loss_mask}
+
+    user_ids = list(rows["user_id"])
+    users = UserIndex.from_ids([user_ids[i] for i in train_rows])
+    records = tok(train_rows)
+    test_records = tok(test_rows)
     public = list(load_public(task.public_valid).rows["text"])
     windows = eval_windows(
         pack(tokenizer, public),
@@ -102,9 +112,28 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         "base": info.path,
         "users": users,
         "records": records,
+        "test_records": test_records,
         "reward_windows": windows[:half],
         "eval_windows": windows[half:],
     }
+
+
+@torch.no_grad()
+def heldout_ppl(model: torch.nn.Module, recs: dict[str, Any], batch: int = 32) -> float:
+    """Perplexity of the response tokens of held-out TEST users' demonstrations (never trained on)."""
+    from trainers.rlhf.sft import causal_lm_loss_per_record
+
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0.0
+    for i in range(0, recs["input_ids"].shape[0], batch):
+        ids, am, lm = (recs[k][i : i + batch] for k in ("input_ids", "attention_mask", "loss_mask"))
+        per = causal_lm_loss_per_record(model(input_ids=ids, attention_mask=am).logits, ids, lm)  # [b]
+        n = lm[:, 1:].sum(1).clamp(min=1).float()  # [b] target tokens of each record
+        total += float((per * n).sum())
+        count += float(n.sum())
+    model.train(was)
+    return math.exp(total / max(count, 1.0))
 
 
 def pretrain_frozen(args: argparse.Namespace, out: Path) -> str:
@@ -246,7 +275,7 @@ def run_one(
     )
     sampler = PoissonUserSampler(n, sampling_rate=q, seed=seed)
     loss_fn = sft_loss_fn(model)
-    curve = [(0, math.exp(public_lm_loss(model, prep["eval_windows"])))]
+    curve = [(0, heldout_ppl(model, prep["test_records"]))]
     step_seconds = 0.0
     for t in range(steps):
         idx = users.records_of(sampler.sample(t))
@@ -257,7 +286,7 @@ def run_one(
         opt.zero_grad(set_to_none=True)
         step_seconds += time.perf_counter() - start
         if (t + 1) % args.eval_every == 0 or t + 1 == steps:
-            curve.append((t + 1, math.exp(public_lm_loss(model, prep["eval_windows"]))))
+            curve.append((t + 1, heldout_ppl(model, prep["test_records"])))
     engine.close()
     ledger.end_stage("sft")
     eps = ledger.epsilon("sft")
