@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cluster.config import DeepSpeedConfig, RayConfig
 from launch.config import require
 from trainers.data.config import DataConfig
 from trainers.models.config import BaseModelConfig
@@ -64,6 +65,10 @@ class RunConfig:
     """Stage 3: DP-PPO on D3 against the private reward model."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation of the base, SFT and final policies on held-out public prompts."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Ray: cluster address (embedded by default), learner workers, failure handling, storage."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed ZeRO inside each learner (stage 0-3, offload, precision)."""
 
     def check(self) -> None:
         check_pipeline(self.privacy, self.engine)
