@@ -102,3 +102,25 @@ def tpr_at_fpr(member_scores: np.ndarray, nonmember_scores: np.ndarray, *, fpr: 
     k = int(math.floor(fpr * y.size))
     threshold = y[y.size - 1 - k] if k < y.size else -np.inf
     return float(np.mean(x > threshold))
+
+
+def max_auc_under_dp(epsilon: float, delta: float) -> float:
+    """The largest AUC any test of ONE user's membership can reach against an (epsilon, delta)-DP mechanism.
+
+    Kairouz, Oh & Viswanath (2015): every such test has TPR <= min(1, e^eps FPR + delta,
+    1 - e^-eps (1 - delta - FPR)) at every FPR; the area under that curve (piecewise linear, integrated exactly
+    at its breakpoints) bounds the AUC: e^eps / (1 + e^eps) when delta = 0 (0.73 at eps=1, 0.98 at eps=4).
+    """
+    if not epsilon >= 0.0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    if not 0.0 <= delta <= 1.0:
+        raise ValueError(f"delta must be in [0, 1], got {delta}")
+    if math.isinf(epsilon):
+        return 1.0
+    e = math.exp(epsilon)
+    # Breakpoints of the three lines' lower envelope: where two of them cross, clipped to [0, 1].
+    knots = {0.0, 1.0, (1.0 - delta) / e, (1.0 - delta) / (1.0 + e), 1.0 - delta}
+    xs = np.array(sorted(k for k in knots if 0.0 <= k <= 1.0))
+    ys = np.minimum.reduce([np.ones_like(xs), e * xs + delta, 1.0 - (1.0 - delta - xs) / e])
+    ys = np.maximum(ys, 0.0)
+    return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2.0))
