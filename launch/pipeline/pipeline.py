@@ -181,8 +181,8 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
                     target_epsilon=plan["targets"][name], delta=plan["deltas"][name],
                     epsilon_spent=float(ledger.report()["stages"][name]["epsilon"]),
                     accountant=ledger.run.accountant, composition=plan["mode"],
-                    noise_multiplier=float(summary.get("noise_multiplier") or 0.0), sampling_rate=q,
-                    steps=int(summary.get("steps", 0)), repeats=k, num_users=len(stage_users[name]),
+                    noise_multiplier=float(summary.get("noise_multiplier") or summary.get("sigma_eff") or 0.0),
+                    sampling_rate=q, steps=int(summary.get("steps", summary.get("iterations_done", 0))), repeats=k, num_users=len(stage_users[name]),
                     expected_batch_users=q * len(stage_users[name]),
                 )
             entries[name] = stage_entry(
@@ -231,7 +231,8 @@ def _run_stage(name: str, ctx: Any, run: Any, out_dir: Path, task: Any, base_dir
     from trainers.stages.ppo import run_ppo
 
     return run_ppo(ctx, sft_dir=run.stage_dir("sft") / "model", rm_dir=run.stage_dir("rm"), prompts_path=task.ppo,
-                   out_dir=out_dir, public_windows=windows, use_ray=ctx.cfg.ppo.rollout_actors > 0)
+                   out_dir=out_dir, public_windows=windows, eval_prompts=ctx.extras.get("eval_prompts"),
+                   use_ray=ctx.cfg.ppo.rollout_actors > 0)
 
 
 def _evaluate(cfg: Any, run: Any, base_dir: Path, prompts: list[str], windows: Any,

@@ -107,8 +107,9 @@ def test_sequential_composition_with_shares_stays_within_total(tmp_path, cache):
 
 
 def test_batch_whitening_is_refused_at_load(tmp_path, cache, capsys):
-    code, _ = _run(tmp_path, cache, "ppo.objective.advantage_normalization=batch", name="white")
-    assert code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        _run(tmp_path, cache, "ppo.objective.advantage_normalization=batch", name="white")
+    assert exit_info.value.code == 2
     assert "ppo.objective.advantage_normalization" in capsys.readouterr().err
 
 

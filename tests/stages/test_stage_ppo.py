@@ -283,13 +283,21 @@ def test_spent_budget_stops_the_stage_as_refused(dirs, tmp_path):
     assert contents.stage_end["ppo"]["status"] == "refused"
 
 
-def test_minibatches_refused_before_anything_is_spent(dirs, tmp_path):
+def test_minibatches_refused_at_config_load_and_by_the_recipe(dirs, tmp_path):
+    from dataclasses import replace
+
+    from launch.config import ConfigError
     from trainers.stages.ppo import UnsupportedPPOConfig
 
+    with pytest.raises(ConfigError, match="ppo.minibatches: only 1 is supported"):
+        make_cfg("ppo.minibatches=2")
+    # A config built in code (skipping the loader) is still refused before the ledger is touched.
+    cfg = make_cfg()
+    cfg.ppo = replace(cfg.ppo, minibatches=2)
     ledger = Ledger.open(tmp_path / "ledger.jsonl", run_id="m", target_epsilon=TARGET_EPS, target_delta=TARGET_DELTA)
     try:
         with pytest.raises(UnsupportedPPOConfig, match="ppo.minibatches=2"):
-            run(dirs, make_ctx(make_cfg("ppo.minibatches=2"), private=True, ledger=ledger), tmp_path / "out")
+            run(dirs, make_ctx(cfg, private=True, ledger=ledger), tmp_path / "out")
     finally:
         ledger.close()
     assert read_ledger(tmp_path / "ledger.jsonl").stages == {}

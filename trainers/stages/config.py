@@ -433,9 +433,11 @@ class PPOConfig:
         require(self.ppo_epochs >= 1, "ppo_epochs", "must be >= 1")
         require(self.minibatches >= 1, "minibatches", "must be >= 1")
         require(
-            self.minibatches <= self.expected_users_per_iteration,
+            self.minibatches == 1,
             "minibatches",
-            "must be <= expected_users_per_iteration",
+            "only 1 is supported: every noisy update of an iteration is one release of the whole Poisson sample "
+            "(accounted as repeats); splitting the sample into minibatches needs per-part accounting that the "
+            "engine does not implement yet",
         )
         require(self.lr > 0, "lr", "must be > 0")
         require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")

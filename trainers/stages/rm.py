@@ -47,6 +47,13 @@ def tokenize_texts(tokenizer: Any, texts: list[str], *, max_len: int) -> tuple[T
     return ids, mask
 
 
+def rm_texts(tokenizer: Any, prompts: list[str], completions: list[str]) -> list[str]:
+    """``BOS + prompt + completion + EOS``: the layout of a PPO rollout, which the reward model scores at its
+    last token (training on another layout would make PPO's scores off-distribution)."""
+    bos = tokenizer.bos_token or tokenizer.eos_token
+    return [f"{bos}{p}{c}{tokenizer.eos_token}" for p, c in zip(prompts, completions, strict=True)]
+
+
 def gold_pairs(texts: list[str], *, count: int, seed: int, min_gap: float = 0.2) -> list[tuple[str, str]]:
     """Public (chosen, rejected) pairs from public texts, labeled by the gold oracle (VADER) with a clear gap."""
     from trainers.data.oracle import gold_reward
@@ -69,7 +76,8 @@ def gold_pairs(texts: list[str], *, count: int, seed: int, min_gap: float = 0.2)
 
 def pairwise_accuracy(model: torch.nn.Module, tokenizer: Any, pairs: list[tuple[str, str]], *, max_len: int) -> float:
     """Fraction of pairs whose chosen text the reward model scores higher (public pairs only)."""
-    score = score_texts(model, tokenizer, [c for c, _ in pairs] + [r for _, r in pairs], max_len=max_len)
+    texts = rm_texts(tokenizer, [""] * (2 * len(pairs)), [c for c, _ in pairs] + [r for _, r in pairs])
+    score = score_texts(model, tokenizer, texts, max_len=max_len)
     n = len(pairs)
     return float((score[:n] > score[n:]).float().mean())
 
@@ -158,8 +166,8 @@ def run_rm(
     model = ScoreModel(backbone)
     model.train()
     prompts = list(rows["prompt"])
-    c_ids, c_mask = tokenize_texts(tokenizer, [p + c for p, c in zip(prompts, rows["chosen"])], max_len=cfg.max_len)
-    r_ids, r_mask = tokenize_texts(tokenizer, [p + r for p, r in zip(prompts, rows["rejected"])], max_len=cfg.max_len)
+    c_ids, c_mask = tokenize_texts(tokenizer, rm_texts(tokenizer, prompts, rows["chosen"]), max_len=cfg.max_len)
+    r_ids, r_mask = tokenize_texts(tokenizer, rm_texts(tokenizer, prompts, rows["rejected"]), max_len=cfg.max_len)
     records = {"c_ids": c_ids, "c_mask": c_mask, "r_ids": r_ids, "r_mask": r_mask}
     pairs = gold_pairs(public_texts, count=cfg.gold_pairs, seed=ctx.seed)
 
