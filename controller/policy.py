@@ -333,6 +333,7 @@ def controller_policy_factory(config: ControllerConfig) -> Callable[..., Learned
             delta=ctx.target_delta,
             sampling_rate=float(need("sampling_rate")),
             steps=int(need("steps")),
+            repeats=int(kw.get("repeats", ctx.extras.get("repeats", 1))),
             validation_loss=need("validation_loss"),
             admit=ledger.admit if ledger is not None else None,
             rdp_order=order,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cluster.config import DeepSpeedConfig, RayConfig
+from controller.config import ControllerConfig
 from launch.config import require
 from trainers.data.config import DataConfig
 from trainers.models.config import BaseModelConfig
@@ -69,6 +70,14 @@ class RunConfig:
     """Ray: cluster address (embedded by default), learner workers, failure handling, storage."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed ZeRO inside each learner (stage 0-3, offload, precision)."""
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    """The learned clip/noise controller (SAC hyper-policy); off by default (fixed DP-SGD schedule)."""
 
     def check(self) -> None:
         check_pipeline(self.privacy, self.engine)
+        require(
+            not self.controller.enabled or self.privacy.accountant == "rdp" or not self.privacy.private_stages,
+            "controller.enabled",
+            "the controller chooses sigma and thresholds from earlier releases; set privacy.accountant=rdp "
+            "(the RDP privacy filter is valid under adaptive composition)",
+        )

@@ -90,7 +90,13 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
 
     from accounting.ledger import Ledger
     from launch.pipeline.metrics import MetricsLogger, read_metrics
-    from launch.pipeline.report import StagePrivacy, build_report, series_from_metrics, stage_entry, write_report
+    from launch.pipeline.report import (
+        StagePrivacy,
+        build_report,
+        series_from_metrics,
+        stage_entry,
+        write_report,
+    )
     from launch.pipeline.rundir import RunDir
     from trainers.data.io import load_eval_prompts, load_preferences, load_prompts, load_public, load_sft
     from trainers.data.task import build_task

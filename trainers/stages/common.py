@@ -170,13 +170,27 @@ def group_thresholds(engine_cfg: Any, groups: Sequence[Any]) -> tuple[float, ...
     return tuple(c * w / norm for w in weights)
 
 
-def make_policy(ctx: StageContext, *, sigma: float, groups: Sequence[Any], expected_batch_size: float) -> Any:
-    """The stage's clip/noise policy from ``engine`` config (or the learned controller's factory)."""
+def make_policy(
+    ctx: StageContext, *, sigma: float, groups: Sequence[Any], expected_batch_size: float, **plan: Any
+) -> Any:
+    """The stage's clip/noise policy: the learned controller when ``controller.enabled`` (or an explicit
+    ``ctx.policy_factory``), else fixed / per-layer / adaptive from the ``engine`` config.
+
+    ``plan`` carries the public schedule the controller needs (``steps``, ``sampling_rate``, ``repeats``) and a
+    ``validation_loss`` callable on PUBLIC data.
+    """
     from trainers.engine.policy import AdaptiveClippingPolicy, FixedPolicy, PerLayerFixedPolicy
 
     eng = ctx.cfg.engine
-    if ctx.policy_factory is not None:
-        return ctx.policy_factory(ctx=ctx, sigma=sigma, groups=groups, expected_batch_size=expected_batch_size)
+    factory = ctx.policy_factory
+    controller_cfg = getattr(ctx.cfg, "controller", None)
+    if factory is None and controller_cfg is not None and controller_cfg.enabled:
+        from controller.policy import controller_policy_factory
+
+        factory = controller_policy_factory(controller_cfg)
+    if factory is not None:
+        return factory(ctx=ctx, sigma=sigma, groups=groups, expected_batch_size=expected_batch_size,
+                       **{k: v for k, v in plan.items() if v is not None})
     norms = group_thresholds(eng, groups)
     if eng.policy == "fixed":
         return FixedPolicy(noise_multiplier=sigma, clip_norm=norms[0])
@@ -201,6 +215,9 @@ def build_engine(
     optimizer: torch.optim.Optimizer,
     sigma: float | None,
     start_step: int = 0,
+    steps: int | None = None,
+    repeats: int = 1,
+    validation_loss: Callable[[], float] | None = None,
 ) -> Any:
     """The DP engine for this stage: ledger.record as the write-ahead sink, ledger.admit as the filter.
 
@@ -221,7 +238,10 @@ def build_engine(
             GroupSpec(name=n, numel=sum(params[i][1].numel() for i in idx), param_names=tuple(params[i][0] for i in idx))
             for n, idx in clipping_groups(model, params, grouping)
         ]
-        policy = make_policy(ctx, sigma=sigma, groups=specs, expected_batch_size=q * users.num_users)
+        policy = make_policy(
+            ctx, sigma=sigma, groups=specs, expected_batch_size=q * users.num_users,
+            steps=steps, sampling_rate=q, repeats=repeats, validation_loss=validation_loss,
+        )
         fingerprint = users.fingerprint
         ledger = ctx.ledger
 

@@ -59,7 +59,7 @@ def sequence_logprobs(model: Any, rollouts: Sequence[Any], *, pad_id: int, batch
                 ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(seqs), width), dtype=torch.long)
                 resp = torch.zeros((len(seqs), width), dtype=torch.bool)
-                for j, (s, r) in enumerate(zip(seqs, chunk)):
+                for j, (s, r) in enumerate(zip(seqs, chunk, strict=True)):
                     ids[j, width - len(s) :] = torch.tensor(s)
                     mask[j, width - len(s) :] = 1
                     resp[j, width - len(r.response_ids) :] = True

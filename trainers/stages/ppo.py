@@ -548,12 +548,21 @@ def run_ppo(
             target_epsilon=ctx.target_epsilon,
             target_delta=ctx.target_delta,
         )
-    engine = build_engine(ctx, models.actor, q=q, users=users, optimizer=optimizer, sigma=sigma)
-    sampler = PoissonUserSampler(N, sampling_rate=q, seed=ctx.seed)
     kl_ctl = objective.build_kl_controller()
-    loss_fn = ppo_loss_fn(models.actor, objective)
     chunk = cfg.engine.max_physical_batch_records
     eval_seed = rollout_seed(ctx.seed, 1 << 20)  # one fixed public-eval seed for every iteration
+
+    def validation_objective() -> float:
+        """The learned controller's objective: -(RM reward - beta * KL) on PUBLIC prompts (free to observe)."""
+        ev = public_eval(models, eval_prompts, cfg=pcfg, seed=eval_seed, chunk_records=chunk)
+        return -(ev.reward - kl_ctl.value * ev.kl)
+
+    engine = build_engine(
+        ctx, models.actor, q=q, users=users, optimizer=optimizer, sigma=sigma, steps=T, repeats=K,
+        validation_loss=validation_objective if eval_prompts else None,
+    )
+    sampler = PoissonUserSampler(N, sampling_rate=q, seed=ctx.seed)
+    loss_fn = ppo_loss_fn(models.actor, objective)
 
     rollout = _Rollouts(models, sft_dir=Path(sft_dir), cfg=pcfg, use_ray=use_ray)
     sync_bytes, sync_seconds, sync_count = 0, 0.0, 0

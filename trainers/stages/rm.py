@@ -82,6 +82,14 @@ def pairwise_accuracy(model: torch.nn.Module, tokenizer: Any, pairs: list[tuple[
     return float((score[:n] > score[n:]).float().mean())
 
 
+def public_bt_loss(model: torch.nn.Module, tokenizer: Any, pairs: list[tuple[str, str]], *, max_len: int) -> float:
+    """Mean Bradley-Terry loss on PUBLIC gold-labeled pairs (the learned controller's validation objective)."""
+    texts = rm_texts(tokenizer, [""] * (2 * len(pairs)), [c for c, _ in pairs] + [r for _, r in pairs])
+    score = score_texts(model, tokenizer, texts, max_len=max_len)
+    n = len(pairs)
+    return float(torch.nn.functional.softplus(score[n:] - score[:n]).mean())
+
+
 def score_texts(model: torch.nn.Module, tokenizer: Any, texts: list[str], *, max_len: int, batch: int = 64) -> Tensor:
     """Scores [len(texts)] of a ScoreModel, in eval mode without gradients."""
     was = model.training
@@ -179,7 +187,10 @@ def run_rm(
             target_epsilon=ctx.target_epsilon, target_delta=ctx.target_delta,
         )
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    engine = build_engine(ctx, model, q=q, users=users, optimizer=optimizer, sigma=sigma)
+    engine = build_engine(
+        ctx, model, q=q, users=users, optimizer=optimizer, sigma=sigma, steps=steps,
+        validation_loss=lambda: public_bt_loss(model, tokenizer, pairs, max_len=cfg.max_len),
+    )
     sampler = PoissonUserSampler(n, sampling_rate=q, seed=ctx.seed)
     loss_fn = bt_loss_fn(model)
 

@@ -101,7 +101,10 @@ def run_sft(
         )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    engine = build_engine(ctx, model, q=q, users=users, optimizer=optimizer, sigma=sigma)
+    engine = build_engine(
+        ctx, model, q=q, users=users, optimizer=optimizer, sigma=sigma, steps=steps,
+        validation_loss=(lambda: public_lm_loss(model, public_windows)) if public_windows is not None else None,
+    )
     sampler = PoissonUserSampler(n, sampling_rate=q, seed=ctx.seed)
     loss_fn = sft_loss_fn(model)
 
