@@ -553,9 +553,10 @@ def run_ppo(
     eval_seed = rollout_seed(ctx.seed, 1 << 20)  # one fixed public-eval seed for every iteration
 
     def validation_objective() -> float:
-        """The learned controller's objective: -(RM reward - beta * KL) on PUBLIC prompts (free to observe)."""
+        """The learned controller's objective on PUBLIC prompts (free to observe): softplus(-(RM reward - beta*KL)),
+        a positive loss that falls as the KL-regularized reward rises (the controller normalizes by its start)."""
         ev = public_eval(models, eval_prompts, cfg=pcfg, seed=eval_seed, chunk_records=chunk)
-        return -(ev.reward - kl_ctl.value * ev.kl)
+        return float(torch.nn.functional.softplus(torch.tensor(-(ev.reward - kl_ctl.value * ev.kl))))
 
     engine = build_engine(
         ctx, models.actor, q=q, users=users, optimizer=optimizer, sigma=sigma, steps=T, repeats=K,
