@@ -69,18 +69,20 @@ def test_nonprivate_rm_record_canary_scores_have_power(cache: str) -> None:
 
 
 def test_heldout_users_come_from_the_members_distribution() -> None:
-    from trainers.data.task import generate_task
+    from trainers.data.task import CANARY_PREFIX, generate_task
 
     cfg = load_config(RunConfig, TINY, []).data
     rows = heldout_rows(cfg, stage="sft", count=5)
     users = {r["user_id"] for r in rows}
     assert len(users) == 5 and all(int(u[1:]) >= cfg.num_users for u in users)
     # the enlarged generation reproduces the members' own records (same generator, seed and catalogue)
-    members = {(r["user_id"], r["prompt"], r["response"]) for r in generate_task(cfg)["sft"]}
+    members = {(r["user_id"], r["prompt"], r["response"]) for r in generate_task(cfg)["sft"]
+               if r["prompt"] != CANARY_PREFIX}
     from dataclasses import replace
 
     big = generate_task(replace(cfg, num_users=cfg.num_users + 40, public_reviews=10, eval_prompts=1))["sft"]
-    same = {(r["user_id"], r["prompt"], r["response"]) for r in big if int(r["user_id"][1:]) < cfg.num_users}
+    same = {(r["user_id"], r["prompt"], r["response"]) for r in big
+            if int(r["user_id"][1:]) < cfg.num_users and r["prompt"] != CANARY_PREFIX}
     shared_users = {u for u, _, _ in same} & {u for u, _, _ in members}
     assert shared_users
     assert {x for x in same if x[0] in shared_users} == {x for x in members if x[0] in shared_users}
