@@ -378,7 +378,12 @@ class DPEngine:
                 records = _select(batch.records, index, batch.num_records)
                 with self._collector.capturing(slots[index].to(self.params[0][1].device)):
                     loss = self._loss(loss_fn, records, index.numel())
-                    loss.sum().backward()
+                    # Differentiate w.r.t. the hooked modules' OUTPUTS only: their hooks build the per-record
+                    # gradients, and no parameter .grad is touched -- so DeepSpeed's ZeRO-2/3 gradient hooks never
+                    # see (and never reduce) the unclipped sum, and frozen weights cost no gradient at all.
+                    outputs = self._collector.outputs
+                    if outputs:
+                        torch.autograd.grad(loss.sum(), outputs, allow_unused=True)
         finally:
             for (_, p), g in zip(self.params, saved, strict=True):
                 p.grad = g

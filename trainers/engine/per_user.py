@@ -117,6 +117,7 @@ class PerUserGradCollector:
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self._modules.values()]
         self._row_users: Tensor | None = None
         self.buffers: list[Tensor] = []
+        self.outputs: list[Tensor] = []  # hooked module outputs of the current capture (backward targets)
 
     def close(self) -> None:
         """Remove the hooks (the model then trains as if the engine never existed)."""
@@ -134,6 +135,7 @@ class PerUserGradCollector:
     def capturing(self, row_users: Tensor) -> Iterator[None]:
         """Capture the forward/backward inside; ``row_users`` [R] int64 is the user slot of each record."""
         self._row_users = row_users
+        self.outputs = []
         try:
             yield
         finally:
@@ -161,3 +163,4 @@ class PerUserGradCollector:
                     self.buffers[i].index_add_(0, rows, gs.to(torch.float32))  # [U, *shape] += per user
 
         output.register_hook(on_grad)
+        self.outputs.append(output)
