@@ -144,6 +144,11 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
             raise ConfigError(f"{name}: got {value!r}; expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{name}: got {value!r}; expected a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: got {value!r}; expected a number")
         return float(value)

@@ -18,7 +18,7 @@ from typing import Any
 STAGE_ORDER = ("sft", "rm", "ppo")
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """dp-accounting's RDP search logs every non-converging order at WARNING; our callers get the number."""
     try:
         from absl import logging as absl_logging
@@ -66,7 +66,16 @@ def plan_privacy(cfg: Any, stage_users: dict[str, set[str]]) -> dict[str, Any]:
     }
 
 
-def _rdp_order(cfg: Any, plan: dict[str, Any], stage_schedules: dict[str, tuple[float, int, int]]) -> float:
+def stage_schedules(cfg: Any, stage_users: dict[str, set[str]]) -> dict[str, tuple[float, int, int]]:
+    """(q, steps, repeats) of each stage's public schedule: fixed by the config and the number of users."""
+    return {
+        "sft": (cfg.sft.sampling_rate(len(stage_users["sft"])), cfg.sft.num_steps(len(stage_users["sft"])), 1),
+        "rm": (cfg.rm.sampling_rate(len(stage_users["rm"])), cfg.rm.num_steps(len(stage_users["rm"])), 1),
+        "ppo": (cfg.ppo.sampling_rate(len(stage_users["ppo"])), cfg.ppo.iterations, cfg.ppo.ppo_epochs),
+    }
+
+
+def plan_rdp_order(cfg: Any, plan: dict[str, Any], stage_schedules: dict[str, tuple[float, int, int]]) -> float:
     """The RDP filter's order, fixed before the run: the best order for the first private stage's planned
     schedule at its target (the other stages are calibrated at this same order)."""
     from accounting.accountants import choose_rdp_order, schedule
@@ -103,7 +112,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     from trainers.models.base import ensure_base_model, load_base_model
     from trainers.stages.common import StageContext
 
-    _quiet_libraries()
+    quiet_libraries()
     t_start = time.time()
     wall: dict[str, float] = {}
     run = RunDir.resume(resume, cfg) if resume else RunDir.for_config(cfg)
@@ -125,11 +134,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
 
     # --- privacy plan: decided before any step, from the data --------------------------------------------------
     plan = plan_privacy(cfg, stage_users)
-    schedules = {
-        "sft": (cfg.sft.sampling_rate(len(stage_users["sft"])), cfg.sft.num_steps(len(stage_users["sft"])), 1),
-        "rm": (cfg.rm.sampling_rate(len(stage_users["rm"])), cfg.rm.num_steps(len(stage_users["rm"])), 1),
-        "ppo": (cfg.ppo.sampling_rate(len(stage_users["ppo"])), cfg.ppo.iterations, cfg.ppo.ppo_epochs),
-    }
+    schedules = stage_schedules(cfg, stage_users)
 
     t = time.time()
     base = ensure_base_model(
@@ -149,7 +154,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     ledger = None
     if plan["private"]:
         accountant = cfg.privacy.accountant
-        order = _rdp_order(cfg, plan, schedules) if accountant == "rdp" else None
+        order = plan_rdp_order(cfg, plan, schedules) if accountant == "rdp" else None
         ledger = Ledger.open(
             run.ledger_path, run_id=run.run_id, target_epsilon=cfg.privacy.target_epsilon,
             target_delta=plan["run_delta"], accountant=accountant, composition=plan["mode"], rdp_order=order,

@@ -41,6 +41,7 @@ def test_defaults_and_overrides_convert_types():
     cfg = load_config(_Outer, None, ["steps=7", "inner.rate=1", "inner.mode=b", "sizes=[3, 4]", "name=x"])
     assert cfg.steps == 7 and cfg.inner.rate == 1.0 and isinstance(cfg.inner.rate, float)
     assert cfg.inner.mode == "b" and cfg.sizes == [3, 4] and cfg.name == "x"
+    assert load_config(_Outer, None, ["inner.rate=1e-5"]).inner.rate == 1e-5  # YAML 1.1 reads this as a string
 
 
 @pytest.mark.parametrize(

@@ -247,26 +247,23 @@ def run_record_canary_audit(
                 sft_dir=sft_dir, work=Path(work_dir), progress=progress)
 
 
-def _schedules(cfg: Any, stage_users: dict[str, set[str]]) -> dict[str, tuple[float, int, int]]:
-    """(q, steps, repeats) per stage, as the pipeline plans them (only the RDP filter's order needs them)."""
-    return {
-        "sft": (cfg.sft.sampling_rate(len(stage_users["sft"])), cfg.sft.num_steps(len(stage_users["sft"])), 1),
-        "rm": (cfg.rm.sampling_rate(len(stage_users["rm"])), cfg.rm.num_steps(len(stage_users["rm"])), 1),
-        "ppo": (cfg.ppo.sampling_rate(len(stage_users["ppo"])), cfg.ppo.iterations, cfg.ppo.ppo_epochs),
-    }
-
-
 def _run(cfg: Any, *, stage: str, m: int, digits: int, confidence: float, seed: int,
          guesses: tuple[int, int] | None, sft_dir: str | Path | None, work: Path, progress: bool
          ) -> RecordCanaryAuditResult:
     from accounting.ledger import Ledger
-    from launch.pipeline.pipeline import STAGE_ORDER, _quiet_libraries, _rdp_order, plan_privacy
+    from launch.pipeline.pipeline import (
+        STAGE_ORDER,
+        plan_privacy,
+        plan_rdp_order,
+        quiet_libraries,
+        stage_schedules,
+    )
     from trainers.data.io import load_preferences, load_prompts, load_public, load_sft, write_jsonl
     from trainers.data.task import build_task
     from trainers.models.base import ensure_base_model, load_base_model
     from trainers.stages.common import StageContext
 
-    _quiet_libraries()
+    quiet_libraries()
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     task = build_task(cfg.data, cache_dir=cfg.run.cache_dir, progress=progress)
@@ -300,7 +297,7 @@ def _run(cfg: Any, *, stage: str, m: int, digits: int, confidence: float, seed: 
         ledger = Ledger.open(
             work / "ledger.jsonl", run_id=f"audit-{stage}-{seed}", target_epsilon=cfg.privacy.target_epsilon,
             target_delta=plan["run_delta"], accountant=accountant, composition=plan["mode"],
-            rdp_order=_rdp_order(cfg, plan, _schedules(cfg, stage_users)) if accountant == "rdp" else None,
+            rdp_order=plan_rdp_order(cfg, plan, stage_schedules(cfg, stage_users)) if accountant == "rdp" else None,
         )
     # The claim's delta; for a non-private stage, the delta a private run of this config would claim.
     delta = plan["deltas"][stage] if private else (cfg.privacy.delta if cfg.privacy.delta is not None else 1.0 / n)

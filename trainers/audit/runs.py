@@ -103,10 +103,10 @@ def exposure_audit(run_dir: str | Path, *, num_candidates: int = 1000, seed: int
     Raises:
         AuditRunError: no config, no SFT model, or a run without canaries (set data.canary_users > 0).
     """
-    from launch.pipeline.pipeline import _quiet_libraries
+    from launch.pipeline.pipeline import quiet_libraries
     from trainers.data.task import build_task
 
-    _quiet_libraries()
+    quiet_libraries()
     path, cfg = load_run(run_dir)
     task = build_task(cfg.data, cache_dir=cfg.run.cache_dir, progress=False)
     if not task.canaries:
@@ -217,11 +217,11 @@ def mia_audit(run_dir: str | Path, *, max_users: int = 200, confidence: float = 
     Members: up to ``max_users`` users of the stage (the task's canary records left out); non-members: as many
     held-out users (:func:`heldout_rows`).
     """
-    from launch.pipeline.pipeline import _quiet_libraries
+    from launch.pipeline.pipeline import quiet_libraries
     from trainers.data.io import load_preferences, load_sft
     from trainers.data.task import CANARY_PREFIX, build_task
 
-    _quiet_libraries()
+    quiet_libraries()
     path, cfg = load_run(run_dir)
     if cfg.data.source != "embedded":
         raise AuditRunError(f"{path}: mia needs held-out users from the embedded task (data.source=embedded)")
