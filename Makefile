@@ -7,7 +7,7 @@ export RAY_AUTH_MODE ?= disabled
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test test-slow bench lint clean
+.PHONY: venv run test test-slow bench bench-utility lint clean
 
 venv: $(STAMP)
 
@@ -30,8 +30,15 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
 
+# Benchmarks print JSON with ratios against a baseline measured in the same run.
 bench: $(STAMP)
 	$(PY) benchmarks/accounting.py --json
+	$(PY) benchmarks/dp_overhead.py --json
+	$(PY) benchmarks/controller.py --json
+
+# The privacy-utility table (Wu et al. Table 1 style): many full pipeline runs; hours on 2 CPU cores.
+bench-utility: $(STAMP)
+	$(PY) benchmarks/privacy_utility.py --json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check accounting trainers controller cluster launch tests benchmarks
