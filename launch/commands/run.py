@@ -68,8 +68,11 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
     """The printed summary: per-stage status, epsilon and wall time; gold reward of base/SFT/final."""
     privacy = report.get("privacy") or {}
     pols = report["evaluation"]["policies"]
+    base = report.get("base_model") or {}
     return {
         "run_dir": report.get("_run_dir"),
+        "task": report.get("task"),
+        "base_model": base,
         "status": report["status"],
         "preset": report["preset"],
         "epsilon": privacy.get("epsilon"),
@@ -96,6 +99,17 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 
 def render(s: dict[str, Any]) -> str:
     lines = [f"run      {s['run_dir']}  ({s['preset']}, {s['status']})"]
+    task = s.get("task") or {}
+    if task:
+        rows, users = task["rows"], task["users"]
+        lines.append("data     " + ", ".join(f"{k} {v} rows" for k, v in rows.items()))
+        lines.append("users    " + ", ".join(f"{k} {v}" for k, v in users.items())
+                     + ("  (no user_id column: each record is its own user in " + ", ".join(task["per_record_users"]) + ")"
+                        if task.get("per_record_users") else ""))
+    base = s.get("base_model") or {}
+    if base.get("perplexity") is not None:
+        lines.append(f"base     {base['params']:,} parameters; held-out perplexity {base['perplexity']:.2f} vs unigram "
+                     f"{base['unigram_perplexity']:.2f} ({'built' if base['built'] else 'from the cache'})")
     if s["epsilon"] is not None:
         lines.append(f"privacy  epsilon {s['epsilon']:.3f} at delta {s['delta']:.2e} ({s['accountant']}, "
                      f"{s['composition']} composition)")

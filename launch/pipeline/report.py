@@ -405,6 +405,20 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, Path], *, bas
         ]
     else:
         lines += ["No stage was private: this run gives no privacy guarantee.", ""]
+    task, base = report.get("task"), report.get("base_model")
+    if task:
+        lines += ["## Data and base model", "", "| split | rows | users |", "|---|---|---|"]
+        for split, rows in task["rows"].items():
+            lines.append(f"| {split} | {rows} | {task['users'].get(split, '—')} |")
+        if task.get("per_record_users"):
+            lines.append(f"\nNo user_id column in {', '.join(task['per_record_users'])}: each record is its own user.")
+        lines.append("")
+    if base and base.get("perplexity") is not None:
+        lines += [
+            f"Base model: {base['params']:,} parameters; public held-out perplexity {_fmt(base['perplexity'])} "
+            f"against a unigram model's {_fmt(base['unigram_perplexity'])}.",
+            "",
+        ]
     lines += ["## What was protected", "", "| stage | private | why |", "|---|---|---|"]
     for name, st in report["stages"].items():
         lines.append(f"| {name} | {'yes' if st['private'] else 'no'} | {st['reason']} |")
