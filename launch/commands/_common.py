@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+import textwrap
 from typing import Any
 
 from launch.config import ConfigError, format_help, load_config
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """`--config FILE`, positional `key=value` overrides, and `--help-config` (every field, documented)."""
+def add_config_args(parser: argparse.ArgumentParser, config_class: str = "launch.schema:RunConfig") -> None:
+    """`--config FILE`, positional `key=value` overrides, and `--help-config` (every field, documented).
+
+    ``--help`` also lists every config field (from the field docstrings, imported only when help is asked for).
+    """
+    base_format = parser.format_help
+
+    def format_with_fields() -> str:
+        module, name = config_class.split(":")
+        cls = getattr(importlib.import_module(module), name)
+        fields = textwrap.indent(format_help(cls), "  ")
+        return f"{base_format()}\nconfig fields (YAML sections, or dotted KEY=VALUE overrides):\n{fields}\n"
+
+    parser.format_help = format_with_fields  # type: ignore[method-assign]
     parser.add_argument("--config", default=None, help="YAML config (see launch/configs/); defaults if omitted")
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. sft.epochs=2 data.num_users=300"

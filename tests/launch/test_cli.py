@@ -23,3 +23,17 @@ def test_no_command_prints_help_and_exits_2(capsys):
 def test_console_entry_runs_as_module():
     out = subprocess.run([sys.executable, "-m", "launch.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "COMMAND" in out.stdout
+
+
+def test_subcommand_help_explains_every_config_field(capsys):
+    from launch.config import describe_fields
+    from launch.schema import RunConfig
+
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    for name, _, _, doc in describe_fields(RunConfig):
+        assert name in out, name
+    assert "Bradley-Terry temperature" in out  # a docstring, not only the name
