@@ -321,22 +321,20 @@ def _sampling_rate(expected_users: int, num_users: int, field_name: str) -> floa
 
 
 @dataclass
-class SFTConfig:
-    """DP-SFT on D1: causal-LM loss on response tokens (prompt masked), LoRA on the base model."""
+class PoissonStageConfig:
+    """The public schedule of a stage trained by Poisson-sampled noisy steps (shared by SFT and the reward model)."""
 
     steps: int = 0
     """Noisy optimizer steps. 0: derived from epochs (steps = ceil(epochs * N / expected_batch_users))."""
     epochs: float = 2.0
-    """Expected passes over D1's users when steps=0 (each step samples every user with rate q)."""
+    """Expected passes over the stage's users when steps=0 (each step samples every user with rate q)."""
     expected_batch_users: int = 32
     """B = q * N, the expected number of users per Poisson-sampled step; the noisy sum is divided by B (public),
     never by the realized batch size (Wu et al. use 512 on IMDb)."""
     lr: float = 5e-3
-    """Adam learning rate of the LoRA weights."""
+    """Adam learning rate of the trainable weights (LoRA, and a head if the stage has one)."""
     max_len: int = 64
-    """Tokens per (prompt, response) record after truncation."""
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    """The SFT adapter."""
+    """Tokens per record (prompt + response or completion) after truncation."""
 
     def check(self) -> None:
         require(self.steps >= 0, "steps", "must be >= 0 (0: derived from epochs)")
@@ -357,41 +355,25 @@ class SFTConfig:
 
 
 @dataclass
-class RewardModelConfig:
+class SFTConfig(PoissonStageConfig):
+    """DP-SFT on D1: causal-LM loss on response tokens (prompt masked), LoRA on the base model."""
+
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """The SFT adapter."""
+
+
+@dataclass
+class RewardModelConfig(PoissonStageConfig):
     """DP reward model on D2: the SFT model plus a scalar head and a LoRA, Bradley-Terry loss per user."""
 
-    steps: int = 0
-    """Noisy optimizer steps. 0: derived from epochs (steps = ceil(epochs * N / expected_batch_users))."""
-    epochs: float = 2.0
-    """Expected passes over D2's users when steps=0."""
-    expected_batch_users: int = 32
-    """B = q * N, expected users per Poisson-sampled step (the public normalizer of the noisy sum)."""
-    lr: float = 5e-3
-    """Adam learning rate of the LoRA weights and the score head."""
-    max_len: int = 64
-    """Tokens per (prompt, completion) sequence after truncation."""
     gold_pairs: int = 128
     """Held-out preference pairs labeled by the gold oracle (public, never trained on) for pairwise accuracy."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """The reward model's adapter (on top of the SFT weights)."""
 
     def check(self) -> None:
-        require(self.steps >= 0, "steps", "must be >= 0 (0: derived from epochs)")
-        require(self.steps > 0 or self.epochs > 0, "epochs", "must be > 0 when steps=0")
-        require(self.expected_batch_users >= 1, "expected_batch_users", "must be >= 1")
-        require(self.lr > 0, "lr", "must be > 0")
-        require(self.max_len >= 8, "max_len", "must be >= 8")
+        super().check()
         require(self.gold_pairs >= 1, "gold_pairs", "must be >= 1")
-
-    def sampling_rate(self, num_users: int) -> float:
-        """q = expected_batch_users / N (ValueError when q > 1)."""
-        return _sampling_rate(self.expected_batch_users, num_users, "expected_batch_users")
-
-    def num_steps(self, num_users: int) -> int:
-        """``steps`` or, when 0, ceil(epochs / q)."""
-        if self.steps:
-            return self.steps
-        return max(1, math.ceil(self.epochs / self.sampling_rate(num_users)))
 
 
 @dataclass
