@@ -21,8 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainers.models.tokenizer import padding_side
-
 
 def add_lora(
     model: nn.Module,
@@ -223,36 +221,10 @@ def generate_continuations(
         seed: seeds the sampling (batch i uses seed + i).
         batch_size: prompts per ``generate`` call.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature}: must be >= 0 (0: greedy)")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be >= 1")
-    bos = tokenizer.bos_token or tokenizer.eos_token
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    sample = temperature > 0
-    kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new_tokens}
-    if sample:
-        kwargs.update(temperature=temperature, top_k=top_k, top_p=1.0)  # top_k=0 disables top-k in HF
-    out: list[str] = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            chunk = [bos + p for p in prompts[i : i + batch_size]]
-            with padding_side(tokenizer, "left"):
-                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-                torch.manual_seed(seed + i // batch_size)
-                ids = model.generate(
-                    **enc,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    **kwargs,
-                )  # [b, P + T]
-            new = ids[:, enc["input_ids"].shape[1] :]  # [b, T]: generated tokens only
-            out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        model.train(was_training)
-    return out
+    from trainers.rollout import generate_rollouts
+
+    rollouts = generate_rollouts(
+        model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        seed=seed, batch_size=batch_size,
+    )
+    return [r.text for r in rollouts]
