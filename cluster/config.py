@@ -23,9 +23,10 @@ class RayConfig:
     this machine; 'ray://host:10001' connects through Ray Client."""
     num_cpus: int = 0
     """Embedded Ray only: CPUs it may use (0: every core of the machine). Ignored when joining a cluster."""
-    num_workers: int = 1
-    """Learner workers (data-parallel ranks). Each clips its share of the sampled users; the noise is added once
-    to the global sum, so the update does not depend on this number."""
+    num_workers: int = 0
+    """Learner workers (data-parallel ranks) of the SFT and reward-model stages, as Ray Train TorchTrainer workers.
+    Each clips its share of the sampled users; the noise is added once to the global sum, so the update does not
+    depend on this number. 0: the learner runs inside the driver process (no Ray Train; the test default)."""
     use_gpu: bool = False
     """One GPU per learner worker (NCCL process group); false uses CPUs and gloo."""
     cpus_per_worker: float = 1.0
@@ -37,12 +38,14 @@ class RayConfig:
     """Ray Train FailureConfig.max_failures: restarts of the learner group after a worker dies (-1: unlimited).
     A restart resumes from the last reported checkpoint; privacy events already on the ledger stay counted."""
     storage_path: str = ""
-    """Where Ray Train keeps checkpoints and results (shared storage such as s3:// or an NFS path on a multi-node
-    cluster). Empty: the run directory."""
+    """Where Ray Train keeps checkpoints and results, including each learner stage's outputs (rank 0 reports the
+    adapter and merged model as its final checkpoint; the driver copies them into the run directory). On a
+    multi-node cluster this must be storage every node and the driver can reach (s3://, gs://, an NFS path).
+    Empty: <run dir>/ray_train (enough on one machine)."""
 
     def check(self) -> None:
         require(self.num_cpus >= 0, "ray.num_cpus", "must be >= 0 (0: all cores)")
-        require(self.num_workers >= 1, "ray.num_workers", "must be >= 1")
+        require(self.num_workers >= 0, "ray.num_workers", "must be >= 0 (0: learners in the driver process)")
         require(self.cpus_per_worker > 0, "ray.cpus_per_worker", "must be > 0")
         for key, value in self.resources_per_worker.items():
             require(

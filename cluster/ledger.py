@@ -30,9 +30,12 @@ class _LedgerSinkImpl:
     def __init__(self, open_ledger: Callable[[], Any]) -> None:
         self._ledger = open_ledger()
 
-    def record(self, event: Any) -> int:
-        self._ledger.record(event)
+    def record(self, event: Any, stage_fingerprint: str | None = None) -> int:
+        self._ledger.record(event, stage_fingerprint=stage_fingerprint)
         return len(self._ledger.events())
+
+    def epsilon(self, stage: str | None = None) -> float:
+        return float(self._ledger.epsilon(stage))
 
     def admit(self, event: Any) -> Any:
         return self._ledger.admit(event)
@@ -76,15 +79,26 @@ def stop_ledger_sink(sink: Any) -> None:
     ray.kill(sink)
 
 
-def remote_event_writer(sink: Any) -> Callable[[Any], None]:
+def remote_event_writer(sink: Any, *, stage_fingerprint: str | None = None) -> Callable[[Any], None]:
     """In rank 0: the engine's ``event_sink``. Sends the PrivacyEvent and BLOCKS until it is on the driver's
-    disk; a refusal by the ledger (budget, unknown stage) is raised here, before anything is released."""
+    disk; a refusal by the ledger (budget, unknown stage, a ``stage_fingerprint`` that is not the stage's user
+    set) is raised here, before anything is released."""
     import ray
 
     def emit(event: Any) -> None:
-        ray.get(sink.record.remote(event))
+        ray.get(sink.record.remote(event, stage_fingerprint))
 
     return emit
+
+
+def remote_epsilon(sink: Any, stage: str) -> Callable[[], float]:
+    """In rank 0: epsilon spent so far by ``stage`` on the driver's ledger (public; for logs and progress)."""
+    import ray
+
+    def epsilon() -> float:
+        return float(ray.get(sink.epsilon.remote(stage)))
+
+    return epsilon
 
 
 def remote_admit(sink: Any) -> Callable[[Any], Any]:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 STAGE_ORDER = ("sft", "rm", "ppo")
+LEARNER_STAGES = ("sft", "rm")
+"""Stages whose learner runs on Ray Train TorchTrainer workers when ray.num_workers >= 1."""
 
 
 def quiet_libraries() -> None:
@@ -163,6 +165,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     # --- the three stages ------------------------------------------------------------------------------------
     summaries: dict[str, dict[str, Any]] = {}
     entries: dict[str, dict[str, Any]] = {}
+    ray_started = False
     try:
         for i, name in enumerate(STAGE_ORDER):
             protection = plan["protection"][name]
@@ -171,17 +174,27 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
                 summaries[name] = info.get("summary", {})
                 wall[name] = float(info.get("wall_time_s", 0.0))
             else:
+                # SFT and RM learners on Ray Train workers when ray.num_workers >= 1 (PPO's learner stays here;
+                # its rollouts use Ray actors).
+                distributed = cfg.ray.num_workers >= 1 and name in LEARNER_STAGES
+                if distributed:
+                    ray_started = _start_ray(cfg) or ray_started
                 ctx = StageContext(
                     stage=name, cfg=cfg, private=protection.private, ledger=ledger if protection.private else None,
                     metrics=metrics, target_epsilon=plan["targets"].get(name), target_delta=plan["deltas"].get(name),
                     seed=cfg.run.seed * 1000 + i, progress=progress,
-                    extras={"eval_prompts": eval_prompts},
+                    extras={"eval_prompts": eval_prompts, "ray_storage": run.path / "ray_train"},
+                    distributed=distributed,
                 )
                 t = time.time()
                 torch.manual_seed(ctx.seed)
-                with run.stage(name) as out:
-                    summary = _run_stage(name, ctx, run, out.path, task, base_dir, windows, public_valid)
-                    out.summary.update(summary)
+                try:
+                    with run.stage(name) as out:
+                        summary = _run_stage(name, ctx, run, out.path, task, base_dir, windows, public_valid)
+                        out.summary.update(summary)
+                finally:
+                    if ctx.ledger is not None:  # a learner stage hands the ledger to Ray and reopens it
+                        ledger = ctx.ledger
                 summaries[name] = summary
                 wall[name] = time.time() - t
             summary = summaries[name]
@@ -207,6 +220,10 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
         wall["eval"] = time.time() - t
     finally:
         metrics.close()
+        if ray_started:
+            from cluster.runtime import shutdown_ray
+
+            shutdown_ray()
     wall["total"] = time.time() - t_start
     status = "completed" if all(e["status"] == "completed" for e in entries.values()) else "partial"
     report = build_report(
@@ -219,6 +236,13 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     write_report(report, report_json=run.report_json, report_md=run.report_md, plots_dir=run.plots_dir)
     report["_run_dir"] = str(run.path)
     return report
+
+
+def _start_ray(cfg: Any) -> bool:
+    """Start (embedded) or join Ray for the learners; True when this call started it (so the run stops it)."""
+    from cluster.runtime import init_ray
+
+    return init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus or None).started_here
 
 
 def _public_metrics(summary: dict[str, Any]) -> dict[str, float]:

@@ -17,7 +17,8 @@ statistic of private data and never reaches a log or a progress bar.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,11 @@ class StageContext:
         target_epsilon, target_delta: this stage's budget (None when not private).
         seed: seed of this stage's sampling, noise and initialization.
         progress: show progress bars.
-        num_threads: torch threads for this process.
+        policy_factory: builds the clip/noise policy instead of the ``engine`` config (the learned controller).
+        extras: recipe-specific inputs (e.g. "eval_prompts", "ray_storage").
+        distributed: run the learner on ``ray.num_workers`` Ray Train workers (set by the pipeline when
+            ``ray.num_workers >= 1``; Ray must be up). The ledger is handed to a sink actor for the stage and
+            reopened into ``ctx.ledger`` afterwards, so callers must read ``ctx.ledger`` back after the stage.
     """
 
     stage: str
@@ -63,6 +68,7 @@ class StageContext:
     progress: bool = True
     policy_factory: Callable[..., Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    distributed: bool = False
 
     def log(self, key: str, value: float, *, step: int, private: bool = False, released: bool = False) -> None:
         """Log a scalar; a value derived from private data must be released (noised and accounted)."""
@@ -218,18 +224,24 @@ def build_engine(
     steps: int | None = None,
     repeats: int = 1,
     validation_loss: Callable[[], float] | None = None,
+    learner: Learner | None = None,
+    apply_fn: Callable[[Sequence[Tensor]], None] | None = None,
 ) -> Any:
     """The DP engine for this stage: ledger.record as the write-ahead sink, ledger.admit as the filter.
 
     Non-private stages use the same engine (same public normalization B = q * N) with no clipping, noise or
     events, so the baselines differ from the private runs only in the mechanism.
+
+    With ``learner`` (a rank of a stage learner), its ``hooks`` replace the ledger: rank 0's event sink and
+    filter (local ledger or the driver's sink actor), the all-reduce before noise, ``is_main_process``.
+    ``apply_fn`` applies the final gradient (DeepSpeed's optimizer); None writes ``.grad`` for ``optimizer``.
     """
     from trainers.engine.engine import DPEngine, clipping_groups, trainable_named_parameters
 
     grouping = ENGINE_GROUPING[ctx.cfg.engine.clipping]
     policy = None
     if ctx.private:
-        if sigma is None or ctx.ledger is None:
+        if sigma is None or (ctx.ledger is None and learner is None):
             raise ValueError(f"stage {ctx.stage!r}: a private stage needs a calibrated sigma and the ledger")
         from trainers.engine.policy import GroupSpec
 
@@ -242,15 +254,19 @@ def build_engine(
             ctx, sigma=sigma, groups=specs, expected_batch_size=q * users.num_users,
             steps=steps, sampling_rate=q, repeats=repeats, validation_loss=validation_loss,
         )
+    hooks: dict[str, Any]
+    if learner is not None:
+        hooks = {k: v for k, v in learner.hooks.items() if ctx.private or k not in ("event_sink", "admit")}
+    elif ctx.private:
         fingerprint = users.fingerprint
         ledger = ctx.ledger
 
         def sink(event: Any) -> None:
             ledger.record(event, stage_fingerprint=fingerprint)
 
-        event_sink, admit = sink, ledger.admit
+        hooks = {"event_sink": sink, "admit": ledger.admit}
     else:
-        event_sink, admit = None, None
+        hooks = {}
     return DPEngine(
         model,
         stage=ctx.stage,
@@ -259,12 +275,12 @@ def build_engine(
         seed=ctx.seed,
         policy=policy,
         private=ctx.private,
-        event_sink=event_sink,
-        admit=admit,
         grouping=grouping,
         max_records_per_microbatch=ctx.cfg.engine.max_physical_batch_records,
         optimizer=optimizer,
         start_step=start_step,
+        apply_fn=apply_fn,
+        **hooks,
     )
 
 
@@ -307,3 +323,369 @@ def save_json(path: Path, data: dict[str, Any]) -> None:
     import json
 
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where a stage's learner runs: this process, or Ray Train TorchTrainer workers (ray.num_workers >= 1)
+#
+# A learner stage (SFT, reward model) is split in two plain functions:
+#   * a driver-side part (the recipe, ``run_sft``/``run_rm``): load the data, index the users, fix q and the
+#     number of steps, calibrate sigma, ``ledger.begin_stage``; afterwards ``end_stage`` and the summary;
+#   * a per-rank ``learn(ctx, plan, learner)``: rebuild the model from the stage's input directory, draw the SAME
+#     Poisson sample on every rank, keep this rank's slice (``shard_users``), one engine step (clipped sums are
+#     all-reduced before the noise, which every rank draws from the same (seed, step) stream), apply the update
+#     (torch optimizer, or DeepSpeed's), and on rank 0 save the outputs into ``learner.output_dir``.
+# In-process (the default) ``learn`` runs here with one rank and the ledger itself as the event sink, so results
+# do not depend on the number of workers.
+
+
+class LearnerMetrics:
+    """A worker's stand-in for the driver's MetricsLogger: keeps rank 0's log calls, replayed on the driver.
+
+    The provenance rule (private values only when released) is checked again by the real logger on replay.
+    """
+
+    def __init__(self, rows: list[dict[str, Any]] | None = None) -> None:
+        self.rows: list[dict[str, Any]] = list(rows or [])
+
+    def log(self, key: str, value: float, *, step: int, stage: str, private: bool, released: bool = False) -> None:
+        self.rows.append(
+            {"key": key, "value": float(value), "step": int(step), "stage": stage, "private": private,
+             "released": released}
+        )
+
+
+@dataclass
+class Learner:
+    """What a per-rank ``learn`` function needs to know about where it runs.
+
+    Attributes:
+        rank, world_size: this rank and the number of learner ranks (1 in-process).
+        hooks: DPEngine keyword arguments: ``is_main_process``, and where needed ``reduce_fn`` (all-reduce of the
+            clipped sums), ``event_sink`` / ``admit`` (rank 0: the ledger, local or through the sink actor).
+        epsilon: epsilon spent so far by the stage (rank 0; public, from the ledger).
+        output_dir: where rank 0 saves the stage's outputs (the stage directory, or a checkpoint directory).
+        device: torch device of the model and records.
+        deepspeed: the ``deepspeed`` config section when DeepSpeed applies the update, else None.
+        restored: the last checkpoint's state after a Ray Train restart (else None).
+        checkpoint_every: steps between mid-stage checkpoints (0: none; in-process there is nothing to restart).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    hooks: dict[str, Any] = field(default_factory=dict)
+    epsilon: Callable[[], float] = lambda: 0.0
+    output_dir: Path | None = None
+    device: str = "cpu"
+    deepspeed: Any = None
+    restored: dict[str, Any] | None = None
+    checkpoint_every: int = 0
+    recorder: LearnerMetrics | None = None
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+    def checkpoint(self, state_fn: Callable[[], dict[str, Any]], *, step: int) -> None:
+        """Mid-stage checkpoint through ``ray.train.report`` every ``checkpoint_every`` steps (every rank calls
+        it: ``state_fn`` may be collective, e.g. gathering ZeRO-3 partitions; rank 0 writes the state)."""
+        if self.checkpoint_every <= 0 or step % self.checkpoint_every != 0:
+            return
+        import tempfile
+
+        import ray.train
+
+        state = state_fn()
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if self.is_main_process:
+                rows = list(self.recorder.rows) if self.recorder is not None else []
+                torch.save({**state, "metrics_rows": rows}, Path(d) / "state.pt")
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report({"step": step}, checkpoint=ckpt)
+
+
+def learner_state(
+    model: torch.nn.Module, optimizer: Any, ds_engine: Any, engine: Any, *, next_step: int, **extra: Any
+) -> dict[str, Any]:
+    """A learner's resumable state: trainable tensors, optimizer moments, the policy's state, the next step.
+
+    Under DeepSpeed the trainable tensors are gathered (collective under ZeRO-3) and the optimizer's partitioned
+    moments are not kept: a restarted DeepSpeed learner continues with fresh optimizer state (documented).
+    """
+    if ds_engine is not None:
+        from trainers.distributed import gather_trainable_state
+
+        trainable = gather_trainable_state(ds_engine)
+        opt_state = None
+    else:
+        trainable = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+        opt_state = optimizer.state_dict() if optimizer is not None else None
+    policy = engine.policy
+    return {
+        "trainable": trainable,
+        "optimizer": opt_state,
+        "policy": policy.state_dict() if policy is not None and hasattr(policy, "state_dict") else None,
+        "next_step": int(next_step),
+        **extra,
+    }
+
+
+def restore_learner_state(learner: Learner, model: torch.nn.Module, optimizer: Any = None) -> int:
+    """After a Ray Train restart, load ``learner.restored`` into the plain model (before any DeepSpeed wrap, which
+    then builds its partitions from the restored weights) and, without DeepSpeed, the optimizer's moments.
+
+    Returns:
+        The step to resume at (0 without a checkpoint).
+    """
+    state = learner.restored
+    if state is None:
+        return 0
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = set(named) - set(state["trainable"])
+    if missing:
+        raise RuntimeError(f"checkpoint lacks trainable tensors {sorted(missing)[:3]}; it is from another model")
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(state["trainable"][n].to(p.device))
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    return int(state["next_step"])
+
+
+def make_learner_optimizer(
+    learner: Learner, model: torch.nn.Module, make_optimizer: Callable[[list[Any]], torch.optim.Optimizer]
+) -> tuple[Any, torch.optim.Optimizer | None, Callable[[Sequence[Tensor]], None] | None, int]:
+    """Restore a checkpoint if any, then the optimizer: a torch optimizer over the trainable tensors, or (with
+    ``deepspeed.enabled``) a DeepSpeed engine whose optimizer the DP engine feeds through ``apply_fn``.
+
+    Returns:
+        (deepspeed engine or None, torch optimizer to step after each DP step or None, apply_fn or None,
+        the step to start at).
+    """
+    if learner.deepspeed is None:
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+        return None, optimizer, None, restore_learner_state(learner, model, optimizer)
+    from trainers.distributed import deepspeed_apply_fn, init_deepspeed
+
+    start = restore_learner_state(learner, model)
+    device = "cuda" if learner.device.startswith("cuda") else "cpu"
+    ds_engine, _ = init_deepspeed(model, make_optimizer, learner.deepspeed, device=device)
+    return ds_engine, None, deepspeed_apply_fn(ds_engine), start
+
+
+def save_outputs(
+    learner: Learner,
+    model: torch.nn.Module,
+    ds_engine: Any,
+    tokenizer: Any,
+    *,
+    exporter: Callable[[torch.nn.Module, Any, Path], None],
+    init: Callable[[], torch.nn.Module],
+) -> None:
+    """Rank 0 exports the trained model into ``learner.output_dir`` (``exporter(model, tokenizer, out)``).
+
+    Under DeepSpeed the trained tensors are gathered from the engine (collective: every rank calls this) and
+    loaded into a model rebuilt on rank 0 by ``init`` (the frozen weights may be partitioned by ZeRO-3).
+    """
+    trainable = None
+    if ds_engine is not None:
+        from trainers.distributed import gather_trainable_state
+
+        trainable = gather_trainable_state(ds_engine)
+    if not learner.is_main_process:
+        return
+    if trainable is not None:
+        model = init()
+        named = dict(model.named_parameters())
+        unknown = set(trainable) - set(named)
+        if unknown:
+            raise RuntimeError(f"trained tensors {sorted(unknown)[:3]} do not exist in the rebuilt model")
+        with torch.no_grad():
+            for n, v in trainable.items():
+                named[n].copy_(v)
+    model.to("cpu")
+    model.eval()
+    out = Path(learner.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    exporter(model, tokenizer, out)
+
+
+def local_learner(ctx: StageContext, *, fingerprint: str, out_dir: Path) -> Learner:
+    """The in-process learner: rank 0 of 1, the ledger's own record/admit (exactly the pre-Ray behaviour)."""
+    hooks: dict[str, Any] = {"is_main_process": True}
+    if ctx.private and ctx.ledger is not None:
+        ledger = ctx.ledger
+
+        def sink(event: Any) -> None:
+            ledger.record(event, stage_fingerprint=fingerprint)
+
+        hooks.update(event_sink=sink, admit=ledger.admit)
+    return Learner(hooks=hooks, epsilon=lambda: spent_epsilon(ctx), output_dir=out_dir)
+
+
+def worker_context(ctx: StageContext) -> StageContext:
+    """The picklable part of ``ctx`` that travels to the workers (no ledger file, no TensorBoard writer)."""
+    from dataclasses import replace
+
+    return replace(ctx, ledger=None, metrics=None, policy_factory=None)
+
+
+def check_distributable(ctx: StageContext) -> None:
+    """Refuse, before any privacy is spent, what the Ray Train learners cannot run with the same guarantees."""
+    controller_cfg = getattr(ctx.cfg, "controller", None)
+    if ctx.policy_factory is not None or (controller_cfg is not None and controller_cfg.enabled):
+        raise ValueError(
+            f"stage {ctx.stage!r}: the learned controller (controller.enabled or a policy_factory) runs only with "
+            "the learner in the driver process, where it reads the ledger's filter; set ray.num_workers=0"
+        )
+
+
+@contextmanager
+def ledger_handover(ctx: StageContext) -> Iterator[Any]:
+    """Hand the run's ledger to a sink actor for the learners (``cluster.ledger``); yields its handle (None for
+    a non-private stage).
+
+    The ledger admits one writer (flock): the driver's handle is closed, the actor reopens the same file, and on
+    exit (also after a failure) the actor closes it and the driver reopens it into ``ctx.ledger``. Callers that
+    keep their own reference to the ledger must read ``ctx.ledger`` afterwards (the old object is closed).
+    """
+    if not ctx.private or ctx.ledger is None:
+        yield None
+        return
+    import functools
+
+    from accounting.ledger import Ledger
+    from cluster.ledger import start_ledger_sink, stop_ledger_sink
+
+    old = ctx.ledger
+    run = old.run
+    reopen = functools.partial(
+        Ledger.open, old.path, run_id=run.run_id, target_epsilon=run.target_epsilon, target_delta=run.target_delta,
+        accountant=run.accountant, composition=run.composition, rdp_order=run.rdp_order,
+    )
+    old.close()
+    try:
+        sink = start_ledger_sink(reopen)
+    except BaseException:
+        ctx.ledger = reopen()
+        raise
+    try:
+        yield sink
+    finally:
+        try:
+            stop_ledger_sink(sink)
+        finally:
+            ctx.ledger = reopen()
+
+
+def learner_storage(ctx: StageContext, out_dir: Path) -> str:
+    """Ray Train's storage: ``ray.storage_path``, else the run's ``ray_train`` directory (absolute)."""
+    configured = ctx.cfg.ray.storage_path
+    if configured:
+        return configured
+    default = ctx.extras.get("ray_storage") or (Path(out_dir).resolve().parent / "ray_train")
+    return str(Path(default).resolve())
+
+
+def run_stage_learner(
+    ctx: StageContext,
+    learn: Callable[[StageContext, Any, Learner], dict[str, Any]],
+    plan: Any,
+    *,
+    fingerprint: str,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Run ``learn(ctx, plan, learner)`` in this process, or on ``ray.num_workers`` Ray Train workers when
+    ``ctx.distributed``; either way the stage's outputs end up in ``out_dir`` and rank 0's result is returned.
+
+    Distributed: Ray must be up (``cluster.runtime.init_ray``); the ledger goes to a sink actor for the run
+    (:func:`ledger_handover`); rank 0 reports the outputs as its final checkpoint, copied here into ``out_dir``;
+    its metrics are replayed into ``ctx.metrics``. ``FailureConfig(max_failures=ray.max_failures)``: a restarted
+    group resumes from the last mid-stage checkpoint; events already on the ledger stay counted.
+    """
+    out_dir = Path(out_dir)
+    if not ctx.distributed:
+        return learn(ctx, plan, local_learner(ctx, fingerprint=fingerprint, out_dir=out_dir))
+    check_distributable(ctx)
+    from cluster.train import run_learners
+
+    ray_cfg = ctx.cfg.ray
+    with ledger_handover(ctx) as sink:
+        result = run_learners(
+            _ray_learner_entry,
+            {
+                "learn": learn, "ctx": worker_context(ctx), "plan": plan, "sink": sink,
+                "fingerprint": fingerprint, "checkpoint_every": plan.eval_every if ray_cfg.max_failures != 0 else 0,
+            },
+            num_workers=ray_cfg.num_workers,
+            use_gpu=ray_cfg.use_gpu,
+            cpus_per_worker=ray_cfg.cpus_per_worker,
+            resources_per_worker=ray_cfg.resources_per_worker,
+            max_failures=ray_cfg.max_failures,
+            storage_path=learner_storage(ctx, out_dir),
+            name=f"{ctx.stage}-learners",
+        )
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {ctx.stage!r}: the learners finished without reporting their outputs")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result.checkpoint.to_directory(str(out_dir))
+    final = out_dir / "learner_result.pt"
+    outcome = torch.load(final, weights_only=False)
+    final.unlink()
+    if ctx.metrics is not None:
+        for row in outcome.pop("metrics_rows", []):
+            ctx.metrics.log(row["key"], row["value"], step=row["step"], stage=row["stage"],
+                            private=row["private"], released=row["released"])
+    return outcome["result"]
+
+
+def _ray_learner_entry(config: dict[str, Any]) -> None:
+    """Body of every Ray Train worker: build the Learner from the Ray context, run ``learn``, and on rank 0
+    report the stage's outputs (and the summary and metrics) as the final checkpoint."""
+    import tempfile
+
+    import ray.train
+
+    from cluster.ledger import remote_admit, remote_epsilon, remote_event_writer
+    from cluster.train import worker_info
+    from trainers.distributed import allreduce_sum_fn
+
+    info = worker_info()
+    ctx: StageContext = config["ctx"]
+    sink = config["sink"]
+    recorder = LearnerMetrics()
+    restored = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            restored = torch.load(Path(d) / "state.pt", weights_only=False)
+        recorder.rows = list(restored.get("metrics_rows", []))
+    hooks: dict[str, Any] = {"is_main_process": info.is_main_process}
+    if info.world_size > 1:
+        hooks["reduce_fn"] = allreduce_sum_fn()
+    epsilon: Callable[[], float] = lambda: 0.0  # noqa: E731
+    if sink is not None and info.is_main_process:
+        hooks["event_sink"] = remote_event_writer(sink, stage_fingerprint=config["fingerprint"])
+        hooks["admit"] = remote_admit(sink)
+        epsilon = remote_epsilon(sink, ctx.stage)
+    device = "cpu"
+    if ctx.cfg.ray.use_gpu:
+        import ray.train.torch
+
+        device = str(ray.train.torch.get_device())
+    from dataclasses import replace
+
+    ctx = replace(ctx, metrics=recorder if info.is_main_process else None, progress=ctx.progress and info.rank == 0)
+    with tempfile.TemporaryDirectory() as out:
+        learner = Learner(
+            rank=info.rank, world_size=info.world_size, hooks=hooks, epsilon=epsilon, output_dir=Path(out),
+            device=device, deepspeed=ctx.cfg.deepspeed if ctx.cfg.deepspeed.enabled else None,
+            restored=restored, checkpoint_every=int(config["checkpoint_every"]), recorder=recorder,
+        )
+        result = config["learn"](ctx, config["plan"], learner)
+        if info.is_main_process:
+            torch.save({"result": result, "metrics_rows": recorder.rows}, Path(out) / "learner_result.pt")
+            ray.train.report({"done": True}, checkpoint=ray.train.Checkpoint.from_directory(out))
+        else:
+            ray.train.report({"done": True})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,17 @@ from torch import Tensor
 
 from accounting.ledger import BudgetExceededError
 from trainers.stages.common import (
+    Learner,
     StageContext,
     UserIndex,
     build_engine,
     calibrate_stage,
+    check_distributable,
+    learner_state,
+    make_learner_optimizer,
     progress_bar,
+    run_stage_learner,
+    save_outputs,
     spent_epsilon,
 )
 
@@ -131,6 +138,29 @@ def load_reward_model(rm_dir: str | Path) -> tuple[torch.nn.Module, Any]:
     return model, tokenizer
 
 
+@dataclass(frozen=True)
+class RMPlan:
+    """Everything a reward-model learner rank needs, fixed by the driver before any step (plain data).
+
+    Attributes:
+        sft_dir: the SFT model directory, the initialization (on a cluster, storage every worker can read).
+        records: tokenized D2, each [R, L]: c_ids, c_mask (chosen), r_ids, r_mask (rejected).
+        users: the privacy units (record -> user index).
+        q, steps: the public schedule; sigma: the calibrated multiplier (None: non-private).
+        pairs: PUBLIC gold-labeled (chosen, rejected) texts for the logged accuracy.
+        eval_every: steps between public evaluations (and mid-stage checkpoints on Ray Train).
+    """
+
+    sft_dir: str
+    records: dict[str, Tensor]
+    users: UserIndex
+    q: float
+    steps: int
+    sigma: float | None
+    pairs: list[tuple[str, str]]
+    eval_every: int
+
+
 def run_rm(
     ctx: StageContext,
     *,
@@ -142,6 +172,9 @@ def run_rm(
 ) -> dict[str, Any]:
     """Train the reward model with the DP engine (or non-privately, same path) and export it.
 
+    Driver side: data, users, schedule, sigma and the ledger's stage header; the training itself is
+    :func:`learn_rm`, run here or on ``ray.num_workers`` Ray Train workers (``ctx.distributed``).
+
     Args:
         ctx: the stage context.
         sft_dir: the SFT model directory (merged; ``from_pretrained``), the reward model's initialization.
@@ -151,28 +184,20 @@ def run_rm(
         eval_every: steps between public accuracy evaluations.
     """
     from trainers.data.io import load_preferences
-    from trainers.engine.engine import UserBatch
-    from trainers.engine.sampling import PoissonUserSampler
-    from trainers.models.base import load_base_model
-    from trainers.models.lora import add_lora, merge_and_save
-    from trainers.rlhf.heads import ScoreModel
+    from trainers.models.tokenizer import load_tokenizer
 
     t0 = time.time()
     cfg = ctx.cfg.rm
-    out = Path(out_dir)
     data = load_preferences(data_path)
     rows = data.rows
     users = UserIndex.from_ids(list(rows["user_id"]))
     n = users.num_users
     q = cfg.sampling_rate(n)
     steps = cfg.num_steps(n)
+    if ctx.distributed:
+        check_distributable(ctx)
 
-    torch.manual_seed(ctx.seed)
-    backbone, tokenizer = load_base_model(sft_dir)
-    backbone = add_lora(backbone, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                        target_modules=tuple(cfg.lora.target_modules))
-    model = ScoreModel(backbone)
-    model.train()
+    tokenizer = load_tokenizer(sft_dir)
     prompts = list(rows["prompt"])
     c_ids, c_mask = tokenize_texts(tokenizer, rm_texts(tokenizer, prompts, rows["chosen"]), max_len=cfg.max_len)
     r_ids, r_mask = tokenize_texts(tokenizer, rm_texts(tokenizer, prompts, rows["rejected"]), max_len=cfg.max_len)
@@ -186,60 +211,15 @@ def run_rm(
             ctx.stage, user_fingerprint=users.fingerprint, num_users=n,
             target_epsilon=ctx.target_epsilon, target_delta=ctx.target_delta,
         )
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    engine = build_engine(
-        ctx, model, q=q, users=users, optimizer=optimizer, sigma=sigma, steps=steps,
-        validation_loss=lambda: public_bt_loss(model, tokenizer, pairs, max_len=cfg.max_len),
+    plan = RMPlan(
+        sft_dir=str(sft_dir), records=records, users=users, q=q, steps=steps, sigma=sigma, pairs=pairs,
+        eval_every=eval_every,
     )
-    sampler = PoissonUserSampler(n, sampling_rate=q, seed=ctx.seed)
-    loss_fn = bt_loss_fn(model)
-
-    status, reason, done = "completed", "", 0
-    acc0 = acc = pairwise_accuracy(model, tokenizer, pairs, max_len=cfg.max_len)
-    ctx.log("eval/rm_accuracy", acc, step=0)
-    bar = progress_bar(ctx, steps, f"reward model ({'DP' if ctx.private else 'non-private'})")
-    try:
-        for step in range(steps):
-            idx = users.records_of(sampler.sample(step))
-            sample = UserBatch(records={k: v[idx] for k, v in records.items()}, user_ids=users.record_user[idx])
-            try:
-                result = engine.step(sample, loss_fn)
-            except BudgetExceededError as err:
-                status, reason = "refused", str(err)
-                break
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            if result.released is not None:
-                norm = float(sum(v * v for v in result.released.noisy_grad_norms) ** 0.5)
-                ctx.log("privacy/noisy_grad_norm", norm, step=done, private=True, released=True)
-                ctx.log("privacy/sigma_eff", result.event.noise_multiplier, step=done)
-            if done % eval_every == 0 or done == steps:
-                post: dict[str, Any] = {}
-                if ctx.private:
-                    eps = spent_epsilon(ctx)
-                    ctx.log("privacy/epsilon", eps, step=done)
-                    post["eps"] = f"{eps:.2f}"
-                acc = pairwise_accuracy(model, tokenizer, pairs, max_len=cfg.max_len)
-                ctx.log("eval/rm_accuracy", acc, step=done)
-                post["acc"] = f"{acc:.3f}"
-                bar.set_postfix(post)
-            bar.update(1)
-    finally:
-        bar.close()
-        engine.close()
+    result = run_stage_learner(ctx, learn_rm, plan, fingerprint=users.fingerprint, out_dir=Path(out_dir))
     if ctx.private:
-        ctx.ledger.end_stage(ctx.stage, status=status, reason=reason)
-
-    model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    model.backbone.save_pretrained(out / "adapter")
-    merge_and_save(model.backbone, tokenizer, out / "backbone")
-    model.save_head(out / "head.safetensors")
+        ctx.ledger.end_stage(ctx.stage, status=result["status"], reason=result["reason"])
     return {
-        "status": status,
-        "reason": reason,
-        "steps": done,
+        **result,
         "planned_steps": steps,
         "sampling_rate": q,
         "noise_multiplier": sigma,
@@ -248,8 +228,112 @@ def run_rm(
         "per_record_users": data.per_record_users,
         "expected_batch_users": q * n,
         "epsilon": spent_epsilon(ctx),
-        "accuracy_start": acc0,
-        "accuracy": acc,
         "gold_pairs": len(pairs),
+        "learner_workers": ctx.cfg.ray.num_workers if ctx.distributed else 0,
         "wall_time_s": time.time() - t0,
     }
+
+
+def _reward_model(ctx: StageContext, sft_dir: str) -> tuple[torch.nn.Module, Any]:
+    """The SFT backbone + a new LoRA + a fresh score head, in this order of random draws (seeded by the caller)."""
+    from trainers.models.base import load_base_model
+    from trainers.models.lora import add_lora
+    from trainers.rlhf.heads import ScoreModel
+
+    cfg = ctx.cfg.rm
+    backbone, tokenizer = load_base_model(sft_dir)
+    backbone = add_lora(backbone, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                        target_modules=tuple(cfg.lora.target_modules))
+    return ScoreModel(backbone), tokenizer
+
+
+def learn_rm(ctx: StageContext, plan: RMPlan, learner: Learner) -> dict[str, Any]:
+    """One learner rank of the DP reward model (every rank runs this; rank 0 logs and saves the outputs).
+
+    Same sample on every rank, this rank's slice, clipped sums all-reduced before the one noise draw: the update
+    equals the single-process one. Returns rank 0's results.
+    """
+    from trainers.distributed import shard_users
+    from trainers.engine.engine import UserBatch
+    from trainers.engine.sampling import PoissonUserSampler
+
+    cfg = ctx.cfg.rm
+    steps, pairs = plan.steps, plan.pairs
+    torch.manual_seed(ctx.seed)
+    model, tokenizer = _reward_model(ctx, plan.sft_dir)
+    model.to(learner.device)
+    model.train()
+    records = {k: v.to(learner.device) for k, v in plan.records.items()}
+    users = plan.users
+
+    ds_engine, optimizer, apply_fn, start = make_learner_optimizer(
+        learner, model, lambda ps: torch.optim.Adam(ps, lr=cfg.lr)
+    )
+    engine = build_engine(
+        ctx, model, q=plan.q, users=users, optimizer=optimizer, sigma=plan.sigma, steps=steps, start_step=start,
+        validation_loss=lambda: public_bt_loss(model, tokenizer, pairs, max_len=cfg.max_len),
+        learner=learner, apply_fn=apply_fn,
+    )
+    if learner.restored is not None and engine.policy is not None and hasattr(engine.policy, "load_state_dict"):
+        engine.policy.load_state_dict(learner.restored["policy"])
+    sampler = PoissonUserSampler(users.num_users, sampling_rate=plan.q, seed=ctx.seed)
+    loss_fn = bt_loss_fn(model)
+    main = learner.is_main_process
+    # Public evaluations run on rank 0 only, except under ZeRO-3 where every forward gathers weights collectively.
+    evaluates = main or (learner.deepspeed is not None and learner.deepspeed.zero_stage == 3)
+
+    status, reason, done = "completed", "", start
+    acc = pairwise_accuracy(model, tokenizer, pairs, max_len=cfg.max_len) if evaluates else None
+    acc0 = learner.restored["accuracy_start"] if learner.restored is not None else acc
+    if acc is not None and start == 0:
+        ctx.log("eval/rm_accuracy", acc, step=0)
+    bar = progress_bar(ctx, steps, f"reward model ({'DP' if ctx.private else 'non-private'})")
+    bar.update(start)
+    try:
+        for step in range(start, steps):
+            mine = shard_users(sampler.sample(step), rank=learner.rank, world_size=learner.world_size)
+            idx = users.records_of(mine)
+            sample = UserBatch(records={k: v[idx] for k, v in records.items()}, user_ids=users.record_user[idx])
+            try:
+                result = engine.step(sample, loss_fn)
+            except BudgetExceededError as err:
+                status, reason = "refused", str(err)
+                break
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            if result.released is not None and main:
+                norm = float(sum(v * v for v in result.released.noisy_grad_norms) ** 0.5)
+                ctx.log("privacy/noisy_grad_norm", norm, step=done, private=True, released=True)
+                ctx.log("privacy/sigma_eff", result.event.noise_multiplier, step=done)
+            if done % plan.eval_every == 0 or done == steps:
+                post: dict[str, Any] = {}
+                if ctx.private and main:
+                    eps = learner.epsilon()
+                    ctx.log("privacy/epsilon", eps, step=done)
+                    post["eps"] = f"{eps:.2f}"
+                if evaluates:
+                    acc = pairwise_accuracy(model, tokenizer, pairs, max_len=cfg.max_len)
+                    ctx.log("eval/rm_accuracy", acc, step=done)
+                    post["acc"] = f"{acc:.3f}"
+                bar.set_postfix(post)
+            learner.checkpoint(
+                lambda d=done: learner_state(model, optimizer, ds_engine, engine, next_step=d, accuracy_start=acc0),
+                step=done,
+            )
+            bar.update(1)
+    finally:
+        bar.close()
+        engine.close()
+    save_outputs(learner, model, ds_engine, tokenizer, exporter=_export_rm,
+                 init=lambda: _reward_model(ctx, plan.sft_dir)[0])
+    return {"status": status, "reason": reason, "steps": done, "accuracy_start": acc0, "accuracy": acc}
+
+
+def _export_rm(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:
+    from trainers.models.lora import merge_and_save
+
+    model.backbone.save_pretrained(out / "adapter")
+    merge_and_save(model.backbone, tokenizer, out / "backbone")
+    model.save_head(out / "head.safetensors")

@@ -12,6 +12,7 @@ reward model and PPO start from, loaded with ``from_pretrained``).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,18 @@ from torch import Tensor
 
 from accounting.ledger import BudgetExceededError
 from trainers.stages.common import (
+    Learner,
     StageContext,
     UserIndex,
     build_engine,
     calibrate_stage,
+    check_distributable,
+    learner_state,
+    make_learner_optimizer,
     progress_bar,
     public_lm_loss,
+    run_stage_learner,
+    save_outputs,
     spent_epsilon,
 )
 
@@ -43,6 +50,29 @@ def sft_loss_fn(model: torch.nn.Module):
     return loss_fn
 
 
+@dataclass(frozen=True)
+class SFTPlan:
+    """Everything a learner rank needs, fixed by the driver before any step (plain, picklable data).
+
+    Attributes:
+        base_dir: the base model directory (``from_pretrained``; on a cluster, storage every worker can read).
+        records: tokenized D1, each [R, L]: input_ids, attention_mask, loss_mask (prompt masked).
+        users: the privacy units (record -> user index).
+        q, steps: the public schedule; sigma: the calibrated multiplier (None: non-private).
+        public_windows: [W, T] PUBLIC held-out token windows for the logged validation loss (or None).
+        eval_every: steps between public evaluations (and mid-stage checkpoints on Ray Train).
+    """
+
+    base_dir: str
+    records: dict[str, Tensor]
+    users: UserIndex
+    q: float
+    steps: int
+    sigma: float | None
+    public_windows: Tensor | None
+    eval_every: int
+
+
 def run_sft(
     ctx: StageContext,
     *,
@@ -53,6 +83,10 @@ def run_sft(
     eval_every: int = 10,
 ) -> dict[str, Any]:
     """Train the SFT adapter with the DP engine (or non-privately, same code path) and export the model.
+
+    Driver side: data, users, schedule, sigma and the ledger's stage header; the training itself is
+    :func:`learn_sft`, run here or on ``ray.num_workers`` Ray Train workers (``ctx.distributed``) with the same
+    result.
 
     Args:
         ctx: the stage context (``ctx.private`` decides DP; the ledger gets this stage's events).
@@ -66,26 +100,21 @@ def run_sft(
         A plain-data summary for the report (steps, q, sigma, N, epsilon, status, losses on public data).
     """
     from trainers.data.io import load_sft
-    from trainers.engine.sampling import PoissonUserSampler
-    from trainers.models.base import load_base_model
-    from trainers.models.lora import add_lora, merge_and_save
+    from trainers.models.tokenizer import load_tokenizer
     from trainers.rlhf.sft import tokenize_sft_pairs
 
     t0 = time.time()
     cfg = ctx.cfg.sft
-    out = Path(out_dir)
     data = load_sft(data_path)
     rows = data.rows
     users = UserIndex.from_ids(list(rows["user_id"]))
     n = users.num_users
     q = cfg.sampling_rate(n)
     steps = cfg.num_steps(n)
+    if ctx.distributed:
+        check_distributable(ctx)
 
-    torch.manual_seed(ctx.seed)
-    model, tokenizer = load_base_model(base_dir)
-    model = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                     target_modules=tuple(cfg.lora.target_modules))
-    model.train()
+    tokenizer = load_tokenizer(base_dir)
     # BOS + prompt: the context every document had in pretraining, and the one rollouts and evaluation use.
     bos = tokenizer.bos_token or tokenizer.eos_token
     prompts = [bos + p for p in rows["prompt"]]
@@ -99,65 +128,15 @@ def run_sft(
             ctx.stage, user_fingerprint=users.fingerprint, num_users=n,
             target_epsilon=ctx.target_epsilon, target_delta=ctx.target_delta,
         )
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    engine = build_engine(
-        ctx, model, q=q, users=users, optimizer=optimizer, sigma=sigma, steps=steps,
-        validation_loss=(lambda: public_lm_loss(model, public_windows)) if public_windows is not None else None,
+    plan = SFTPlan(
+        base_dir=str(base_dir), records=records, users=users, q=q, steps=steps,
+        sigma=sigma, public_windows=public_windows, eval_every=eval_every,
     )
-    sampler = PoissonUserSampler(n, sampling_rate=q, seed=ctx.seed)
-    loss_fn = sft_loss_fn(model)
-
-    from trainers.engine.engine import UserBatch
-
-    status, reason, done = "completed", "", 0
-    valid_loss = public_lm_loss(model, public_windows) if public_windows is not None else None
-    first_valid = valid_loss
-    if valid_loss is not None:
-        ctx.log("losses/public_valid", valid_loss, step=0)
-    bar = progress_bar(ctx, steps, f"sft ({'DP' if ctx.private else 'non-private'})")
-    try:
-        for step in range(steps):
-            idx = users.records_of(sampler.sample(step))
-            sample = UserBatch(records={k: v[idx] for k, v in records.items()}, user_ids=users.record_user[idx])
-            try:
-                result = engine.step(sample, loss_fn)
-            except BudgetExceededError as err:
-                status, reason = "refused", str(err)
-                break
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            post: dict[str, Any] = {}
-            if result.released is not None:
-                norm = float(sum(v * v for v in result.released.noisy_grad_norms) ** 0.5)
-                ctx.log("privacy/noisy_grad_norm", norm, step=done, private=True, released=True)
-                ctx.log("privacy/sigma_eff", result.event.noise_multiplier, step=done)
-            if done % eval_every == 0 or done == steps:
-                if ctx.private:
-                    eps = spent_epsilon(ctx)
-                    ctx.log("privacy/epsilon", eps, step=done)
-                    post["eps"] = f"{eps:.2f}"
-                if public_windows is not None:
-                    valid_loss = public_lm_loss(model, public_windows)
-                    ctx.log("losses/public_valid", valid_loss, step=done)
-                    post["valid"] = f"{valid_loss:.3f}"
-                bar.set_postfix(post)
-            bar.update(1)
-    finally:
-        bar.close()
-        engine.close()
+    result = run_stage_learner(ctx, learn_sft, plan, fingerprint=users.fingerprint, out_dir=Path(out_dir))
     if ctx.private:
-        ctx.ledger.end_stage(ctx.stage, status=status, reason=reason)
-
-    model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out / "adapter")
-    merge_and_save(model, tokenizer, out / "model")
+        ctx.ledger.end_stage(ctx.stage, status=result["status"], reason=result["reason"])
     return {
-        "status": status,
-        "reason": reason,
-        "steps": done,
+        **result,
         "planned_steps": steps,
         "sampling_rate": q,
         "noise_multiplier": sigma,
@@ -166,7 +145,117 @@ def run_sft(
         "per_record_users": data.per_record_users,
         "expected_batch_users": q * n,
         "epsilon": spent_epsilon(ctx),
-        "public_valid_loss_start": first_valid,
-        "public_valid_loss": valid_loss,
+        "learner_workers": ctx.cfg.ray.num_workers if ctx.distributed else 0,
         "wall_time_s": time.time() - t0,
     }
+
+
+def learn_sft(ctx: StageContext, plan: SFTPlan, learner: Learner) -> dict[str, Any]:
+    """One learner rank of DP-SFT (every rank runs this; rank 0 logs and saves ``adapter/`` and ``model/``).
+
+    Every rank draws the same Poisson sample and keeps its slice; the engine all-reduces the clipped sums before
+    the noise (``learner.hooks``), so the update is the single-process one. Returns rank 0's results.
+    """
+    from trainers.distributed import shard_users
+    from trainers.engine.engine import UserBatch
+    from trainers.engine.sampling import PoissonUserSampler
+    from trainers.models.base import load_base_model
+    from trainers.models.lora import add_lora
+
+    cfg = ctx.cfg.sft
+    steps, windows = plan.steps, plan.public_windows
+    torch.manual_seed(ctx.seed)
+    model, tokenizer = load_base_model(plan.base_dir)
+    model = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                     target_modules=tuple(cfg.lora.target_modules))
+    model.to(learner.device)
+    model.train()
+    records = {k: v.to(learner.device) for k, v in plan.records.items()}
+    users = plan.users
+
+    ds_engine, optimizer, apply_fn, start = make_learner_optimizer(
+        learner, model, lambda ps: torch.optim.Adam(ps, lr=cfg.lr)
+    )
+    engine = build_engine(
+        ctx, model, q=plan.q, users=users, optimizer=optimizer, sigma=plan.sigma, steps=steps, start_step=start,
+        validation_loss=(lambda: public_lm_loss(model, windows)) if windows is not None else None,
+        learner=learner, apply_fn=apply_fn,
+    )
+    if learner.restored is not None and engine.policy is not None and hasattr(engine.policy, "load_state_dict"):
+        engine.policy.load_state_dict(learner.restored["policy"])
+    sampler = PoissonUserSampler(users.num_users, sampling_rate=plan.q, seed=ctx.seed)
+    loss_fn = sft_loss_fn(model)
+    main = learner.is_main_process
+    # Public evaluations run on rank 0 only, except under ZeRO-3 where every forward gathers weights collectively.
+    evaluates = main or (learner.deepspeed is not None and learner.deepspeed.zero_stage == 3)
+
+    status, reason, done = "completed", "", start
+    valid_loss = public_lm_loss(model, windows) if windows is not None and evaluates else None
+    first_valid = learner.restored["first_valid"] if learner.restored is not None else valid_loss
+    if valid_loss is not None and start == 0:
+        ctx.log("losses/public_valid", valid_loss, step=0)
+    bar = progress_bar(ctx, steps, f"sft ({'DP' if ctx.private else 'non-private'})")
+    bar.update(start)
+    try:
+        for step in range(start, steps):
+            mine = shard_users(sampler.sample(step), rank=learner.rank, world_size=learner.world_size)
+            idx = users.records_of(mine)
+            sample = UserBatch(records={k: v[idx] for k, v in records.items()}, user_ids=users.record_user[idx])
+            try:
+                result = engine.step(sample, loss_fn)
+            except BudgetExceededError as err:
+                status, reason = "refused", str(err)
+                break
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            post: dict[str, Any] = {}
+            if result.released is not None and main:
+                norm = float(sum(v * v for v in result.released.noisy_grad_norms) ** 0.5)
+                ctx.log("privacy/noisy_grad_norm", norm, step=done, private=True, released=True)
+                ctx.log("privacy/sigma_eff", result.event.noise_multiplier, step=done)
+            if done % plan.eval_every == 0 or done == steps:
+                if ctx.private and main:
+                    eps = learner.epsilon()
+                    ctx.log("privacy/epsilon", eps, step=done)
+                    post["eps"] = f"{eps:.2f}"
+                if windows is not None and evaluates:
+                    valid_loss = public_lm_loss(model, windows)
+                    ctx.log("losses/public_valid", valid_loss, step=done)
+                    post["valid"] = f"{valid_loss:.3f}"
+                bar.set_postfix(post)
+            learner.checkpoint(
+                lambda d=done: learner_state(model, optimizer, ds_engine, engine, next_step=d, first_valid=first_valid),
+                step=done,
+            )
+            bar.update(1)
+    finally:
+        bar.close()
+        engine.close()
+    save_outputs(learner, model, ds_engine, tokenizer, exporter=_export_sft, init=lambda: _fresh_sft(ctx, plan))
+    return {
+        "status": status,
+        "reason": reason,
+        "steps": done,
+        "public_valid_loss_start": first_valid,
+        "public_valid_loss": valid_loss,
+    }
+
+
+def _fresh_sft(ctx: StageContext, plan: SFTPlan) -> torch.nn.Module:
+    """The SFT model as :func:`learn_sft` builds it (trainable values are overwritten by the trained ones)."""
+    from trainers.models.base import load_base_model
+    from trainers.models.lora import add_lora
+
+    cfg = ctx.cfg.sft
+    model, _ = load_base_model(plan.base_dir)
+    return add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                    target_modules=tuple(cfg.lora.target_modules))
+
+
+def _export_sft(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:
+    from trainers.models.lora import merge_and_save
+
+    model.save_pretrained(out / "adapter")
+    merge_and_save(model, tokenizer, out / "model")
