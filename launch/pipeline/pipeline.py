@@ -108,7 +108,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
         stage_entry,
         write_report,
     )
-    from launch.pipeline.rundir import RunDir
+    from launch.pipeline.rundir import RunDir, RunDirError
     from trainers.data.io import load_eval_prompts, load_preferences, load_prompts, load_public, load_sft
     from trainers.data.task import build_task
     from trainers.models.base import ensure_base_model, load_base_model
@@ -174,6 +174,14 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
                 summaries[name] = info.get("summary", {})
                 wall[name] = float(info.get("wall_time_s", 0.0))
             else:
+                ended = (ledger.report()["stages"].get(name) or {}).get("status") if ledger is not None else None
+                if ended not in (None, "running"):
+                    # The ledger closed this stage but the crash came before its outputs were committed: its
+                    # releases are spent and the stage cannot take new ones, so this run cannot finish honestly.
+                    raise RunDirError(
+                        f"{run.path}: stage {name!r} ended in the ledger ({ended}) but its outputs were never "
+                        "committed (a crash between the two); its budget is spent. Start a new run directory"
+                    )
                 # SFT and RM learners on Ray Train workers when ray.num_workers >= 1 (PPO's learner stays here;
                 # its rollouts use Ray actors).
                 distributed = cfg.ray.num_workers >= 1 and name in LEARNER_STAGES
@@ -233,6 +241,20 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     )
     if ledger is not None:
         ledger.close()
+    report["task"] = {
+        "source": cfg.data.source,
+        "rows": dict(task.counts),
+        "users": {name: len(ids) for name, ids in stage_users.items()},
+        "per_record_users": list(task.per_record_users),
+    }
+    m = base.metrics
+    report["base_model"] = {
+        "path": str(base_dir),
+        "built": bool(base.built),
+        "params": m.params if m else None,
+        "perplexity": m.ppl if m else None,
+        "unigram_perplexity": m.unigram_ppl if m else None,
+    }
     write_report(report, report_json=run.report_json, report_md=run.report_md, plots_dir=run.plots_dir)
     report["_run_dir"] = str(run.path)
     return report

@@ -405,7 +405,7 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, Path], *, bas
         ]
     else:
         lines += ["No stage was private: this run gives no privacy guarantee.", ""]
-    task, base = report.get("task"), report.get("base_model")
+    task, base_model = report.get("task"), report.get("base_model")
     if task:
         lines += ["## Data and base model", "", "| split | rows | users |", "|---|---|---|"]
         for split, rows in task["rows"].items():
@@ -413,10 +413,10 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, Path], *, bas
         if task.get("per_record_users"):
             lines.append(f"\nNo user_id column in {', '.join(task['per_record_users'])}: each record is its own user.")
         lines.append("")
-    if base and base.get("perplexity") is not None:
+    if base_model and base_model.get("perplexity") is not None:
         lines += [
-            f"Base model: {base['params']:,} parameters; public held-out perplexity {_fmt(base['perplexity'])} "
-            f"against a unigram model's {_fmt(base['unigram_perplexity'])}.",
+            f"Base model: {base_model['params']:,} parameters; public held-out perplexity "
+            f"{_fmt(base_model['perplexity'])} against a unigram model's {_fmt(base_model['unigram_perplexity'])}.",
             "",
         ]
     lines += ["## What was protected", "", "| stage | private | why |", "|---|---|---|"]

@@ -139,3 +139,12 @@ def test_killed_run_resumes_without_rerunning_finished_stages(tmp_path, cache):
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report["stages"]) == {"sft", "rm", "ppo"}
     assert main(["privacy", "verify", str(run_dir)]) == 0
+
+    # A crash between the ledger's stage_end and the commit of the stage's outputs: the budget is spent and the
+    # stage cannot take new releases, so resuming must refuse clearly instead of rerunning it.
+    import shutil
+
+    shutil.rmtree(run_dir / "stages" / "ppo")
+    (run_dir / "stages" / "ppo.done").unlink()
+    assert main(["run", "--resume", str(run_dir), "--no-progress"]) == 2
+
