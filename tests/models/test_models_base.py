@@ -187,3 +187,18 @@ def test_public_files_are_read_and_validated_by_the_data_loader(tmp_path):
         )
     leftovers = [p.name for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]
     assert leftovers == []  # failed builds leave no temp directory behind
+
+
+def test_base_model_cache_ignores_the_private_population():
+    """Only the public corpus trains the base model: new users or splits must not retrain it."""
+    from launch.config import load_config
+    from launch.schema import RunConfig
+    from trainers.models.base import base_model_dir
+
+    def path(*overrides: str):
+        cfg = load_config(RunConfig, None, list(overrides))
+        return base_model_dir(cfg.model, cfg.data, cache_dir="cache")
+
+    assert path() == path("data.num_users=3000", "data.canary_users=5", "data.sft_user_fraction=0.3")
+    assert path() != path("data.public_reviews=500")
+    assert path() != path("model.n_layer=2")

@@ -61,6 +61,16 @@ class DataConfig:
     public_valid_path: str = ""
     """source=files: held-out public file with column text (base-model perplexity); required with public_path."""
 
+    PUBLIC_CORPUS_FIELDS = (
+        "source", "seed", "public_reviews", "catalogue_size", "min_sentences", "max_sentences",
+        "public_valid_fraction", "public_path", "public_valid_path",
+    )
+
+    def public_corpus_key(self) -> dict[str, object]:
+        """The fields that determine the public corpus (its own random stream): what a base model built from it
+        depends on. Changing the private population (users, splits, canaries) keeps the cached base model."""
+        return {name: getattr(self, name) for name in self.PUBLIC_CORPUS_FIELDS}
+
     def check(self) -> None:
         require(self.public_reviews >= 10, "data.public_reviews", "must be >= 10")
         require(self.num_users >= 3, "data.num_users", "must be >= 3 (one per stage at least)")

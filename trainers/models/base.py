@@ -5,7 +5,8 @@ every later stage opens with :func:`load_base_model`, i.e. ``AutoModelForCausalL
 ``AutoTokenizer.from_pretrained``: there is one loading path, for our model and a hub ``gpt2`` alike.
 
 Cache. The embedded tokenizer and model are built under ``<cache_dir>/models/<hash>``, with
-``hash = config_hash(model_cfg, data_cfg)`` (the data that trained them matters as much as the architecture).
+``hash = config_hash(model_cfg, data_cfg.public_corpus_key())`` (the public corpus that trained them matters as
+much as the architecture; the private population does not enter, so changing it keeps the cached model).
 A build goes to a temporary directory that is renamed into place when complete, so a crash or a concurrent build
 never leaves a half-written model where a reader would find it. A present directory is reused; any config change
 gives a new hash and a new build. With ``data.source=files`` the hash covers the file *paths*, not their
@@ -271,8 +272,9 @@ def load_base_model(name_or_path: str | os.PathLike) -> tuple[Any, Any]:
 
 
 def base_model_dir(model_cfg: BaseModelConfig, data_cfg: Any, *, cache_dir: str | os.PathLike) -> Path:
-    """``<cache_dir>/models/<config_hash(model_cfg, data_cfg)>``: where the embedded build lives."""
-    return Path(cache_dir) / "models" / config_hash(model_cfg, data_cfg)
+    """``<cache_dir>/models/<hash>``: where the embedded build lives, keyed by the model config and the fields of
+    the data config that determine the public corpus."""
+    return Path(cache_dir) / "models" / config_hash(model_cfg, data_cfg.public_corpus_key())
 
 
 def build_base_model(
