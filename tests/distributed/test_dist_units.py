@@ -27,7 +27,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "cluster" / "configs"
 @pytest.mark.parametrize(
     ("cls", "override", "field"),
     [
-        (RayConfig, "num_workers=0", "ray.num_workers"),
+        (RayConfig, "num_workers=-1", "ray.num_workers"),
         (RayConfig, "max_failures=-2", "ray.max_failures"),
         (RayConfig, "address=nowhere", "ray.address"),
         (RayConfig, "resources_per_worker={GPU: 1}", "ray.resources_per_worker.GPU"),
