@@ -37,6 +37,9 @@ class RayConfig:
     max_failures: int = 0
     """Ray Train FailureConfig.max_failures: restarts of the learner group after a worker dies (-1: unlimited).
     A restart resumes from the last reported checkpoint; privacy events already on the ledger stay counted."""
+    collective_timeout_s: int = 300
+    """Seconds a learner waits in a collective (all-reduce) before failing. When one worker dies the others would
+    otherwise wait in their next all-reduce for torch's default 30 minutes before Ray Train can restart the group."""
     storage_path: str = ""
     """Where Ray Train keeps checkpoints and results, including each learner stage's outputs (rank 0 reports the
     adapter and merged model as its final checkpoint; the driver copies them into the run directory). On a
@@ -59,6 +62,7 @@ class RayConfig:
                 f"got {value!r}; must be a number > 0",
             )
         require(self.max_failures >= -1, "ray.max_failures", "must be >= -1 (-1: unlimited)")
+        require(self.collective_timeout_s >= 1, "ray.collective_timeout_s", "must be >= 1")
         require(
             self.address in ("", "auto", "local") or self.address.startswith("ray://") or ":" in self.address,
             "ray.address",

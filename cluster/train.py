@@ -59,6 +59,7 @@ def run_learners(
     storage_path: str,
     name: str = "learners",
     resume_from_checkpoint: Any = None,
+    collective_timeout_s: int = 1800,
 ) -> Any:
     """Run ``train_loop_per_worker(config)`` on ``num_workers`` Ray Train workers and return the Result.
 
@@ -78,6 +79,8 @@ def run_learners(
         storage_path: where Ray Train writes checkpoints (the run directory or shared storage).
         name: the run's name under ``storage_path``.
         resume_from_checkpoint: a ``ray.train.Checkpoint`` to start from.
+        collective_timeout_s: process-group timeout; a rank blocked in an all-reduce with a dead peer fails after
+            this long instead of hanging, so Ray Train can restart the group.
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -92,7 +95,7 @@ def run_learners(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dict(config),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(collective_timeout_s)),
         scaling_config=ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),

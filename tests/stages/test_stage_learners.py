@@ -207,7 +207,8 @@ def test_worker_failure_recovers_from_checkpoint_and_ledger_only_over_counts(dir
     marker = root / "failed-once"
     root.mkdir()
     monkeypatch.setattr(sft, "learn_sft", _failing_once(str(marker)))
-    got = run_stage(dirs, root, "ray.num_workers=2", "ray.max_failures=1", distributed=True, eval_every=1)
+    got = run_stage(dirs, root, "ray.num_workers=2", "ray.max_failures=1", "ray.collective_timeout_s=20",
+                    distributed=True, eval_every=1)
     assert marker.exists(), "the planted failure must have happened"
     _, tensors, events, _ = got
     for name, want in sft_reference[1].items():

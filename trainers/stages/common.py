@@ -623,6 +623,7 @@ def run_stage_learner(
             cpus_per_worker=ray_cfg.cpus_per_worker,
             resources_per_worker=ray_cfg.resources_per_worker,
             max_failures=ray_cfg.max_failures,
+            collective_timeout_s=ray_cfg.collective_timeout_s,
             storage_path=learner_storage(ctx, out_dir),
             name=f"{ctx.stage}-learners",
         )
