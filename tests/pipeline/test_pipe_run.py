@@ -87,6 +87,31 @@ def test_presets_protect_what_they_say(tmp_path, cache, preset, private_stages):
         assert {x["stage"] for x in lines if x["type"] == "event"} == private_stages
 
 
+def test_learned_controller_runs_every_stage_within_budget(tmp_path, cache):
+    code, run_dir = _run(tmp_path, cache, "controller.enabled=true", "controller.interval=1",
+                         "privacy.accountant=rdp", "sft.steps=3", "rm.steps=3", name="ctrl")
+    assert code == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["privacy"]["accountant"] == "rdp"
+    for name, entry in report["stages"].items():
+        assert entry["privacy"]["epsilon_spent"] <= entry["privacy"]["target_epsilon"], name
+    assert main(["privacy", "verify", str(run_dir)]) == 0
+    # every stage released through the controller's plans and the ledger recorded them
+    events = [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    sigmas = {}
+    for e in events:
+        if e["type"] == "event":
+            sigmas.setdefault(e["stage"], set()).add(round(e["noise_multiplier"], 9))
+    assert set(sigmas) == {"sft", "rm", "ppo"}
+
+
+def test_controller_without_rdp_is_refused_at_load(tmp_path, cache, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _run(tmp_path, cache, "controller.enabled=true", name="ctrl-pld")
+    assert exit_info.value.code == 2
+    assert "privacy.accountant=rdp" in capsys.readouterr().err
+
+
 def test_shared_users_without_budget_split_are_refused_before_any_step(tmp_path, cache, capsys):
     code, run_dir = _run(tmp_path, cache, "data.shared_users=3", name="overlap")
     assert code == 2
