@@ -27,8 +27,8 @@ Privacy decisions, and why:
     of public evaluation prompts (reward, KL to the reference, gold reward, and ``ppo/clipfrac``: the fraction of
     public-rollout tokens whose probability ratio new/old left [1 - clip_eps, 1 + clip_eps] over the iteration).
     The clip fraction of the PRIVATE batch would need its own noisy release; we chose the public one instead.
-  * Throughput (``perf/steps_per_sec``) is a wall-clock timing and therefore weakly depends on the realized batch
-    size; it is logged as a public systems metric, as every DP trainer does. Do not feed it to a controller.
+  * Throughput (``perf/steps_per_sec``) is a wall-clock timing and therefore depends on the realized (private)
+    batch size: it is logged only when the stage is not private.
 
 Determinism: the sample of iteration t, the rollout seeds and the noise depend only on (seed, t); rollouts by N
 Ray actors equal in-process generation (``trainers.rollout``). The actor runs in eval mode throughout (gradients
@@ -633,7 +633,8 @@ def run_ppo(
                 if sigma_eff is not None:
                     ctx.log("privacy/sigma_eff", sigma_eff, step=done)
             ctx.log("charts/beta", beta, step=done)
-            ctx.log("perf/steps_per_sec", 1.0 / max(time.perf_counter() - t0, 1e-9), step=done)
+            if not ctx.private:  # wall time depends on the realized (private) batch size: a timing side channel
+                ctx.log("perf/steps_per_sec", 1.0 / max(time.perf_counter() - t0, 1e-9), step=done)
             row["epsilon"] = eps
             history.append(row)
             bar.update(1)
