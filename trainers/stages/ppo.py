@@ -400,13 +400,12 @@ class _Rollouts:
         self.group = None
         self._started_ray = False
         if use_ray and cfg.rollout_actors >= 1:
-            import ray
-
+            from cluster.runtime import init_ray
             from trainers.rollout import RolloutGroup
 
-            if not ray.is_initialized():  # embedded default; on a cluster the job's Ray is already up
-                ray.init(include_dashboard=False, log_to_driver=False)
-                self._started_ray = True
+            # Embedded Ray by default (no auth token, no dashboard); joins RAY_ADDRESS under `ray job submit`; a
+            # no-op when Ray is already up.
+            self._started_ray = init_ray(log_to_driver=False).started_here
             self.group = RolloutGroup(sft_dir, lora=cfg.lora, num_actors=cfg.rollout_actors, threads=1)
 
     def generate(self, prompts: Sequence[str], *, seed: int) -> list[Any]:
