@@ -26,14 +26,14 @@ def test_console_entry_runs_as_module():
 
 
 def test_subcommand_help_explains_every_config_field(capsys):
+    import pytest
+
     from launch.config import describe_fields
     from launch.schema import RunConfig
-
-    import pytest
 
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     out = capsys.readouterr().out
-    for name, _, _, doc in describe_fields(RunConfig):
+    for name, _, _, _ in describe_fields(RunConfig):
         assert name in out, name
     assert "Bradley-Terry temperature" in out  # a docstring, not only the name

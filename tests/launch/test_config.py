@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -29,7 +29,7 @@ class _Inner:
 class _Outer:
     steps: int = 3
     """How many steps."""
-    name: Optional[str] = None
+    name: str | None = None
     """Optional name."""
     sizes: list[int] = field(default_factory=lambda: [1, 2])
     """Sizes."""
