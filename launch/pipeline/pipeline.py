@@ -11,6 +11,7 @@ and refuses an overlap without a configured budget split. Each stage is a plain 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,10 @@ def quiet_libraries() -> None:
     except ImportError:  # pragma: no cover
         pass
     logging.getLogger("absl").setLevel(logging.ERROR)
+    import torch
+
+    if not torch.cuda.is_available():  # DeepSpeed otherwise prints its CPU fallback on stdout (breaks --json)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import transformers
 
     transformers.logging.set_verbosity_error()
