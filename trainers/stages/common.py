@@ -690,3 +690,70 @@ def _ray_learner_entry(config: dict[str, Any]) -> None:
             ray.train.report({"done": True}, checkpoint=ray.train.Checkpoint.from_directory(out))
         else:
             ray.train.report({"done": True})
+
+
+def poisson_loop(
+    ctx: StageContext,
+    learner: Any,
+    engine: Any,
+    optimizer: Any,
+    *,
+    users: UserIndex,
+    records: dict[str, Tensor],
+    loss_fn: Callable[[Any], Tensor],
+    sampler: Any,
+    steps: int,
+    start: int,
+    eval_every: int,
+    evaluate: Callable[[int], dict[str, str]] | None,
+    state: Callable[[int], dict[str, Any]],
+    desc: str,
+) -> tuple[str, str, int]:
+    """The step loop shared by the Poisson-sampled stages (SFT, reward model): sample -> this rank's shard ->
+    engine step (clip, noise once, ledger event first) -> optimizer step; every ``eval_every`` steps log epsilon
+    and ``evaluate(done)`` (PUBLIC metrics; returns progress-bar items); checkpoint ``state(done)``.
+
+    Returns:
+        (status "completed" or "refused", reason, steps done).
+    """
+    from accounting.ledger import BudgetExceededError
+    from trainers.distributed import shard_users
+    from trainers.engine.engine import UserBatch
+
+    main = learner.is_main_process
+    status, reason, done = "completed", "", start
+    bar = progress_bar(ctx, steps, f"{desc} ({'DP' if ctx.private else 'non-private'})")
+    bar.update(start)
+    try:
+        for step in range(start, steps):
+            mine = shard_users(sampler.sample(step), rank=learner.rank, world_size=learner.world_size)
+            idx = users.records_of(mine)
+            sample = UserBatch(records={k: v[idx] for k, v in records.items()}, user_ids=users.record_user[idx])
+            try:
+                result = engine.step(sample, loss_fn)
+            except BudgetExceededError as err:
+                status, reason = "refused", str(err)
+                break
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            if result.released is not None and main:
+                norm = float(sum(v * v for v in result.released.noisy_grad_norms) ** 0.5)
+                ctx.log("privacy/noisy_grad_norm", norm, step=done, private=True, released=True)
+                ctx.log("privacy/sigma_eff", result.event.noise_multiplier, step=done)
+            if done % eval_every == 0 or done == steps:
+                post: dict[str, str] = {}
+                if ctx.private and main:
+                    eps = learner.epsilon()
+                    ctx.log("privacy/epsilon", eps, step=done)
+                    post["eps"] = f"{eps:.2f}"
+                if evaluate is not None:
+                    post.update(evaluate(done))
+                bar.set_postfix(post)
+            learner.checkpoint(lambda d=done: state(d), step=done)
+            bar.update(1)
+    finally:
+        bar.close()
+        engine.close()
+    return status, reason, done

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from accounting.ledger import BudgetExceededError
 from trainers.stages.common import (
     Learner,
     StageContext,
@@ -32,7 +31,7 @@ from trainers.stages.common import (
     check_distributable,
     learner_state,
     make_learner_optimizer,
-    progress_bar,
+    poisson_loop,
     run_stage_learner,
     save_outputs,
     spent_epsilon,
@@ -253,8 +252,6 @@ def learn_rm(ctx: StageContext, plan: RMPlan, learner: Learner) -> dict[str, Any
     Same sample on every rank, this rank's slice, clipped sums all-reduced before the one noise draw: the update
     equals the single-process one. Returns rank 0's results.
     """
-    from trainers.distributed import shard_users
-    from trainers.engine.engine import UserBatch
     from trainers.engine.sampling import PoissonUserSampler
 
     cfg = ctx.cfg.rm
@@ -282,50 +279,24 @@ def learn_rm(ctx: StageContext, plan: RMPlan, learner: Learner) -> dict[str, Any
     # Public evaluations run on rank 0 only, except under ZeRO-3 where every forward gathers weights collectively.
     evaluates = main or (learner.deepspeed is not None and learner.deepspeed.zero_stage == 3)
 
-    status, reason, done = "completed", "", start
     acc = pairwise_accuracy(model, tokenizer, pairs, max_len=cfg.max_len) if evaluates else None
     acc0 = learner.restored["accuracy_start"] if learner.restored is not None else acc
     if acc is not None and start == 0:
         ctx.log("eval/rm_accuracy", acc, step=0)
-    bar = progress_bar(ctx, steps, f"reward model ({'DP' if ctx.private else 'non-private'})")
-    bar.update(start)
-    try:
-        for step in range(start, steps):
-            mine = shard_users(sampler.sample(step), rank=learner.rank, world_size=learner.world_size)
-            idx = users.records_of(mine)
-            sample = UserBatch(records={k: v[idx] for k, v in records.items()}, user_ids=users.record_user[idx])
-            try:
-                result = engine.step(sample, loss_fn)
-            except BudgetExceededError as err:
-                status, reason = "refused", str(err)
-                break
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            if result.released is not None and main:
-                norm = float(sum(v * v for v in result.released.noisy_grad_norms) ** 0.5)
-                ctx.log("privacy/noisy_grad_norm", norm, step=done, private=True, released=True)
-                ctx.log("privacy/sigma_eff", result.event.noise_multiplier, step=done)
-            if done % plan.eval_every == 0 or done == steps:
-                post: dict[str, Any] = {}
-                if ctx.private and main:
-                    eps = learner.epsilon()
-                    ctx.log("privacy/epsilon", eps, step=done)
-                    post["eps"] = f"{eps:.2f}"
-                if evaluates:
-                    acc = pairwise_accuracy(model, tokenizer, pairs, max_len=cfg.max_len)
-                    ctx.log("eval/rm_accuracy", acc, step=done)
-                    post["acc"] = f"{acc:.3f}"
-                bar.set_postfix(post)
-            learner.checkpoint(
-                lambda d=done: learner_state(model, optimizer, ds_engine, engine, next_step=d, accuracy_start=acc0),
-                step=done,
-            )
-            bar.update(1)
-    finally:
-        bar.close()
-        engine.close()
+
+    def evaluate(done: int) -> dict[str, str]:
+        nonlocal acc
+        if not evaluates:
+            return {}
+        acc = pairwise_accuracy(model, tokenizer, pairs, max_len=cfg.max_len)
+        ctx.log("eval/rm_accuracy", acc, step=done)
+        return {"acc": f"{acc:.3f}"}
+
+    status, reason, done = poisson_loop(
+        ctx, learner, engine, optimizer, users=users, records=records, loss_fn=loss_fn, sampler=sampler,
+        steps=steps, start=start, eval_every=plan.eval_every, evaluate=evaluate, desc="reward model",
+        state=lambda d: learner_state(model, optimizer, ds_engine, engine, next_step=d, accuracy_start=acc0),
+    )
     save_outputs(learner, model, ds_engine, tokenizer, exporter=_export_rm,
                  init=lambda: _reward_model(ctx, plan.sft_dir)[0])
     return {"status": status, "reason": reason, "steps": done, "accuracy_start": acc0, "accuracy": acc}

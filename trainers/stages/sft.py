@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from accounting.ledger import BudgetExceededError
 from trainers.stages.common import (
     Learner,
     StageContext,
@@ -29,7 +28,7 @@ from trainers.stages.common import (
     check_distributable,
     learner_state,
     make_learner_optimizer,
-    progress_bar,
+    poisson_loop,
     public_lm_loss,
     run_stage_learner,
     save_outputs,
@@ -156,8 +155,6 @@ def learn_sft(ctx: StageContext, plan: SFTPlan, learner: Learner) -> dict[str, A
     Every rank draws the same Poisson sample and keeps its slice; the engine all-reduces the clipped sums before
     the noise (``learner.hooks``), so the update is the single-process one. Returns rank 0's results.
     """
-    from trainers.distributed import shard_users
-    from trainers.engine.engine import UserBatch
     from trainers.engine.sampling import PoissonUserSampler
     from trainers.models.base import load_base_model
     from trainers.models.lora import add_lora
@@ -189,50 +186,24 @@ def learn_sft(ctx: StageContext, plan: SFTPlan, learner: Learner) -> dict[str, A
     # Public evaluations run on rank 0 only, except under ZeRO-3 where every forward gathers weights collectively.
     evaluates = main or (learner.deepspeed is not None and learner.deepspeed.zero_stage == 3)
 
-    status, reason, done = "completed", "", start
     valid_loss = public_lm_loss(model, windows) if windows is not None and evaluates else None
     first_valid = learner.restored["first_valid"] if learner.restored is not None else valid_loss
     if valid_loss is not None and start == 0:
         ctx.log("losses/public_valid", valid_loss, step=0)
-    bar = progress_bar(ctx, steps, f"sft ({'DP' if ctx.private else 'non-private'})")
-    bar.update(start)
-    try:
-        for step in range(start, steps):
-            mine = shard_users(sampler.sample(step), rank=learner.rank, world_size=learner.world_size)
-            idx = users.records_of(mine)
-            sample = UserBatch(records={k: v[idx] for k, v in records.items()}, user_ids=users.record_user[idx])
-            try:
-                result = engine.step(sample, loss_fn)
-            except BudgetExceededError as err:
-                status, reason = "refused", str(err)
-                break
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            post: dict[str, Any] = {}
-            if result.released is not None and main:
-                norm = float(sum(v * v for v in result.released.noisy_grad_norms) ** 0.5)
-                ctx.log("privacy/noisy_grad_norm", norm, step=done, private=True, released=True)
-                ctx.log("privacy/sigma_eff", result.event.noise_multiplier, step=done)
-            if done % plan.eval_every == 0 or done == steps:
-                if ctx.private and main:
-                    eps = learner.epsilon()
-                    ctx.log("privacy/epsilon", eps, step=done)
-                    post["eps"] = f"{eps:.2f}"
-                if windows is not None and evaluates:
-                    valid_loss = public_lm_loss(model, windows)
-                    ctx.log("losses/public_valid", valid_loss, step=done)
-                    post["valid"] = f"{valid_loss:.3f}"
-                bar.set_postfix(post)
-            learner.checkpoint(
-                lambda d=done: learner_state(model, optimizer, ds_engine, engine, next_step=d, first_valid=first_valid),
-                step=done,
-            )
-            bar.update(1)
-    finally:
-        bar.close()
-        engine.close()
+
+    def evaluate(done: int) -> dict[str, str]:
+        nonlocal valid_loss
+        if windows is None or not evaluates:
+            return {}
+        valid_loss = public_lm_loss(model, windows)
+        ctx.log("losses/public_valid", valid_loss, step=done)
+        return {"valid": f"{valid_loss:.3f}"}
+
+    status, reason, done = poisson_loop(
+        ctx, learner, engine, optimizer, users=users, records=records, loss_fn=loss_fn, sampler=sampler,
+        steps=steps, start=start, eval_every=plan.eval_every, evaluate=evaluate, desc="sft",
+        state=lambda d: learner_state(model, optimizer, ds_engine, engine, next_step=d, first_valid=first_valid),
+    )
     save_outputs(learner, model, ds_engine, tokenizer, exporter=_export_sft, init=lambda: _fresh_sft(ctx, plan))
     return {
         "status": status,
