@@ -580,6 +580,17 @@ class Ledger:
         """Recorded events (of one stage, or all), in order."""
         return [e for e in self._contents.events if stage is None or e.stage == stage]
 
+    def recorded_steps(self, stage: str) -> int:
+        """How many steps of ``stage`` the ledger holds: 1 + the highest recorded step index (0 if none).
+
+        Read-only; this is where a crashed stage resumes (``trainers.stages.common.resume_step``). A stage records
+        its steps in order from 0, one event per step, so this is also their count; it is 1 + max (not the
+        number of event lines) so that a stage rerun from step 0 by an older dpalign, which recorded some step
+        indices twice, still resumes after its last recorded step. Every recorded release stays counted in
+        epsilon either way.
+        """
+        return max((e.step + 1 for e in self._contents.events if e.stage == stage), default=0)
+
     def __iter__(self) -> Iterator[PrivacyEvent]:
         return iter(self.events())
 

@@ -136,6 +136,38 @@ def test_resume_with_other_settings_or_second_writer_is_refused(tmp_path):
             ledger.record(ev("sft", 0), stage_fingerprint="sha256:other")
 
 
+def test_running_stage_is_reentered_on_resume_and_its_step_count_is_readable(tmp_path):
+    """A stage that crashed while "running": reopening and begin_stage again appends no second stage line, the
+    count of its recorded steps survives the reopen, and recording continues from it (in-stage resume)."""
+    path = tmp_path / "ledger.jsonl"
+    with _open(path) as ledger:
+        ledger.begin_stage("sft", user_fingerprint="sha256:u", num_users=100)
+        ledger.begin_stage("rm", user_fingerprint="sha256:v", num_users=100)
+        assert ledger.recorded_steps("sft") == 0
+        for step in range(3):
+            ledger.record(ev("sft", step))
+        ledger.record(ev("rm", 0))
+        assert ledger.recorded_steps("sft") == 3 and ledger.recorded_steps("rm") == 1
+        assert ledger.recorded_steps("ppo") == 0  # never started: nothing recorded
+    with _open(path) as ledger:  # the crashed run resumes
+        assert ledger.report()["stages"]["sft"]["status"] == "running"
+        ledger.begin_stage("sft", user_fingerprint="sha256:u", num_users=100)
+        assert ledger.recorded_steps("sft") == 3
+        ledger.record(ev("sft", 3))
+        assert ledger.recorded_steps("sft") == 4
+        ledger.end_stage("sft")
+        assert ledger.recorded_steps("sft") == 4  # readable after the end too
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert sum(1 for x in lines if x["type"] == "stage" and x["stage"] == "sft") == 1
+    assert [x["step"] for x in lines if x["type"] == "event" and x["stage"] == "sft"] == [0, 1, 2, 3]
+    # a stage rerun from 0 by an older version (step indices recorded twice) resumes after its last step
+    with _open(path) as ledger:
+        ledger.begin_stage("x", user_fingerprint="sha256:x", num_users=100)
+        for step in (0, 1, 0, 1, 2):
+            ledger.record(ev("x", step))
+        assert ledger.recorded_steps("x") == 3 and len(ledger.events("x")) == 5
+
+
 def test_filter_refuses_and_stage_stops_cleanly_pld(tmp_path):
     with _open(tmp_path / "ledger.jsonl", target_epsilon=1.0) as ledger:
         ledger.begin_stage("sft", user_fingerprint="sha256:u", num_users=1000)
