@@ -139,6 +139,97 @@ def assert_replicated(tensors: Sequence[Tensor], *, group: Any = None, what: str
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Python objects between ranks (PPO: rank 0's rollouts and beta; rank 0's privacy-filter answer)
+
+
+def object_group() -> Any:
+    """The process group for :func:`broadcast_object`: the default group when it is gloo, else a new gloo group.
+
+    ``broadcast_object_list`` pickles into a byte tensor; on a NCCL group that tensor must live on the GPU, so
+    objects travel on a separate gloo group (CPU) instead. Collective when it creates a group: every rank calls it.
+    """
+    import torch.distributed as dist
+
+    _require_process_group()
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def broadcast_object(obj: Any, *, src: int = 0, group: Any = None) -> Any:
+    """``obj`` from rank ``src`` on every rank (the other ranks pass anything, e.g. None). Collective."""
+    import torch.distributed as dist
+
+    _require_process_group()
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+class SharedAdmission:
+    """Rank 0's privacy-filter answer for each DP step, shared with the other ranks before the step's all-reduce.
+
+    Why: only rank 0 consults the filter (``admit``) and writes the event (``event_sink``). When the filter refuses,
+    rank 0 stops before its first collective of the step while the other ranks wait in the all-reduce of the
+    clipped sums: they would block until ``ray.collective_timeout_s`` and fail the learner group, turning a clean
+    "refused" stage into a crash. With this gate rank 0 broadcasts the outcome (True once the event is durable,
+    False when refused or when the ledger call failed) and the other ranks read it right before release 0.
+
+    Enabled only for a private stage on more than one rank (elsewhere nothing is sent or awaited); every rank must
+    construct it with the same arguments.
+    """
+
+    def __init__(self, *, enabled: bool, is_main_process: bool, group: Any = None) -> None:
+        self.enabled = enabled
+        self.is_main_process = is_main_process
+        self.group = group
+
+    def wrap(self, hooks: Mapping[str, Any]) -> dict[str, Any]:
+        """Rank 0's engine hooks with the broadcast added after the answer; other ranks' hooks unchanged."""
+        out = dict(hooks)
+        if not (self.enabled and self.is_main_process):
+            return out
+        if "event_sink" not in out:
+            raise ValueError("SharedAdmission: rank 0 of a private stage needs an event_sink hook")
+        admit, sink = out.get("admit"), out["event_sink"]
+
+        def shared_admit(event: Any) -> Any:
+            try:
+                answer = admit(event)
+            except BaseException:
+                self._send(False)
+                raise
+            if not answer:
+                self._send(False)
+            return answer
+
+        def shared_sink(event: Any) -> None:
+            try:
+                sink(event)
+            except BaseException:
+                self._send(False)
+                raise
+            self._send(True)
+
+        if admit is not None:
+            out["admit"] = shared_admit
+        out["event_sink"] = shared_sink
+        return out
+
+    def admitted(self) -> bool:
+        """On ranks other than 0: wait for rank 0's answer for the next step (call right before its release 0).
+
+        Rank 0 (and a disabled gate) returns True at once: rank 0 learns a refusal from its own engine.
+        """
+        if not self.enabled or self.is_main_process:
+            return True
+        return bool(broadcast_object(None, group=self.group))
+
+    def _send(self, answer: bool) -> None:
+        broadcast_object(bool(answer), group=self.group)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # DeepSpeed
 
 

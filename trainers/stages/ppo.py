@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +50,19 @@ from trainers.rlhf.experience import Experience, make_experience, response_slice
 from trainers.rlhf.heads import PolicyValueModel, ScoreModel, position_ids_from_attention_mask
 from trainers.rlhf.ppo import logprobs_from_logits, masked_fill_zero
 from trainers.stages.common import (
+    Learner,
     StageContext,
     UserIndex,
     build_engine,
     calibrate_stage,
+    check_distributable,
+    learner_state,
+    make_learner_optimizer,
     progress_bar,
     public_lm_loss,
+    run_stage_learner,
     save_json,
+    save_outputs,
     spent_epsilon,
 )
 
@@ -93,6 +99,17 @@ class PPOModels:
         """The peft-wrapped causal LM inside the actor (what generates and what is exported)."""
         return self.actor.policy
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.actor.parameters()).device
+
+    def to(self, device: str | torch.device) -> PPOModels:
+        """All three models on ``device`` (a learner rank's)."""
+        self.actor.to(device)
+        self.reference.to(device)
+        self.reward.to(device)
+        return self
+
 
 def _freeze(model: nn.Module) -> nn.Module:
     model.eval()
@@ -100,27 +117,29 @@ def _freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_ppo_models(ctx: StageContext, *, sft_dir: Path, rm_dir: Path) -> PPOModels:
-    """Build the actor (SFT + new LoRA + value head, seeded by the stage), the frozen reference and the RM.
+def check_model_dirs(*, sft_dir: Path, rm_dir: Path) -> None:
+    """Fail on missing stage outputs before the ledger hears of the stage (the driver calls it before begin_stage).
 
     Raises:
         FileNotFoundError: ``sft_dir`` is not a saved model, or ``rm_dir`` lacks ``backbone/`` or the head file.
     """
-    from transformers import AutoModelForCausalLM
-
-    from trainers.models.lora import add_lora
-    from trainers.models.tokenizer import load_tokenizer
-
     sft_dir, rm_dir = Path(sft_dir), Path(rm_dir)
     if not (sft_dir / "config.json").is_file():
         raise FileNotFoundError(f"sft_dir {sft_dir}: no config.json; pass the SFT stage's merged export (model/)")
-    backbone_dir, head_path = rm_dir / "backbone", rm_dir / "head.safetensors"
-    if not (backbone_dir / "config.json").is_file() or not head_path.is_file():
+    if not (rm_dir / "backbone" / "config.json").is_file() or not (rm_dir / "head.safetensors").is_file():
         raise FileNotFoundError(
             f"rm_dir {rm_dir}: expected backbone/ (merged HF model) and head.safetensors from the reward-model stage"
         )
+
+
+def build_actor(ctx: StageContext, *, sft_dir: Path) -> PolicyValueModel:
+    """SFT model + a new LoRA + a value head, in eval mode; the random draws (LoRA A, value head) are seeded by the
+    stage seed, so every rank (and a rebuilt export model) starts from the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    from trainers.models.lora import add_lora
+
     lora = ctx.cfg.ppo.lora
-    tokenizer = load_tokenizer(sft_dir)
     torch.manual_seed(ctx.seed)  # the new LoRA's A and the value head: one draw per stage seed
     policy = add_lora(
         AutoModelForCausalLM.from_pretrained(str(sft_dir)),
@@ -131,9 +150,26 @@ def load_ppo_models(ctx: StageContext, *, sft_dir: Path, rm_dir: Path) -> PPOMod
     )
     actor = PolicyValueModel(policy)
     actor.eval()  # no dropout anywhere: deterministic per-user gradients, PPO ratio exactly 1 at epoch 0
+    return actor
+
+
+def load_ppo_models(ctx: StageContext, *, sft_dir: Path, rm_dir: Path) -> PPOModels:
+    """Build the actor (SFT + new LoRA + value head, seeded by the stage), the frozen reference and the RM.
+
+    Raises:
+        FileNotFoundError: ``sft_dir`` is not a saved model, or ``rm_dir`` lacks ``backbone/`` or the head file.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from trainers.models.tokenizer import load_tokenizer
+
+    sft_dir, rm_dir = Path(sft_dir), Path(rm_dir)
+    check_model_dirs(sft_dir=sft_dir, rm_dir=rm_dir)
+    tokenizer = load_tokenizer(sft_dir)
+    actor = build_actor(ctx, sft_dir=sft_dir)
     reference = _freeze(AutoModelForCausalLM.from_pretrained(str(sft_dir)))
-    reward = ScoreModel(AutoModelForCausalLM.from_pretrained(str(backbone_dir)))
-    reward.load_head(head_path)
+    reward = ScoreModel(AutoModelForCausalLM.from_pretrained(str(rm_dir / "backbone")))
+    reward.load_head(rm_dir / "head.safetensors")
     _freeze(reward)
     return PPOModels(actor=actor, reference=reference, reward=reward, tokenizer=tokenizer)
 
@@ -162,6 +198,20 @@ class RolloutTensors:
     @property
     def num_records(self) -> int:
         return int(self.sequences.shape[0])
+
+    def select(self, rows: Tensor) -> RolloutTensors:
+        """The rollouts at ``rows`` ([M] int64), keeping the padded widths (a learner rank's shard)."""
+        idx = rows.tolist()
+        return RolloutTensors(
+            self.sequences[rows], self.attention_mask[rows], self.action_mask[rows], self.prompt_len,
+            [self.texts[i] for i in idx],
+        )
+
+    def to(self, device: str | torch.device) -> RolloutTensors:
+        return RolloutTensors(
+            self.sequences.to(device), self.attention_mask.to(device), self.action_mask.to(device), self.prompt_len,
+            self.texts,
+        )
 
 
 def pad_rollouts(rollouts: Sequence[Any], *, pad_id: int, eos_id: int) -> RolloutTensors:
@@ -347,7 +397,7 @@ def public_eval(
         seed=seed,
         batch_size=cfg.rollout_batch_size,
     )
-    rollouts = pad_rollouts(gen, pad_id=int(tok.pad_token_id), eos_id=int(tok.eos_token_id))
+    rollouts = pad_rollouts(gen, pad_id=int(tok.pad_token_id), eos_id=int(tok.eos_token_id)).to(models.device)
     logprobs, kls, scores = [], [], []
     T = rollouts.action_mask.shape[1]
     for sl in _chunks(rollouts.num_records, chunk_records):
@@ -469,6 +519,67 @@ def rollout_seed(seed: int, iteration: int) -> int:
     return step_seed(seed, iteration, "ppo/rollout") % (1 << 31)
 
 
+def check_distributed(ctx: StageContext, *, use_ray: bool) -> None:
+    """Refuse, before any privacy is spent, what the PPO learner cannot run on Ray Train workers.
+
+    Raises:
+        ValueError: ``deepspeed.zero_stage=3`` (rank 0 generates alone, which partitioned weights cannot do), or
+            rollout actors that do not fit in the Ray cluster next to the learners (they would wait forever).
+    """
+    check_distributable(ctx)
+    cfg = ctx.cfg
+    if cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3:
+        raise ValueError(
+            "deepspeed.zero_stage=3 with the PPO learner on Ray Train workers: rank 0 generates alone (the public "
+            "evaluation every iteration, and the rollouts when ppo.rollout_actors=0), and ZeRO-3 partitions the "
+            "policy's weights so a forward needs every rank; use deepspeed.zero_stage=2 (or lower) or "
+            "deepspeed.enabled=false"
+        )
+    if not rollout_used_ray(use_ray, cfg.ppo):
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return  # run_stage_learner says that Ray must be up
+    have = float(ray.cluster_resources().get("CPU", 0.0))
+    need = cfg.ray.num_workers * cfg.ray.cpus_per_worker + cfg.ppo.rollout_actors
+    if need > have:
+        raise ValueError(
+            f"ppo.rollout_actors={cfg.ppo.rollout_actors} next to ray.num_workers={cfg.ray.num_workers} learners "
+            f"(ray.cpus_per_worker={cfg.ray.cpus_per_worker}) need {need:g} CPUs and the Ray cluster has {have:g}: "
+            "the actors would never start. Raise ray.num_cpus (embedded Ray), lower ray.cpus_per_worker or "
+            "ppo.rollout_actors, or set ppo.rollout_actors=0 (rank 0 generates in its own process)"
+        )
+
+
+@dataclass(frozen=True)
+class PPOPlan:
+    """Everything a PPO learner rank needs, fixed by the driver before any step (plain, picklable data).
+
+    Attributes:
+        sft_dir: the SFT stage's merged export (policy base and reference); rm_dir: the reward-model stage's output
+            (on a cluster, storage every worker can read).
+        prompts: D3's prompt of every record; users: the privacy units (record -> user index).
+        q, iterations: the public schedule (K = ``ppo.ppo_epochs`` repeats per iteration); sigma: the calibrated
+            multiplier (None: non-private).
+        eval_prompts: PUBLIC prompts generated after every iteration (rank 0); public_windows: PUBLIC token windows.
+        use_ray: rollouts by ``ppo.rollout_actors`` Ray actors (started by rank 0) instead of rank 0's own model.
+        eval_every: iterations between mid-stage checkpoints on Ray Train (the public evaluation runs every one).
+    """
+
+    sft_dir: str
+    rm_dir: str
+    prompts: list[str]
+    users: UserIndex
+    q: float
+    iterations: int
+    sigma: float | None
+    eval_prompts: list[str]
+    public_windows: Tensor | None
+    use_ray: bool
+    eval_every: int = 1
+
+
 def run_ppo(
     ctx: StageContext,
     *,
@@ -481,6 +592,10 @@ def run_ppo(
     use_ray: bool = True,
 ) -> dict[str, Any]:
     """Run DP-PPO (or its non-private baseline) and save the policy; returns a plain-data summary.
+
+    Driver side: data, users, schedule, sigma and the ledger's stage header; the training itself is
+    :func:`learn_ppo`, run here or on ``ray.num_workers`` Ray Train workers (``ctx.distributed``) with the same
+    result.
 
     Args:
         ctx: the stage context (``ctx.stage == "ppo"``); private stages need ``ctx.ledger`` and the target.
@@ -503,13 +618,10 @@ def run_ppo(
 
     Raises:
         UnsupportedPPOConfig: ppo.minibatches > 1 (before anything is spent).
-        ValueError: a private stage without ledger or target; adaptive beta without public eval prompts.
+        ValueError: a private stage without ledger or target; adaptive beta without public eval prompts; on Ray
+            Train workers, what :func:`check_distributed` refuses.
     """
-    from accounting.ledger import BudgetExceededError
     from trainers.data.io import load_prompts
-    from trainers.engine.engine import UserBatch
-    from trainers.engine.sampling import PoissonUserSampler
-    from trainers.models.lora import merge_and_save
 
     cfg = ctx.cfg
     pcfg, objective = cfg.ppo, cfg.ppo.objective
@@ -526,19 +638,16 @@ def run_ppo(
         )
     if ctx.private and (ctx.ledger is None or ctx.target_epsilon is None or ctx.target_delta is None):
         raise ValueError("stage 'ppo' is private: the context needs the ledger and the target (epsilon, delta)")
+    check_model_dirs(sft_dir=Path(sft_dir), rm_dir=Path(rm_dir))
+    if ctx.distributed:
+        check_distributed(ctx, use_ray=use_ray)
 
     start = time.perf_counter()
     data = load_prompts(prompts_path)
-    record_users = list(data.rows["user_id"])
-    prompts = list(data.rows["prompt"])
-    users = UserIndex.from_ids(record_users)
+    users = UserIndex.from_ids(list(data.rows["user_id"]))
     N, T, K = users.num_users, pcfg.iterations, pcfg.ppo_epochs
     q = pcfg.sampling_rate(N)
     sigma = calibrate_stage(ctx, q=q, steps=T, repeats=K) if ctx.private else None
-
-    models = load_ppo_models(ctx, sft_dir=Path(sft_dir), rm_dir=Path(rm_dir))
-    trainable = [p for p in models.actor.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=pcfg.lr)
     if ctx.private:
         ctx.ledger.begin_stage(
             STAGE,
@@ -547,130 +656,35 @@ def run_ppo(
             target_epsilon=ctx.target_epsilon,
             target_delta=ctx.target_delta,
         )
-    kl_ctl = objective.build_kl_controller()
-    chunk = cfg.engine.max_physical_batch_records
-    eval_seed = rollout_seed(ctx.seed, 1 << 20)  # one fixed public-eval seed for every iteration
-
-    def validation_objective() -> float:
-        """The learned controller's objective on PUBLIC prompts (free to observe): softplus(-(RM reward - beta*KL)),
-        a positive loss that falls as the KL-regularized reward rises (the controller normalizes by its start)."""
-        ev = public_eval(models, eval_prompts, cfg=pcfg, seed=eval_seed, chunk_records=chunk)
-        return float(torch.nn.functional.softplus(torch.tensor(-(ev.reward - kl_ctl.value * ev.kl))))
-
-    engine = build_engine(
-        ctx, models.actor, q=q, users=users, optimizer=optimizer, sigma=sigma, steps=T, repeats=K,
-        validation_loss=validation_objective if eval_prompts else None,
+    plan = PPOPlan(
+        sft_dir=str(sft_dir), rm_dir=str(rm_dir), prompts=list(data.rows["prompt"]), users=users, q=q, iterations=T,
+        sigma=sigma, eval_prompts=eval_prompts, public_windows=public_windows, use_ray=use_ray,
     )
-    sampler = PoissonUserSampler(N, sampling_rate=q, seed=ctx.seed)
-    loss_fn = ppo_loss_fn(models.actor, objective)
-
-    rollout = _Rollouts(models, sft_dir=Path(sft_dir), cfg=pcfg, use_ray=use_ray)
-    sync_bytes, sync_seconds, sync_count = 0, 0.0, 0
-    status, reason, done = "completed", "", 0
-    sigma_eff: float | None = None
-    history: list[dict[str, float]] = []
-    bar = progress_bar(ctx, T, "ppo")
-    try:
-        first = rollout.sync()  # the actors' fresh adapter has its own random A: make it the learner's
-        if first is not None:
-            sync_bytes, sync_seconds, sync_count = first[0], first[1], 1
-        evaluation = (
-            public_eval(models, eval_prompts, cfg=pcfg, seed=eval_seed, chunk_records=chunk) if eval_prompts else None
-        )
-        if evaluation is not None:
-            _log_eval(ctx, evaluation, step=0)
-            history.append({"iteration": 0, "reward": evaluation.reward, "kl": evaluation.kl,
-                            "gold_reward": evaluation.gold_reward})
-        if public_windows is not None:
-            ctx.log("eval/public_lm_loss", public_lm_loss(models.policy, public_windows), step=0)
-        for t in range(T):
-            t0 = time.perf_counter()
-            sampled = sampler.sample(t)  # [n] user indices (private: never logged)
-            records = users.records_of(sampled)  # [R] record indices of every sampled user
-            beta = kl_ctl.value
-            if records.numel() > 0:
-                gen = rollout.generate([prompts[i] for i in records.tolist()], seed=rollout_seed(ctx.seed, t))
-                tok = models.tokenizer
-                padded = pad_rollouts(gen, pad_id=int(tok.pad_token_id), eos_id=int(tok.eos_token_id))
-                exp = build_experience(
-                    models, padded, users.record_user[records], beta=beta, objective=objective, chunk_records=chunk
-                )
-                batch = UserBatch(records=exp, user_ids=exp.user_index)
-            else:
-                batch = UserBatch.empty()  # still a DP step: the release is noise only
-            try:
-                for k in range(K):
-                    result = engine.step(batch, loss_fn, repeats=K, release=k)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if result.event is not None:
-                        sigma_eff = result.event.noise_multiplier
-            except BudgetExceededError as err:
-                status, reason = "refused", str(err)
-                break
-            done = t + 1
-            synced = rollout.sync()
-            if synced is not None:
-                sync_bytes, sync_seconds, sync_count = sync_bytes + synced[0], sync_seconds + synced[1], sync_count + 1
-                ctx.log("rollout/sync_bytes", synced[0], step=done)
-                ctx.log("rollout/sync_seconds", synced[1], step=done)
-            row: dict[str, float] = {"iteration": done, "beta": beta}
-            if evaluation is not None:
-                clipfrac, approx_kl = policy_change(models, evaluation, clip_eps=objective.clip_eps, chunk_records=chunk)
-                evaluation = public_eval(models, eval_prompts, cfg=pcfg, seed=eval_seed, chunk_records=chunk)
-                _log_eval(ctx, evaluation, step=done)
-                ctx.log("ppo/clipfrac", clipfrac, step=done)
-                ctx.log("ppo/approx_kl", approx_kl, step=done)
-                kl_ctl.update(evaluation.kl, n_steps=pcfg.expected_users_per_iteration)  # public KL only
-                row.update(reward=evaluation.reward, kl=evaluation.kl, gold_reward=evaluation.gold_reward,
-                           clipfrac=clipfrac)
-            if public_windows is not None:
-                ctx.log("eval/public_lm_loss", public_lm_loss(models.policy, public_windows), step=done)
-            eps = spent_epsilon(ctx)
-            if ctx.private:
-                ctx.log("privacy/epsilon", eps, step=done)
-                if sigma_eff is not None:
-                    ctx.log("privacy/sigma_eff", sigma_eff, step=done)
-            ctx.log("charts/beta", beta, step=done)
-            if not ctx.private:  # wall time depends on the realized (private) batch size: a timing side channel
-                ctx.log("perf/steps_per_sec", 1.0 / max(time.perf_counter() - t0, 1e-9), step=done)
-            row["epsilon"] = eps
-            history.append(row)
-            bar.update(1)
-            bar.set_postfix(
-                {k: f"{row[k]:.3g}" for k in ("reward", "kl", "gold_reward", "epsilon") if k in row}, refresh=False
-            )
-    finally:
-        bar.close()
-        rollout.shutdown()
-        engine.close()  # remove the per-user hooks before the model is copied for export
-    if ctx.private:
-        ctx.ledger.end_stage(STAGE, status=status, reason=reason)
-
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    models.policy.save_pretrained(str(out_dir / "adapter"))
-    models.actor.save_head(out_dir / "value_head.safetensors")
-    merge_and_save(models.policy, models.tokenizer, out_dir / "model")
+    result = run_stage_learner(ctx, learn_ppo, plan, fingerprint=users.fingerprint, out_dir=out_dir)
+    if ctx.private:
+        ctx.ledger.end_stage(STAGE, status=result["status"], reason=result["reason"])
+
+    history = result["history"]
     final = history[-1] if history else {}
     summary: dict[str, Any] = {
         "stage": STAGE,
         "private": ctx.private,
-        "status": status,
-        "reason": reason,
+        "status": result["status"],
+        "reason": result["reason"],
         "iterations": T,
-        "iterations_done": done,
+        "iterations_done": result["iterations_done"],
         "num_users": N,
         "sampling_rate": q,
         "expected_users_per_iteration": q * N,
         "ppo_epochs": K,
         "sigma": sigma,
-        "sigma_eff": sigma_eff,
+        "sigma_eff": result["sigma_eff"],
         "epsilon": spent_epsilon(ctx) if ctx.private else None,
         "target_epsilon": ctx.target_epsilon if ctx.private else None,
         "target_delta": ctx.target_delta if ctx.private else None,
         "kl_controller": objective.kl_controller,
-        "beta_final": kl_ctl.value,
+        "beta_final": result["beta_final"],
         "advantage_normalization": objective.advantage_normalization,
         "clipfrac_source": "public eval prompts (policy change over each iteration)",
         "public_eval_prompts": len(eval_prompts),
@@ -680,14 +694,255 @@ def run_ppo(
         "history": history,
         "rollout": {
             "ray_actors": pcfg.rollout_actors if rollout_used_ray(use_ray, pcfg) else 0,
-            "sync_count": sync_count,
-            "sync_bytes": sync_bytes,
-            "sync_seconds": sync_seconds,
+            **result["sync"],
         },
+        "learner_workers": cfg.ray.num_workers if ctx.distributed else 0,
         "wall_seconds": time.perf_counter() - start,
     }
     save_json(out_dir / "summary.json", summary)
     return summary
+
+
+def learn_ppo(ctx: StageContext, plan: PPOPlan, learner: Learner) -> dict[str, Any]:
+    """One learner rank of DP-PPO (every rank runs this; rank 0 drives the rollouts, evaluates, logs and saves).
+
+    Per iteration t: every rank draws the same Poisson sample; rank 0 generates the sampled records' rollouts (Ray
+    actors or its own model, seed ``rollout_seed(seed, t)``) and broadcasts them with the iteration's beta; each
+    rank scores ITS shard of the users (``shard_users``) against its own policy/reference/reward copies and takes
+    the K releases, whose clipped sums the engine all-reduces before the one noise draw; rank 0 then syncs the
+    LoRA tensors to the actors and evaluates on public prompts (which steers an adaptive beta). Returns rank 0's
+    results (other ranks return the same keys with their local, unused values).
+    """
+    from accounting.ledger import BudgetExceededError
+    from trainers.distributed import SharedAdmission, broadcast_object, object_group
+    from trainers.engine.sampling import PoissonUserSampler
+
+    pcfg, objective = ctx.cfg.ppo, ctx.cfg.ppo.objective
+    T, K, users = plan.iterations, pcfg.ppo_epochs, plan.users
+    main, many = learner.is_main_process, learner.world_size > 1
+    chunk = ctx.cfg.engine.max_physical_batch_records
+
+    models = load_ppo_models(ctx, sft_dir=Path(plan.sft_dir), rm_dir=Path(plan.rm_dir)).to(learner.device)
+    ds_engine, optimizer, apply_fn, start = make_learner_optimizer(
+        learner, models.actor, lambda ps: torch.optim.Adam(ps, lr=pcfg.lr)
+    )
+    models.actor.eval()  # DeepSpeed's wrap may switch the module to train mode; PPO needs no dropout
+    restored = learner.restored or {}
+    kl_ctl = objective.build_kl_controller()
+    if restored:
+        kl_ctl.load_state_dict(restored["kl_controller"])
+    history: list[dict[str, float]] = list(restored.get("history", []))
+    sync = dict(restored.get("sync", {"sync_count": 0, "sync_bytes": 0, "sync_seconds": 0.0}))
+    sigma_eff: float | None = restored.get("sigma_eff")
+    eval_prompts = plan.eval_prompts if main else []
+    windows = plan.public_windows.to(learner.device) if plan.public_windows is not None and main else None
+    eval_seed = rollout_seed(ctx.seed, 1 << 20)  # one fixed public-eval seed for every iteration
+
+    def validation_objective() -> float:
+        """The learned controller's objective on PUBLIC prompts (free to observe): softplus(-(RM reward - beta*KL)),
+        a positive loss that falls as the KL-regularized reward rises (the controller normalizes by its start)."""
+        ev = public_eval(models, eval_prompts, cfg=pcfg, seed=eval_seed, chunk_records=chunk)
+        return float(torch.nn.functional.softplus(torch.tensor(-(ev.reward - kl_ctl.value * ev.kl))))
+
+    group = object_group() if many else None
+    gate = SharedAdmission(enabled=many and ctx.private, is_main_process=main, group=group)
+    engine = build_engine(
+        ctx, models.actor, q=plan.q, users=users, optimizer=optimizer, sigma=plan.sigma, steps=T, repeats=K,
+        start_step=start, validation_loss=validation_objective if eval_prompts else None,
+        learner=replace(learner, hooks=gate.wrap(learner.hooks)), apply_fn=apply_fn,
+    )
+    if restored and engine.policy is not None and hasattr(engine.policy, "load_state_dict"):
+        engine.policy.load_state_dict(restored["policy"])
+    sampler = PoissonUserSampler(users.num_users, sampling_rate=plan.q, seed=ctx.seed)
+    loss_fn = ppo_loss_fn(models.actor, objective)
+
+    def state(done: int) -> dict[str, Any]:
+        return learner_state(
+            models.actor, optimizer, ds_engine, engine, next_step=done, kl_controller=kl_ctl.state_dict(),
+            history=list(history), sync=dict(sync), sigma_eff=sigma_eff,
+        )
+
+    def add_sync(stats: tuple[int, float] | None, *, step: int | None) -> None:
+        if stats is None:
+            return
+        sync["sync_count"] += 1
+        sync["sync_bytes"] += stats[0]
+        sync["sync_seconds"] += stats[1]
+        if step is not None:
+            ctx.log("rollout/sync_bytes", stats[0], step=step)
+            ctx.log("rollout/sync_seconds", stats[1], step=step)
+
+    rollout = _Rollouts(models, sft_dir=Path(plan.sft_dir), cfg=pcfg, use_ray=plan.use_ray) if main else None
+    status, reason, done = "completed", "", start
+    evaluation: PublicEval | None = None
+    bar = progress_bar(ctx, T, "ppo")
+    bar.update(start)
+    try:
+        if rollout is not None:
+            # The actors' fresh adapter has its own random A (or this is a restart): make it the learner's.
+            add_sync(rollout.sync(), step=None)
+        if eval_prompts:
+            evaluation = public_eval(models, eval_prompts, cfg=pcfg, seed=eval_seed, chunk_records=chunk)
+            if start == 0:
+                _log_eval(ctx, evaluation, step=0)
+                history.append({"iteration": 0, "reward": evaluation.reward, "kl": evaluation.kl,
+                                "gold_reward": evaluation.gold_reward})
+        if windows is not None and start == 0:
+            ctx.log("eval/public_lm_loss", public_lm_loss(models.policy, windows), step=0)
+        for t in range(start, T):
+            t0 = time.perf_counter()
+            sampled = sampler.sample(t)  # [n] user indices (private: never logged), the same on every rank
+            records = users.records_of(sampled)  # [R] record indices of every sampled user
+            payload = None
+            if rollout is not None:
+                gen = (
+                    rollout.generate([plan.prompts[i] for i in records.tolist()], seed=rollout_seed(ctx.seed, t))
+                    if records.numel() > 0 else []
+                )
+                payload = (kl_ctl.value, gen)
+            beta, gen = broadcast_object(payload, group=group) if many else payload
+            batch = shard_batch(
+                models, gen, sampled=sampled, records=records, users=users, rank=learner.rank,
+                world_size=learner.world_size, beta=beta, objective=objective, chunk_records=chunk,
+            )
+            try:
+                for k in range(K):
+                    if k == 0 and not gate.admitted():
+                        raise BudgetExceededError(f"stage {STAGE!r} step {t} not taken: rank 0's privacy filter refused it")
+                    result = engine.step(batch, loss_fn, repeats=K, release=k)
+                    if optimizer is not None:
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    if result.event is not None:
+                        sigma_eff = result.event.noise_multiplier
+            except BudgetExceededError as err:
+                status, reason = "refused", str(err)
+                break
+            done = t + 1
+            if main:
+                row = _after_iteration(
+                    ctx, learner, models, rollout, evaluation, add_sync, plan=plan, done=done, beta=beta,
+                    sigma_eff=sigma_eff, windows=windows, eval_seed=eval_seed, kl_ctl=kl_ctl, t0=t0,
+                )
+                evaluation = row.pop("_evaluation")
+                history.append(row)
+                bar.set_postfix(
+                    {k: f"{row[k]:.3g}" for k in ("reward", "kl", "gold_reward", "epsilon") if k in row},
+                    refresh=False,
+                )
+            learner.checkpoint(lambda d=done: state(d), step=done)
+            bar.update(1)
+    finally:
+        bar.close()
+        if rollout is not None:
+            rollout.shutdown()
+        engine.close()  # remove the per-user hooks before the model is copied for export
+    save_outputs(learner, models.actor, ds_engine, models.tokenizer, exporter=_export_ppo,
+                 init=lambda: build_actor(ctx, sft_dir=Path(plan.sft_dir)))
+    return {
+        "status": status,
+        "reason": reason,
+        "iterations_done": done,
+        "sigma_eff": sigma_eff,
+        "beta_final": kl_ctl.value,
+        "history": history,
+        "sync": sync,
+    }
+
+
+def shard_batch(
+    models: PPOModels,
+    gen: Sequence[Any],
+    *,
+    sampled: Tensor,
+    records: Tensor,
+    users: UserIndex,
+    rank: int,
+    world_size: int,
+    beta: float,
+    objective: Any,
+    chunk_records: int,
+) -> Any:
+    """This rank's part of the iteration's sample as a ``UserBatch`` of Experience (empty: a noise-only share).
+
+    All rollouts are padded together first, so every rank sees the widths of the single-process run; then only the
+    rows of this rank's users (``shard_users``) are scored. ``gen[i]`` is the rollout of record ``records[i]``.
+    """
+    from trainers.distributed import shard_users
+    from trainers.engine.engine import UserBatch
+
+    if records.numel() == 0:
+        return UserBatch.empty()
+    if len(gen) != records.numel():
+        raise ValueError(f"{len(gen)} rollouts for {records.numel()} sampled records; rank 0 sent another sample")
+    tok = models.tokenizer
+    padded = pad_rollouts(gen, pad_id=int(tok.pad_token_id), eos_id=int(tok.eos_token_id))
+    mine = users.records_of(shard_users(sampled, rank=rank, world_size=world_size))
+    rows = torch.nonzero(torch.isin(records, mine)).flatten()  # [M] positions of this rank's records
+    if rows.numel() == 0:
+        return UserBatch.empty()
+    if rows.numel() < records.numel():
+        padded = padded.select(rows)
+    exp = build_experience(
+        models, padded.to(models.device), users.record_user[records[rows]], beta=beta, objective=objective,
+        chunk_records=chunk_records,
+    )
+    return UserBatch(records=exp, user_ids=exp.user_index)
+
+
+def _after_iteration(
+    ctx: StageContext,
+    learner: Learner,
+    models: PPOModels,
+    rollout: _Rollouts,
+    evaluation: PublicEval | None,
+    add_sync: Any,
+    *,
+    plan: PPOPlan,
+    done: int,
+    beta: float,
+    sigma_eff: float | None,
+    windows: Tensor | None,
+    eval_seed: int,
+    kl_ctl: Any,
+    t0: float,
+) -> dict[str, Any]:
+    """Rank 0 after iteration ``done``: LoRA sync, public evaluation (feeds an adaptive beta), logs; the history
+    row, with the new evaluation under ``_evaluation``."""
+    pcfg, objective = ctx.cfg.ppo, ctx.cfg.ppo.objective
+    chunk = ctx.cfg.engine.max_physical_batch_records
+    add_sync(rollout.sync(), step=done)
+    row: dict[str, Any] = {"iteration": done, "beta": beta}
+    if evaluation is not None:
+        clipfrac, approx_kl = policy_change(models, evaluation, clip_eps=objective.clip_eps, chunk_records=chunk)
+        evaluation = public_eval(models, plan.eval_prompts, cfg=pcfg, seed=eval_seed, chunk_records=chunk)
+        _log_eval(ctx, evaluation, step=done)
+        ctx.log("ppo/clipfrac", clipfrac, step=done)
+        ctx.log("ppo/approx_kl", approx_kl, step=done)
+        kl_ctl.update(evaluation.kl, n_steps=pcfg.expected_users_per_iteration)  # public KL only
+        row.update(reward=evaluation.reward, kl=evaluation.kl, gold_reward=evaluation.gold_reward,
+                   clipfrac=clipfrac)
+    if windows is not None:
+        ctx.log("eval/public_lm_loss", public_lm_loss(models.policy, windows), step=done)
+    eps = learner.epsilon() if ctx.private else 0.0
+    if ctx.private:
+        ctx.log("privacy/epsilon", eps, step=done)
+        if sigma_eff is not None:
+            ctx.log("privacy/sigma_eff", sigma_eff, step=done)
+    ctx.log("charts/beta", beta, step=done)
+    if not ctx.private:  # wall time depends on the realized (private) batch size: a timing side channel
+        ctx.log("perf/steps_per_sec", 1.0 / max(time.perf_counter() - t0, 1e-9), step=done)
+    row["epsilon"] = eps
+    row["_evaluation"] = evaluation
+    return row
+
+
+def _export_ppo(actor: PolicyValueModel, tokenizer: Any, out: Path) -> None:
+    from trainers.models.lora import merge_and_save
+
+    actor.policy.save_pretrained(str(out / "adapter"))
+    actor.save_head(out / "value_head.safetensors")
+    merge_and_save(actor.policy, tokenizer, out / "model")
 
 
 def rollout_used_ray(use_ray: bool, pcfg: Any) -> bool:
