@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 STAGE_ORDER = ("sft", "rm", "ppo")
-LEARNER_STAGES = ("sft", "rm")
+LEARNER_STAGES = ("sft", "rm", "ppo")
 """Stages whose learner runs on Ray Train TorchTrainer workers when ray.num_workers >= 1."""
 
 
@@ -187,8 +187,6 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
                         f"{run.path}: stage {name!r} ended in the ledger ({ended}) but its outputs were never "
                         "committed (a crash between the two); its budget is spent. Start a new run directory"
                     )
-                # SFT and RM learners on Ray Train workers when ray.num_workers >= 1 (PPO's learner stays here;
-                # its rollouts use Ray actors).
                 distributed = cfg.ray.num_workers >= 1 and name in LEARNER_STAGES
                 if distributed:
                     ray_started = _start_ray(cfg) or ray_started
