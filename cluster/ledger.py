@@ -40,6 +40,9 @@ class _LedgerSinkImpl:
     def admit(self, event: Any) -> Any:
         return self._ledger.admit(event)
 
+    def recorded_steps(self, stage: str) -> int:
+        return int(self._ledger.recorded_steps(stage))
+
     def close(self) -> None:
         self._ledger.close()
 

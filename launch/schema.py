@@ -38,10 +38,16 @@ class RunSection:
     """Cache of built artifacts (data, tokenizer, base model), keyed by the hash of the config that made them."""
     seed: int = 0
     """Global seed for everything that is not seeded by its own section."""
+    checkpoint_every: int = 10
+    """Steps between mid-stage checkpoints of the SFT and reward-model learners (RUN_DIR/checkpoints/<stage>/;
+    also Ray Train's interval when ray.max_failures != 0). A crashed stage resumes from the later of its last
+    checkpoint and the ledger's count of its steps; steps recorded after the checkpoint are skipped, never rerun
+    (their privacy is spent). 0 disables checkpoints: a crash then loses every step before it."""
 
     def check(self) -> None:
         require(bool(self.name.strip()), "run.name", "must be a non-empty string")
         require(self.seed >= 0, "run.seed", "must be >= 0")
+        require(self.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0 (0: no mid-stage checkpoints)")
 
 
 @dataclass

@@ -5,7 +5,9 @@ spent) it loads every stage's data, computes the composition mode from the stage
 user is in two private stages, sequential otherwise -- never from a flag), each stage's (epsilon, delta) target,
 and refuses an overlap without a configured budget split. Each stage is a plain recipe
 (``trainers.stages.sft/rm/ppo``) run inside ``RunDir.stage``, so a crash leaves either a finished stage or none;
-``--resume`` skips finished stages and appends to the same ledger (never rolled back).
+``--resume`` skips finished stages and appends to the same ledger (never rolled back); a stage that crashed
+mid-way continues from its checkpoint (``RUN_DIR/checkpoints/<stage>``, every ``run.checkpoint_every`` steps,
+passed as ``StageContext.checkpoint_dir``) at the ledger's count of its steps, never retaking a recorded step.
 """
 
 from __future__ import annotations
@@ -175,6 +177,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
         for i, name in enumerate(STAGE_ORDER):
             protection = plan["protection"][name]
             if run.is_done(name):
+                run.drop_checkpoint(name)  # a crash between the commit and the checkpoint's removal
                 info = run.done_info(name) or {}
                 summaries[name] = info.get("summary", {})
                 wall[name] = float(info.get("wall_time_s", 0.0))
@@ -195,7 +198,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
                     metrics=metrics, target_epsilon=plan["targets"].get(name), target_delta=plan["deltas"].get(name),
                     seed=cfg.run.seed * 1000 + i, progress=progress,
                     extras={"eval_prompts": eval_prompts, "ray_storage": run.path / "ray_train"},
-                    distributed=distributed,
+                    distributed=distributed, checkpoint_dir=run.checkpoint_dir(name),
                 )
                 t = time.time()
                 torch.manual_seed(ctx.seed)

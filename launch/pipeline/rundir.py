@@ -10,14 +10,19 @@ Layout::
       plots/                 PNG plots of report.md
       stages/<name>/         a finished stage's outputs (adapters, heads, exports)
       stages/<name>.done     the stage's done marker (JSON: time, wall seconds, summary)
+      checkpoints/<name>/    a running stage's latest mid-stage checkpoint (removed once the stage is committed)
       report.json, report.md
 
 A stage is done only when its outputs are complete. :meth:`RunDir.stage` hands out a fresh temporary directory;
 when the ``with`` body returns, the files are fsync'ed, the directory is renamed to ``stages/<name>`` (atomic on
 one file system), and only then is the marker written (to a temp file, fsync'ed, renamed). A crash at any point
 leaves either no marker (the stage reruns from scratch; its leftovers are removed first) or a marker over complete
-outputs. ``--resume RUN_DIR`` skips stages with a marker. The ledger is append-only and is never rolled back: a
-rerun stage appends new events (a crash can over-count, never under-count).
+outputs. ``--resume RUN_DIR`` skips stages with a marker. The ledger is append-only and is never rolled back.
+
+A stage without a marker restarts from its mid-stage checkpoint (``checkpoints/<name>/``, kept across the crash)
+and, when private, at the ledger's count of its steps (``trainers.stages.common.resume_step``), so it never takes
+a recorded step again. The checkpoint directory is removed only after the marker is written; a crash between the
+two leaves a done stage with a stale checkpoint, which is skipped with the stage and removed on resume.
 """
 
 from __future__ import annotations
@@ -251,6 +256,17 @@ class RunDir:
     def marker_path(self, name: str) -> Path:
         return self.path / "stages" / f"{_check_stage(name)}.done"
 
+    def checkpoint_dir(self, name: str) -> Path:
+        """Where a running stage keeps its latest mid-stage checkpoint (it survives a crash, for --resume)."""
+        return self.path / "checkpoints" / _check_stage(name)
+
+    def drop_checkpoint(self, name: str) -> None:
+        """Remove a stage's checkpoint directory once the stage is committed (idempotent; refused before, since
+        the checkpoint is the only record of a running stage's progress)."""
+        if not self.is_done(name):
+            raise RunDirError(f"{self.path}: stage {name!r} is not committed; its checkpoint is still needed")
+        shutil.rmtree(self.checkpoint_dir(name), ignore_errors=True)
+
     # ---- stage completion -----------------------------------------------------------------------------------
     def is_done(self, name: str) -> bool:
         """True when the stage's marker and its output directory both exist."""
@@ -276,7 +292,8 @@ class RunDir:
         """Run a stage's body with a fresh output directory; publish it and mark the stage done on success.
 
         Leftovers of an earlier crashed attempt (temp directories, an output directory without a marker) are
-        removed first. If the body raises, its temp directory is removed and no marker is written.
+        removed first; its checkpoint directory is kept (the body resumes from it). If the body raises, its temp
+        directory is removed and no marker is written. After the marker, the checkpoint directory is removed.
 
         Raises:
             RunDirError: the stage is already done (check :meth:`is_done` and skip it instead).
@@ -311,6 +328,7 @@ class RunDir:
         _fsync_path(stages)
         out.path = final
         atomic_write_text(self.marker_path(name), text)
+        self.drop_checkpoint(name)  # only now: a crash before this line leaves a stale but harmless checkpoint
 
 
 def _check_stage(name: str) -> str:

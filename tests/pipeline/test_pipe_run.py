@@ -138,31 +138,64 @@ def test_batch_whitening_is_refused_at_load(tmp_path, cache, capsys):
     assert "ppo.objective.advantage_normalization" in capsys.readouterr().err
 
 
+def _stage_events(ledger: Path, stage: str) -> list[int]:
+    """Step indices of ``stage``'s events on the ledger (complete lines only: it may be mid-write)."""
+    if not ledger.exists():
+        return []
+    data = ledger.read_bytes()
+    lines = data[: data.rfind(b"\n") + 1].splitlines()
+    return [x["step"] for x in map(json.loads, lines) if x["type"] == "event" and x["stage"] == stage]
+
+
 def test_killed_run_resumes_without_rerunning_finished_stages(tmp_path, cache):
+    """SIGKILL in the middle of the reward model, after SFT committed. The resume skips SFT, and RM continues at
+    the ledger's count of its steps from its last checkpoint: no step is taken twice, the stage takes exactly its
+    T calibrated events, stays within its target, and the run verifies."""
     run_dir = tmp_path / "crash"
+    rm_steps, every = 24, 3
+    mid_stage = [f"rm.steps={rm_steps}", f"run.checkpoint_every={every}"]
     cmd = [sys.executable, "-m", "launch.cli", "run", "--config", TINY, f"run.cache_dir={cache}",
-           f"run.dir={run_dir}", *FAST, "--no-progress"]
+           f"run.dir={run_dir}", *FAST, *mid_stage, "--no-progress"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = run_dir / "stages" / "sft.done"
+    ledger = run_dir / "ledger.jsonl"
     deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), "the SFT stage never finished"
+    while proc.poll() is None and time.time() < deadline:
+        if marker.exists() and len(_stage_events(ledger, "rm")) > every:  # past RM's first checkpoint
+            break
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert marker.exists(), "the SFT stage never finished"
+    assert not (run_dir / "stages" / "rm.done").exists(), "the kill missed the middle of the reward model"
     sft_marker = marker.read_text()
-    ledger_before = (run_dir / "ledger.jsonl").read_bytes()
-    sft_events = sum(1 for line in ledger_before.splitlines() if b'"type": "event"' in line or b'"type":"event"' in line)
+    ledger_before = ledger.read_bytes()
+    sft_events = len(_stage_events(ledger, "sft"))
+    recorded = _stage_events(ledger, "rm")
+    assert recorded == list(range(len(recorded))) and every < len(recorded) < rm_steps
+    import torch
+
+    checkpointed = torch.load(run_dir / "checkpoints" / "rm" / "state.pt", weights_only=False)["next_step"]
+    assert 0 < checkpointed <= len(recorded) and checkpointed % every == 0
+    assert not (run_dir / "checkpoints" / "sft").exists()  # removed with SFT's commit
 
     assert main(["run", "--resume", str(run_dir), "--no-progress"]) == 0
     assert marker.read_text() == sft_marker  # SFT was not rerun
-    ledger_after = (run_dir / "ledger.jsonl").read_bytes()
+    ledger_after = ledger.read_bytes()
     assert ledger_after.startswith(ledger_before)  # never rolled back
-    events = [json.loads(x) for x in ledger_after.splitlines() if json.loads(x)["type"] == "event"]
-    assert sum(1 for e in events if e["stage"] == "sft") == sft_events
+    assert len(_stage_events(ledger, "sft")) == sft_events
+    assert _stage_events(ledger, "rm") == list(range(rm_steps))  # each step once: exactly T events
+    rm = json.loads((run_dir / "stages" / "rm.done").read_text())["summary"]
+    assert rm["status"] == "completed" and rm["steps"] == rm["planned_steps"] == rm_steps
+    assert rm["resumed_at_step"] == len(recorded)
+    assert rm["steps_lost_in_crash"] == len(recorded) - checkpointed
     report = json.loads((run_dir / "report.json").read_text())
-    assert set(report["stages"]) == {"sft", "rm", "ppo"}
+    assert report["status"] == "completed" and set(report["stages"]) == {"sft", "rm", "ppo"}
+    for name, entry in report["stages"].items():
+        assert entry["status"] == "completed", name
+        assert entry["privacy"]["epsilon_spent"] <= entry["privacy"]["target_epsilon"], name
+    assert not any((run_dir / "checkpoints").iterdir())  # every committed stage's checkpoint is gone
     assert main(["privacy", "verify", str(run_dir)]) == 0
 
     # A crash between the ledger's stage_end and the commit of the stage's outputs: the budget is spent and the

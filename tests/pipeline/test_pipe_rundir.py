@@ -123,3 +123,29 @@ def test_config_diff_nested():
         "a.b: saved 1, given 2",
         "d: not in the saved config, given 0",
     ]
+
+
+def test_checkpoint_outlives_a_crash_and_goes_only_after_the_commit(tmp_path):
+    run = RunDir.create(_Cfg(), dir=tmp_path / "r")
+    ckpt = run.checkpoint_dir("rm")
+    assert ckpt == run.path / "checkpoints" / "rm"
+    with pytest.raises(RuntimeError, match="boom"):
+        with run.stage("rm"):
+            ckpt.mkdir(parents=True)
+            (ckpt / "state.pt").write_bytes(b"s")
+            raise RuntimeError("boom")
+    assert (ckpt / "state.pt").read_bytes() == b"s"  # kept for the resumed attempt
+    with pytest.raises(RunDirError, match="not committed"):
+        run.drop_checkpoint("rm")  # a running stage's checkpoint is its only progress record
+    with run.stage("rm") as out:
+        assert (ckpt / "state.pt").is_file()  # the resumed attempt finds it
+        (out.path / "head.bin").write_bytes(b"h")
+    assert run.is_done("rm") and not ckpt.exists()  # removed once the stage is committed
+    # a crash between the commit and the removal: the stage is done and its stale checkpoint harmless
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.pt").write_bytes(b"stale")
+    resumed = RunDir.resume(run.path)
+    assert resumed.is_done("rm")
+    resumed.drop_checkpoint("rm")  # what the pipeline does for a done stage; idempotent
+    resumed.drop_checkpoint("rm")
+    assert not ckpt.exists() and (resumed.stage_dir("rm") / "head.bin").read_bytes() == b"h"

@@ -17,6 +17,8 @@ statistic of private data and never reaches a log or a progress bar.
 from __future__ import annotations
 
 import math
+import os
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,6 +57,9 @@ class StageContext:
         distributed: run the learner on ``ray.num_workers`` Ray Train workers (set by the pipeline when
             ``ray.num_workers >= 1``; Ray must be up). The ledger is handed to a sink actor for the stage and
             reopened into ``ctx.ledger`` afterwards, so callers must read ``ctx.ledger`` back after the stage.
+        checkpoint_dir: where the in-process learner keeps this stage's latest mid-stage checkpoint (the pipeline
+            passes RUN_DIR/checkpoints/<stage>, removed once the stage is committed); None: no checkpoints.
+            The interval is ``cfg.run.checkpoint_every``.
     """
 
     stage: str
@@ -69,6 +74,7 @@ class StageContext:
     policy_factory: Callable[..., Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     distributed: bool = False
+    checkpoint_dir: Path | None = None
 
     def log(self, key: str, value: float, *, step: int, private: bool = False, released: bool = False) -> None:
         """Log a scalar; a value derived from private data must be released (noised and accounted)."""
@@ -367,8 +373,14 @@ class Learner:
         output_dir: where rank 0 saves the stage's outputs (the stage directory, or a checkpoint directory).
         device: torch device of the model and records.
         deepspeed: the ``deepspeed`` config section when DeepSpeed applies the update, else None.
-        restored: the last checkpoint's state after a Ray Train restart (else None).
-        checkpoint_every: steps between mid-stage checkpoints (0: none; in-process there is nothing to restart).
+        restored: the last checkpoint's state (a Ray Train restart, or in-process a crashed run resumed from
+            ``checkpoint_dir``), else None. ``restored["next_step"]`` is the step it was taken at.
+        checkpoint_every: steps between mid-stage checkpoints (0: none).
+        checkpoint_dir: in-process, the directory of the latest checkpoint (``CHECKPOINT_FILE``, replaced
+            atomically); None under Ray Train, whose checkpoints go through ``ray.train.report``.
+        recorded_steps: the ledger's count of this stage's steps when the learner started, read where the ledger
+            is not in this process (a Ray worker asks the sink actor); None: :func:`resume_step` reads
+            ``ctx.ledger``.
     """
 
     rank: int = 0
@@ -381,15 +393,26 @@ class Learner:
     restored: dict[str, Any] | None = None
     checkpoint_every: int = 0
     recorder: LearnerMetrics | None = None
+    checkpoint_dir: Path | None = None
+    checkpoint_meta: dict[str, Any] = field(default_factory=dict)
+    recorded_steps: int | None = None
 
     @property
     def is_main_process(self) -> bool:
         return self.rank == 0
 
     def checkpoint(self, state_fn: Callable[[], dict[str, Any]], *, step: int) -> None:
-        """Mid-stage checkpoint through ``ray.train.report`` every ``checkpoint_every`` steps (every rank calls
-        it: ``state_fn`` may be collective, e.g. gathering ZeRO-3 partitions; rank 0 writes the state)."""
+        """Mid-stage checkpoint every ``checkpoint_every`` steps: in-process into ``checkpoint_dir`` (atomic
+        replace of the one latest file), under Ray Train through ``ray.train.report`` (every rank calls it:
+        ``state_fn`` may be collective, e.g. gathering ZeRO-3 partitions; rank 0 writes the state).
+
+        ``state_fn()`` returns what a restart needs (e.g. :func:`learner_state`: trainable tensors, optimizer
+        moments, the policy's state, ``next_step`` = ``step``); it comes back as ``restored``."""
         if self.checkpoint_every <= 0 or step % self.checkpoint_every != 0:
+            return
+        if self.checkpoint_dir is not None:
+            if self.is_main_process:
+                save_checkpoint(self.checkpoint_dir, {**state_fn(), "meta": dict(self.checkpoint_meta)})
             return
         import tempfile
 
@@ -511,8 +534,88 @@ def save_outputs(
     exporter(model, tokenizer, out)
 
 
+CHECKPOINT_FILE = "state.pt"
+
+
+def save_checkpoint(directory: Path, state: dict[str, Any]) -> None:
+    """Replace ``directory/CHECKPOINT_FILE`` with ``state`` atomically: a temp file, fsync, ``os.replace``, fsync
+    of the directory. A crash at any point leaves the previous checkpoint or the new one, never a torn file, and
+    only the latest is kept."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{CHECKPOINT_FILE}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, directory / CHECKPOINT_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(directory: Path | None, *, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The latest checkpoint in ``directory`` (None when there is none), after removing temp files of a write
+    that a crash interrupted.
+
+    Raises:
+        RuntimeError: the checkpoint was written for another stage, user set or seed (``meta`` differs): it
+            cannot be this stage's state; remove the directory or start a new run.
+    """
+    if directory is None or not Path(directory).is_dir():
+        return None
+    for stale in Path(directory).glob(f".{CHECKPOINT_FILE}.tmp-*"):
+        stale.unlink(missing_ok=True)
+    path = Path(directory) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=False)
+    if state.get("meta") != meta:
+        raise RuntimeError(
+            f"{path}: checkpoint of {state.get('meta')}, not of this stage ({meta}); remove {directory} or start a "
+            "new run directory"
+        )
+    return state
+
+
+def resume_step(ctx: StageContext, *, restored_step: int, recorded_steps: int | None = None) -> int:
+    """The step a (re)started stage loop begins at: max(checkpoint step, steps the ledger recorded for the stage).
+
+    Every step's event is on the ledger before its update is used (write-ahead), and the ledger is never rolled
+    back, so a step the ledger holds has spent its privacy whether or not its update survived the crash. Rerunning
+    it would be a second release of the same Poisson sample (the sampler and the noise are seeded per step), so
+    a private stage never takes more than its T calibrated events: the loop restarts at the ledger's count, and
+    the steps between the checkpoint and that count are skipped -- their updates are lost (the caller reports
+    ``steps_lost_in_crash`` = returned - ``restored_step``), their privacy is spent and counted, and the samples
+    of later steps are unchanged (seeded per step). A non-private stage restarts at its checkpoint.
+
+    Args:
+        ctx: the stage's context; ``ctx.ledger`` is read when ``recorded_steps`` is None.
+        restored_step: the step of the restored checkpoint (``restored["next_step"]``; 0 without one).
+        recorded_steps: the ledger's count when the ledger is in another process (``Learner.recorded_steps`` in
+            a Ray Train worker).
+
+    Raises:
+        ValueError: a private stage whose ledger count cannot be read.
+    """
+    if not ctx.private:
+        return int(restored_step)
+    if recorded_steps is None:
+        if ctx.ledger is None:
+            raise ValueError(f"stage {ctx.stage!r}: a private stage resumes from its ledger's count; none given")
+        recorded_steps = int(ctx.ledger.recorded_steps(ctx.stage))
+    return max(int(restored_step), int(recorded_steps))
+
+
 def local_learner(ctx: StageContext, *, fingerprint: str, out_dir: Path) -> Learner:
-    """The in-process learner: rank 0 of 1, the ledger's own record/admit (exactly the pre-Ray behaviour)."""
+    """The in-process learner: rank 0 of 1, the ledger's own record/admit (exactly the pre-Ray behaviour), and
+    mid-stage checkpoints in ``ctx.checkpoint_dir`` every ``cfg.run.checkpoint_every`` steps; a checkpoint left by
+    a crashed attempt of this stage comes back as ``restored``."""
     hooks: dict[str, Any] = {"is_main_process": True}
     if ctx.private and ctx.ledger is not None:
         ledger = ctx.ledger
@@ -521,7 +624,14 @@ def local_learner(ctx: StageContext, *, fingerprint: str, out_dir: Path) -> Lear
             ledger.record(event, stage_fingerprint=fingerprint)
 
         hooks.update(event_sink=sink, admit=ledger.admit)
-    return Learner(hooks=hooks, epsilon=lambda: spent_epsilon(ctx), output_dir=out_dir)
+    meta = {"stage": ctx.stage, "user_fingerprint": fingerprint, "seed": int(ctx.seed)}
+    run_cfg = getattr(ctx.cfg, "run", None)
+    every = int(getattr(run_cfg, "checkpoint_every", 0)) if ctx.checkpoint_dir is not None else 0
+    return Learner(
+        hooks=hooks, epsilon=lambda: spent_epsilon(ctx), output_dir=out_dir, checkpoint_every=every,
+        checkpoint_dir=Path(ctx.checkpoint_dir) if ctx.checkpoint_dir is not None else None, checkpoint_meta=meta,
+        restored=load_checkpoint(ctx.checkpoint_dir, meta=meta),
+    )
 
 
 def worker_context(ctx: StageContext) -> StageContext:
@@ -602,7 +712,9 @@ def run_stage_learner(
     Distributed: Ray must be up (``cluster.runtime.init_ray``); the ledger goes to a sink actor for the run
     (:func:`ledger_handover`); rank 0 reports the outputs as its final checkpoint, copied here into ``out_dir``;
     its metrics are replayed into ``ctx.metrics``. ``FailureConfig(max_failures=ray.max_failures)``: a restarted
-    group resumes from the last mid-stage checkpoint; events already on the ledger stay counted.
+    group restores the last mid-stage checkpoint (every ``run.checkpoint_every`` steps) and resumes at
+    :func:`resume_step` (rank 0 reads the ledger's count from the sink actor); events already on the ledger stay
+    counted and are never taken again.
     """
     out_dir = Path(out_dir)
     if not ctx.distributed:
@@ -616,7 +728,8 @@ def run_stage_learner(
             _ray_learner_entry,
             {
                 "learn": learn, "ctx": worker_context(ctx), "plan": plan, "sink": sink,
-                "fingerprint": fingerprint, "checkpoint_every": plan.eval_every if ray_cfg.max_failures != 0 else 0,
+                "fingerprint": fingerprint,
+                "checkpoint_every": ctx.cfg.run.checkpoint_every if ray_cfg.max_failures != 0 else 0,
             },
             num_workers=ray_cfg.num_workers,
             use_gpu=ray_cfg.use_gpu,
@@ -675,6 +788,10 @@ def _ray_learner_entry(config: dict[str, Any]) -> None:
         import ray.train.torch
 
         device = str(ray.train.torch.get_device())
+    recorded = None
+    if sink is not None:
+        recorded = _ledger_count_on_every_rank(sink, ctx.stage, rank=info.rank, world_size=info.world_size,
+                                               device=device)
     from dataclasses import replace
 
     ctx = replace(ctx, metrics=recorder if info.is_main_process else None, progress=ctx.progress and info.rank == 0)
@@ -683,6 +800,7 @@ def _ray_learner_entry(config: dict[str, Any]) -> None:
             rank=info.rank, world_size=info.world_size, hooks=hooks, epsilon=epsilon, output_dir=Path(out),
             device=device, deepspeed=ctx.cfg.deepspeed if ctx.cfg.deepspeed.enabled else None,
             restored=restored, checkpoint_every=int(config["checkpoint_every"]), recorder=recorder,
+            recorded_steps=recorded,
         )
         result = config["learn"](ctx, config["plan"], learner)
         if info.is_main_process:
@@ -690,6 +808,21 @@ def _ray_learner_entry(config: dict[str, Any]) -> None:
             ray.train.report({"done": True}, checkpoint=ray.train.Checkpoint.from_directory(out))
         else:
             ray.train.report({"done": True})
+
+
+def _ledger_count_on_every_rank(sink: Any, stage: str, *, rank: int, world_size: int, device: str) -> int:
+    """The ledger's count of ``stage``'s steps, read by rank 0 from the sink actor and broadcast, so every rank
+    starts at the same step (a rank reading it later could see rank 0's next event already recorded)."""
+    import ray
+
+    count = int(ray.get(sink.recorded_steps.remote(stage))) if rank == 0 else 0
+    if world_size > 1:
+        import torch.distributed as dist
+
+        box = torch.tensor([count], dtype=torch.int64, device=device)
+        dist.broadcast(box, src=0)
+        count = int(box.item())
+    return count
 
 
 def poisson_loop(

@@ -32,6 +32,7 @@ from trainers.stages.common import (
     learner_state,
     make_learner_optimizer,
     poisson_loop,
+    resume_step,
     run_stage_learner,
     save_outputs,
     spent_epsilon,
@@ -147,7 +148,7 @@ class RMPlan:
         users: the privacy units (record -> user index).
         q, steps: the public schedule; sigma: the calibrated multiplier (None: non-private).
         pairs: PUBLIC gold-labeled (chosen, rejected) texts for the logged accuracy.
-        eval_every: steps between public evaluations (and mid-stage checkpoints on Ray Train).
+        eval_every: steps between public evaluations (checkpoints: ``run.checkpoint_every``).
     """
 
     sft_dir: str
@@ -263,9 +264,12 @@ def learn_rm(ctx: StageContext, plan: RMPlan, learner: Learner) -> dict[str, Any
     records = {k: v.to(learner.device) for k, v in plan.records.items()}
     users = plan.users
 
-    ds_engine, optimizer, apply_fn, start = make_learner_optimizer(
+    ds_engine, optimizer, apply_fn, restored_step = make_learner_optimizer(
         learner, model, lambda ps: torch.optim.Adam(ps, lr=cfg.lr)
     )
+    # A crashed attempt: restart after the last step on the ledger, never before (see resume_step).
+    start = resume_step(ctx, restored_step=restored_step, recorded_steps=learner.recorded_steps)
+    lost = (learner.restored or {}).get("steps_lost_in_crash", 0) + start - restored_step
     engine = build_engine(
         ctx, model, q=plan.q, users=users, optimizer=optimizer, sigma=plan.sigma, steps=steps, start_step=start,
         validation_loss=lambda: public_bt_loss(model, tokenizer, pairs, max_len=cfg.max_len),
@@ -295,11 +299,13 @@ def learn_rm(ctx: StageContext, plan: RMPlan, learner: Learner) -> dict[str, Any
     status, reason, done = poisson_loop(
         ctx, learner, engine, optimizer, users=users, records=records, loss_fn=loss_fn, sampler=sampler,
         steps=steps, start=start, eval_every=plan.eval_every, evaluate=evaluate, desc="reward model",
-        state=lambda d: learner_state(model, optimizer, ds_engine, engine, next_step=d, accuracy_start=acc0),
+        state=lambda d: learner_state(model, optimizer, ds_engine, engine, next_step=d, accuracy_start=acc0,
+                                     steps_lost_in_crash=lost),
     )
     save_outputs(learner, model, ds_engine, tokenizer, exporter=_export_rm,
                  init=lambda: _reward_model(ctx, plan.sft_dir)[0])
-    return {"status": status, "reason": reason, "steps": done, "accuracy_start": acc0, "accuracy": acc}
+    return {"status": status, "reason": reason, "steps": done, "accuracy_start": acc0, "accuracy": acc,
+            "resumed_at_step": start, "steps_lost_in_crash": lost}
 
 
 def _export_rm(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:

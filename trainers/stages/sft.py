@@ -30,6 +30,7 @@ from trainers.stages.common import (
     make_learner_optimizer,
     poisson_loop,
     public_lm_loss,
+    resume_step,
     run_stage_learner,
     save_outputs,
     spent_epsilon,
@@ -59,7 +60,7 @@ class SFTPlan:
         users: the privacy units (record -> user index).
         q, steps: the public schedule; sigma: the calibrated multiplier (None: non-private).
         public_windows: [W, T] PUBLIC held-out token windows for the logged validation loss (or None).
-        eval_every: steps between public evaluations (and mid-stage checkpoints on Ray Train).
+        eval_every: steps between public evaluations (checkpoints: ``run.checkpoint_every``).
     """
 
     base_dir: str
@@ -170,9 +171,12 @@ def learn_sft(ctx: StageContext, plan: SFTPlan, learner: Learner) -> dict[str, A
     records = {k: v.to(learner.device) for k, v in plan.records.items()}
     users = plan.users
 
-    ds_engine, optimizer, apply_fn, start = make_learner_optimizer(
+    ds_engine, optimizer, apply_fn, restored_step = make_learner_optimizer(
         learner, model, lambda ps: torch.optim.Adam(ps, lr=cfg.lr)
     )
+    # A crashed attempt: restart after the last step on the ledger, never before (see resume_step).
+    start = resume_step(ctx, restored_step=restored_step, recorded_steps=learner.recorded_steps)
+    lost = (learner.restored or {}).get("steps_lost_in_crash", 0) + start - restored_step
     engine = build_engine(
         ctx, model, q=plan.q, users=users, optimizer=optimizer, sigma=plan.sigma, steps=steps, start_step=start,
         validation_loss=(lambda: public_lm_loss(model, windows)) if windows is not None else None,
@@ -202,7 +206,8 @@ def learn_sft(ctx: StageContext, plan: SFTPlan, learner: Learner) -> dict[str, A
     status, reason, done = poisson_loop(
         ctx, learner, engine, optimizer, users=users, records=records, loss_fn=loss_fn, sampler=sampler,
         steps=steps, start=start, eval_every=plan.eval_every, evaluate=evaluate, desc="sft",
-        state=lambda d: learner_state(model, optimizer, ds_engine, engine, next_step=d, first_valid=first_valid),
+        state=lambda d: learner_state(model, optimizer, ds_engine, engine, next_step=d, first_valid=first_valid,
+                                     steps_lost_in_crash=lost),
     )
     save_outputs(learner, model, ds_engine, tokenizer, exporter=_export_sft, init=lambda: _fresh_sft(ctx, plan))
     return {
@@ -211,6 +216,8 @@ def learn_sft(ctx: StageContext, plan: SFTPlan, learner: Learner) -> dict[str, A
         "steps": done,
         "public_valid_loss_start": first_valid,
         "public_valid_loss": valid_loss,
+        "resumed_at_step": start,
+        "steps_lost_in_crash": lost,
     }
 
 
