@@ -181,3 +181,67 @@ def test_sample_is_sharded_by_user_and_covers_every_record(dirs):
     assert sum(p.num_records for p in parts) == whole.num_records == records.numel()
     joined = torch.cat([p.records.advantages for p in parts])
     torch.testing.assert_close(joined, whole.records.advantages, rtol=0, atol=1e-6)
+
+
+def _crashing_after_checkpoint(step_to_crash: int):
+    """``learn_ppo`` that dies right after its checkpoint of iteration ``step_to_crash`` (a planted crash)."""
+    from trainers.stages.ppo import learn_ppo
+
+    def learn(ctx, plan, learner):
+        checkpoint = learner.checkpoint
+
+        def checkpoint_then_crash(state_fn, *, step):
+            checkpoint(state_fn, step=step)
+            if step == step_to_crash:
+                raise RuntimeError("planted crash")
+
+        learner.checkpoint = checkpoint_then_crash
+        return learn_ppo(ctx, plan, learner)
+
+    return learn
+
+
+def test_crash_then_resume_from_checkpoint_equals_uninterrupted(dirs, reference, tmp_path, monkeypatch):
+    """In-process checkpoint after iteration 1 (LoRA, value head, Adam, beta, history), a crash, then a resume:
+    the same adapter and ledger as the uninterrupted run, with no iteration taken twice."""
+    import trainers.stages.ppo as ppo
+
+    root = tmp_path / "resumed"
+    ledger = Ledger.open(root / "ledger.jsonl", run_id="t", target_epsilon=TARGET_EPS, target_delta=TARGET_DELTA,
+                         composition="parallel")
+    cfg = make_cfg(*RAY, "run.checkpoint_every=1", "ppo.objective.kl_controller=adaptive",
+                   "ppo.objective.kl_target=0.001")
+
+    def attempt():
+        ctx = StageContext(stage="ppo", cfg=cfg, private=True, ledger=ledger, target_epsilon=TARGET_EPS,
+                           target_delta=TARGET_DELTA, seed=3, progress=False, checkpoint_dir=root / "ck",
+                           extras={"eval_prompts": EVAL_PROMPTS})
+        return ppo.run_ppo(ctx, sft_dir=dirs["sft"], rm_dir=dirs["rm"], prompts_path=str(dirs["d3"]),
+                           out_dir=root / "out", use_ray=False)
+
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(ppo, "learn_ppo", _crashing_after_checkpoint(1))
+            with pytest.raises(RuntimeError, match="planted crash"):
+                attempt()
+        assert [e.step for e in ledger.events() if e.stage == "ppo"] == [0]
+        resumed = attempt()
+        full_root = tmp_path / "full"
+        full = run_stage(dirs, full_root, "run.checkpoint_every=0", "ppo.objective.kl_controller=adaptive",
+                         "ppo.objective.kl_target=0.001")
+    finally:
+        ledger.close()
+    from safetensors.torch import load_file
+
+    assert resumed["status"] == "completed" and resumed["resumed_at_step"] == 1
+    assert resumed["steps_lost_in_crash"] == 0
+    got = load_file(str(root / "out" / "adapter" / "adapter_model.safetensors"))
+    got.update({f"value_head.{k}": v for k, v in load_file(str(root / "out" / "value_head.safetensors")).items()})
+    assert got.keys() == full[1].keys()
+    for name, want in full[1].items():
+        torch.testing.assert_close(got[name], want, rtol=0, atol=0, msg=lambda msg, n=name: f"{n}: {msg}")
+    events = [e for e in read_ledger(root / "ledger.jsonl").events if e.stage == "ppo"]
+    assert [(e.step, e.noise_multiplier) for e in events] == [(e.step, e.noise_multiplier) for e in full[2]]
+    # beta adapted from the public KL after iteration 1 came back from the checkpoint, as did the history
+    assert resumed["beta_final"] == full[0]["beta_final"] != cfg.ppo.objective.init_kl_coef
+    assert resumed["history"] == full[0]["history"]

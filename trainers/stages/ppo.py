@@ -60,6 +60,7 @@ from trainers.stages.common import (
     make_learner_optimizer,
     progress_bar,
     public_lm_loss,
+    resume_step,
     run_stage_learner,
     save_json,
     save_outputs,
@@ -564,7 +565,6 @@ class PPOPlan:
             multiplier (None: non-private).
         eval_prompts: PUBLIC prompts generated after every iteration (rank 0); public_windows: PUBLIC token windows.
         use_ray: rollouts by ``ppo.rollout_actors`` Ray actors (started by rank 0) instead of rank 0's own model.
-        eval_every: iterations between mid-stage checkpoints on Ray Train (the public evaluation runs every one).
     """
 
     sft_dir: str
@@ -577,7 +577,6 @@ class PPOPlan:
     eval_prompts: list[str]
     public_windows: Tensor | None
     use_ray: bool
-    eval_every: int = 1
 
 
 def run_ppo(
@@ -697,6 +696,8 @@ def run_ppo(
             **result["sync"],
         },
         "learner_workers": cfg.ray.num_workers if ctx.distributed else 0,
+        "resumed_at_step": result["resumed_at_step"],
+        "steps_lost_in_crash": result["steps_lost_in_crash"],
         "wall_seconds": time.perf_counter() - start,
     }
     save_json(out_dir / "summary.json", summary)
@@ -723,11 +724,14 @@ def learn_ppo(ctx: StageContext, plan: PPOPlan, learner: Learner) -> dict[str, A
     chunk = ctx.cfg.engine.max_physical_batch_records
 
     models = load_ppo_models(ctx, sft_dir=Path(plan.sft_dir), rm_dir=Path(plan.rm_dir)).to(learner.device)
-    ds_engine, optimizer, apply_fn, start = make_learner_optimizer(
+    ds_engine, optimizer, apply_fn, restored_step = make_learner_optimizer(
         learner, models.actor, lambda ps: torch.optim.Adam(ps, lr=pcfg.lr)
     )
     models.actor.eval()  # DeepSpeed's wrap may switch the module to train mode; PPO needs no dropout
     restored = learner.restored or {}
+    # A crashed attempt: restart after the last iteration on the ledger, never before (see resume_step).
+    start = resume_step(ctx, restored_step=restored_step, recorded_steps=learner.recorded_steps)
+    lost = int(restored.get("steps_lost_in_crash", 0)) + start - restored_step
     kl_ctl = objective.build_kl_controller()
     if restored:
         kl_ctl.load_state_dict(restored["kl_controller"])
@@ -759,7 +763,7 @@ def learn_ppo(ctx: StageContext, plan: PPOPlan, learner: Learner) -> dict[str, A
     def state(done: int) -> dict[str, Any]:
         return learner_state(
             models.actor, optimizer, ds_engine, engine, next_step=done, kl_controller=kl_ctl.state_dict(),
-            history=list(history), sync=dict(sync), sigma_eff=sigma_eff,
+            history=list(history), sync=dict(sync), sigma_eff=sigma_eff, steps_lost_in_crash=lost,
         )
 
     def add_sync(stats: tuple[int, float] | None, *, step: int | None) -> None:
@@ -847,6 +851,8 @@ def learn_ppo(ctx: StageContext, plan: PPOPlan, learner: Learner) -> dict[str, A
         "beta_final": kl_ctl.value,
         "history": history,
         "sync": sync,
+        "resumed_at_step": start,
+        "steps_lost_in_crash": lost,
     }
 
 
