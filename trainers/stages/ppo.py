@@ -30,6 +30,16 @@ Privacy decisions, and why:
   * Throughput (``perf/steps_per_sec``) is a wall-clock timing and therefore depends on the realized (private)
     batch size: it is logged only when the stage is not private.
 
+Where it runs: ``run_ppo`` is the driver side (data, users, schedule, sigma, the ledger's stage header) and
+``learn_ppo`` the learner, in this process or on ``ray.num_workers`` Ray Train workers (``run_stage_learner``, as
+SFT and the reward model). Rank 0 drives the rollouts and broadcasts them with the iteration's beta; each rank
+scores its shard of the sampled users against its own policy/reference/reward copies; the engine all-reduces the
+clipped sums before the one noise draw, so N workers give the single-process update (tested: 2 gloo workers
+within 1e-5). Rank 0 alone syncs the LoRA weights to the actors, evaluates on public prompts and adapts beta;
+its privacy filter's answer reaches the other ranks before the step's all-reduce, so a refused step stops every
+rank cleanly. DeepSpeed ZeRO-3 is refused (rank 0 generates alone); every rank loads the SFT model twice and
+the reward model once.
+
 Determinism: the sample of iteration t, the rollout seeds and the noise depend only on (seed, t); rollouts by N
 Ray actors equal in-process generation (``trainers.rollout``). The actor runs in eval mode throughout (gradients
 still flow): dropout would make per-user gradients random and the PPO ratio differ from 1 at the first epoch.
