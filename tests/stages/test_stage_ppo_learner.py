@@ -117,6 +117,13 @@ def test_two_gloo_workers_with_rollout_actors_equal_in_process(dirs, ray_up, ref
     assert summary["rollout"]["sync_count"] == 3 and summary["rollout"]["sync_bytes"] > 0  # start + per iteration
 
 
+@pytest.mark.slow  # ~45 s: DeepSpeed import and engine set-up in each worker
+def test_deepspeed_zero2_ppo_learners_equal_in_process(dirs, ray_up, reference):
+    got = run_stage(dirs, dirs["root"] / "ppo-ds2", "ray.num_workers=2", "ppo.rollout_actors=0",
+                    "deepspeed.enabled=true", "deepspeed.zero_stage=2", distributed=True)
+    assert_same_training(reference, got, atol=1e-5)
+
+
 @pytest.mark.slow  # ~30 s: one more Ray Train run
 def test_refusal_on_rank_0_stops_every_rank_cleanly(dirs, ray_up):
     """Rank 0's filter refuses the first step; rank 1 hears it before the all-reduce (no collective timeout), the
