@@ -4,7 +4,17 @@ Runs `dpalign run` on the embedded task for the non-private baseline and for the
 epsilon, over several seeds (the data and base model are shared through the cache; the seed changes sampling,
 noise, initialization and rollouts), and prints the mean gold reward of the final policy with a 95% interval
 over seeds, next to the base and SFT models. It also reports, at each epsilon, the share of the non-private
-gain over SFT that the private pipeline keeps (target at epsilon=4: >= 80%; Wu et al., GPT-2: about 90%).
+gain that the private pipeline keeps (target at epsilon=4: >= 80%; Wu et al., GPT-2: about 90%), in two ways:
+
+- ``share_own_sft``: (private final - private SFT) / (non-private final - non-private SFT), each pipeline's PPO
+  gain over its own SFT model;
+- ``share_vs_nonprivate_sft``: (private final - non-private SFT) / (non-private final - non-private SFT), the
+  private pipeline's end result against the non-private SFT baseline (penalizes a worse private SFT too).
+
+Each run is a fresh `dpalign run` process (``--jobs`` of them at a time, each with cores/jobs threads; rollouts
+are generated in process, ``ppo.rollout_actors=0``, which gives the same samples as Ray actors without starting
+one Ray cluster per run). A run whose report.json already exists in ``--out`` is reused, so an interrupted grid
+continues where it stopped (use a fresh ``--out`` after changing the config).
 
     .venv/bin/python benchmarks/privacy_utility.py --json                       # the default grid
     .venv/bin/python benchmarks/privacy_utility.py --epsilons 4 --seeds 0 --config launch/configs/tiny.yaml
@@ -16,45 +26,70 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def run_one(config: str, overrides: list[str], out_dir: Path) -> dict:
-    from launch.config import load_config
-    from launch.pipeline.pipeline import run_pipeline
-    from launch.schema import RunConfig
-
-    cfg = load_config(RunConfig, config, [*overrides, f"run.dir={out_dir}"])
-    report = run_pipeline(cfg, progress=False)
+def run_one(config: str, overrides: list[str], out_dir: Path, *, threads: int) -> dict:
+    """One `dpalign run` in a fresh process (or its existing report); returns the numbers the table needs."""
+    report_path = out_dir / "report.json"
+    if not report_path.is_file():
+        if out_dir.exists():
+            raise SystemExit(f"{out_dir} holds an unfinished run; remove it or resume it with dpalign run --resume")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        cmd = [sys.executable, "-m", "launch.cli", "run", "--config", config, "--no-progress",
+               *overrides, f"run.dir={out_dir}"]
+        log = out_dir.parent / f"{out_dir.name}.log"
+        with open(log, "w") as fh:
+            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+        if rc != 0 or not report_path.is_file():
+            raise SystemExit(f"run {out_dir} failed (rc={rc}); see {log}")
+    report = json.loads(report_path.read_text())
     pols = report["evaluation"]["policies"]
     return {
         "run_dir": str(out_dir),
         "status": report["status"],
         "epsilon": (report.get("privacy") or {}).get("epsilon"),
         "gold": {name: pols[name]["gold_reward"]["mean"] for name in pols},
+        "gold_ci": {name: [pols[name]["gold_reward"]["lo"], pols[name]["gold_reward"]["hi"]] for name in pols},
         "kl": pols["final"]["kl_to_sft"],
+        "rm_accuracy": (report["evaluation"].get("reward_model") or {}).get("accuracy"),
         "seconds": report["wall_time_s"]["total"],
     }
 
 
 def summarize(rows: list[dict]) -> dict:
+    """Per setting: mean final gold with a 95% interval over seeds, SFT/base means, KL, RM accuracy, shares."""
     from launch.pipeline.report import ci_entry
 
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["setting"], []).append(r)
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs)
+
     table = {}
     for setting, rs in by.items():
+        finals = [r["gold"]["final"] for r in rs]
         table[setting] = {
-            "final": ci_entry([r["gold"]["final"] for r in rs]) if len(rs) > 1 else {"mean": rs[0]["gold"]["final"]},
-            "sft": sum(r["gold"]["sft"] for r in rs) / len(rs),
-            "base": sum(r["gold"]["base"] for r in rs) / len(rs),
-            "kl": sum(r["kl"] for r in rs) / len(rs),
+            "final": ci_entry(finals) if len(rs) > 1 else {"mean": finals[0]},
+            "sft": mean([r["gold"]["sft"] for r in rs]),
+            "base": mean([r["gold"]["base"] for r in rs]),
+            "gain_over_own_sft": ci_entry([r["gold"]["final"] - r["gold"]["sft"] for r in rs])
+            if len(rs) > 1 else {"mean": rs[0]["gold"]["final"] - rs[0]["gold"]["sft"]},
+            "kl": mean([r["kl"] for r in rs]),
+            "rm_accuracy": mean([r["rm_accuracy"] for r in rs]) if all(r["rm_accuracy"] is not None for r in rs)
+            else None,
             "epsilon": max((r["epsilon"] or 0.0) for r in rs),
             "seeds": len(rs),
         }
@@ -62,8 +97,9 @@ def summarize(rows: list[dict]) -> dict:
     if base is not None:
         gain = base["final"]["mean"] - base["sft"]
         for row in table.values():
-            own_gain = row["final"]["mean"] - row["sft"]
-            row["share_of_nonprivate_gain"] = own_gain / gain if gain > 0 else None
+            ok = gain > 0
+            row["share_own_sft"] = (row["final"]["mean"] - row["sft"]) / gain if ok else None
+            row["share_vs_nonprivate_sft"] = (row["final"]["mean"] - base["sft"]) / gain if ok else None
     return table
 
 
@@ -73,39 +109,54 @@ def main() -> int:
     ap.add_argument("--epsilons", default="1,2,4,8", help="comma-separated target epsilons of the private runs")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds")
     ap.add_argument("--out", default=str(REPO / "runs" / "bench-privacy-utility"))
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (each gets cores/jobs threads)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = ap.parse_args()
 
-    from launch.pipeline.pipeline import quiet_libraries
-
-    quiet_libraries()
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = [("nonprivate", ["privacy.preset=nonprivate"])] + [
         (f"eps={e}", ["privacy.preset=private", f"privacy.target_epsilon={e}"]) for e in args.epsilons.split(",")
     ]
-    rows, t0 = [], time.time()
-    for name, extra in settings:
-        for seed in seeds:
-            out = Path(args.out) / f"{name}-seed{seed}"
-            row = run_one(args.config, [*args.overrides, *extra, f"run.seed={seed}"], out)
-            row.update(setting=name, seed=seed)
-            rows.append(row)
-            print(f"{name:12s} seed {seed}: final gold {row['gold']['final']:+.3f} (sft {row['gold']['sft']:+.3f}, "
-                  f"base {row['gold']['base']:+.3f}) in {row['seconds']:.0f} s", file=sys.stderr)
+    jobs = max(1, args.jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    todo = [(name, extra, seed) for name, extra in settings for seed in seeds]
+    t0 = time.time()
+    if todo and jobs > 1:  # build the shared data and base-model caches once, before parallel runs race on them
+        first = todo.pop(0)
+    else:
+        first = None
+
+    def go(item: tuple[str, list[str], int]) -> dict:
+        name, extra, seed = item
+        out = Path(args.out) / f"{name}-seed{seed}"
+        row = run_one(args.config, ["ppo.rollout_actors=0", *args.overrides, *extra, f"run.seed={seed}"], out,
+                      threads=threads if first is None or item is not first else (os.cpu_count() or 1))
+        row.update(setting=name, seed=seed)
+        print(f"{name:12s} seed {seed}: final gold {row['gold']['final']:+.3f} (sft {row['gold']['sft']:+.3f}, "
+              f"base {row['gold']['base']:+.3f}, KL {row['kl']:.2f}) in {row['seconds']:.0f} s", file=sys.stderr)
+        return row
+
+    rows = [go(first)] if first is not None else []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        rows += list(pool.map(go, todo))
     table = summarize(rows)
     result = {"config": args.config, "overrides": args.overrides, "seeds": seeds, "table": table, "runs": rows,
               "seconds": time.time() - t0}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{'setting':12s} {'final gold (95% CI over seeds)':34s} {'SFT':>7s} {'base':>7s} {'KL':>7s} {'share':>7s}")
+        print(f"{'setting':12s} {'final gold (95% CI over seeds)':34s} {'SFT':>7s} {'base':>7s} {'KL':>7s} "
+              f"{'share(own SFT)':>15s} {'share(np SFT)':>14s}")
         for name, row in table.items():
             f = row["final"]
             ci = f"[{f['lo']:+.3f}, {f['hi']:+.3f}]" if "lo" in f else ""
-            share = row.get("share_of_nonprivate_gain")
+
+            def fmt(v: float | None) -> str:
+                return "   n/a" if v is None else f"{v:6.2f}"
+
             print(f"{name:12s} {f['mean']:+.3f} {ci:26s} {row['sft']:+7.3f} {row['base']:+7.3f} {row['kl']:7.3f} "
-                  f"{share if share is None else f'{share:7.2f}'}")
+                  f"{fmt(row.get('share_own_sft')):>15s} {fmt(row.get('share_vs_nonprivate_sft')):>14s}")
     return 0
 
 
