@@ -152,7 +152,7 @@ def test_killed_run_resumes_without_rerunning_finished_stages(tmp_path, cache):
     the ledger's count of its steps from its last checkpoint: no step is taken twice, the stage takes exactly its
     T calibrated events, stays within its target, and the run verifies."""
     run_dir = tmp_path / "crash"
-    rm_steps, every = 24, 3
+    rm_steps, every = 12, 2
     mid_stage = [f"rm.steps={rm_steps}", f"run.checkpoint_every={every}"]
     cmd = [sys.executable, "-m", "launch.cli", "run", "--config", TINY, f"run.cache_dir={cache}",
            f"run.dir={run_dir}", *FAST, *mid_stage, "--no-progress"]
