@@ -351,3 +351,28 @@ def test_ray_rollouts_equal_in_process(dirs, private_run, ray_local, tmp_path):
     a = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(private_run["root"] / "out" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rollouts_are_scored_eos_terminated_like_the_reward_model_was_trained(dirs, tmp_path):
+    """The RM reads its score at EOS (rm_texts layout): a rollout cut by max_new_tokens gets EOS appended before
+    scoring; one that generated EOS is scored as it is; padding never changes a score."""
+    from trainers.stages.ppo import load_ppo_models, reward_scores, with_eos
+
+    eos, pad = 7, 7  # GPT-2 style: pad == eos, the mask tells them apart
+    seq = torch.tensor([[pad, 3, 4, 5, 6, pad],   # left-padded prompt, open response (cut)
+                        [1, 2, 3, 9, eos, pad]])  # response ended with its own EOS
+    am = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]])
+    s2, a2 = with_eos(seq, am, eos_id=eos, pad_id=pad)
+    assert s2.tolist() == [[pad, 3, 4, 5, 6, eos, pad], [1, 2, 3, 9, eos, pad, pad]]
+    assert a2.tolist() == [[0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0, 0]]
+
+    cfg = make_cfg()
+    models = load_ppo_models(make_ctx(cfg, private=False, ledger=None), sft_dir=dirs["sft"], rm_dir=dirs["rm"])
+    tok_eos = int(models.tokenizer.eos_token_id)
+    body = [5, 6, 8, 9, 10]
+    padded = torch.tensor([[tok_eos, tok_eos, *body, tok_eos, tok_eos]])  # pads around an open row
+    padded_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0, 0]])
+    alone = torch.tensor([[*body, tok_eos]])
+    expected = models.reward(alone, torch.ones_like(alone))
+    assert torch.allclose(reward_scores(models, padded, padded_mask), expected, atol=1e-5)
+    assert not torch.allclose(models.reward(padded, padded_mask), expected, atol=1e-3)  # without EOS: another score

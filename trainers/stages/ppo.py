@@ -57,7 +57,12 @@ import torch
 from torch import Tensor, nn
 
 from trainers.rlhf.experience import Experience, make_experience, response_slice, rollout_masks
-from trainers.rlhf.heads import PolicyValueModel, ScoreModel, position_ids_from_attention_mask
+from trainers.rlhf.heads import (
+    PolicyValueModel,
+    ScoreModel,
+    last_token_index,
+    position_ids_from_attention_mask,
+)
 from trainers.rlhf.ppo import logprobs_from_logits, masked_fill_zero
 from trainers.stages.common import (
     Learner,
@@ -264,6 +269,41 @@ def reference_logits(reference: nn.Module, sequences: Tensor, attention_mask: Te
     ).logits
 
 
+def with_eos(sequences: Tensor, attention_mask: Tensor, *, eos_id: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Terminate every row with EOS: one extra column, EOS right after the last real token where it is missing.
+
+    Why: the reward model is trained on ``BOS + prompt + completion + EOS`` and reads its score at the last token
+    (``trainers.stages.rm.rm_texts``), so its head only ever saw EOS hidden states. A rollout cut by
+    ``max_new_tokens`` ends mid-sentence; scored there, the head reads a state it was never trained on (on the
+    demo task the scores of SFT samples then correlate 0.03 with the gold reward, against 0.46 with EOS).
+    Rows that already end with their generated EOS are left as they are (OpenRLHF appends EOS the same way).
+
+    Args:
+        sequences: [R, S] int64, prompt left-padded, response right-padded.
+        attention_mask: [R, S] 0/1.
+
+    Returns:
+        ([R, S + 1] sequences, [R, S + 1] attention mask).
+    """
+    R = sequences.shape[0]
+    seq = torch.cat([sequences, sequences.new_full((R, 1), pad_id)], dim=1)  # [R, S + 1]
+    am = torch.cat([attention_mask, attention_mask.new_zeros((R, 1))], dim=1)  # [R, S + 1]
+    last = last_token_index(attention_mask, validate=False)  # [R]
+    rows = torch.arange(R, device=sequences.device)
+    open_rows = sequences[rows, last] != eos_id  # [R] rows whose last real token is not EOS
+    seq[rows[open_rows], last[open_rows] + 1] = eos_id
+    am[rows[open_rows], last[open_rows] + 1] = 1
+    return seq, am
+
+
+@torch.no_grad()
+def reward_scores(models: PPOModels, sequences: Tensor, attention_mask: Tensor) -> Tensor:
+    """[R] private-RM scores of rollouts in the layout it was trained on (EOS-terminated, see :func:`with_eos`)."""
+    tok = models.tokenizer
+    seq, am = with_eos(sequences, attention_mask, eos_id=int(tok.eos_token_id), pad_id=int(tok.pad_token_id))
+    return models.reward(seq, am)
+
+
 def build_experience(
     models: PPOModels,
     rollouts: RolloutTensors,
@@ -296,7 +336,7 @@ def build_experience(
                     policy_logits=logits,
                     ref_logits=reference_logits(models.reference, seq, am),
                     values=values,
-                    scores=models.reward(seq, am),  # [r]: post-processing of the DP reward model
+                    scores=reward_scores(models, seq, am),  # [r]: post-processing of the DP reward model
                     beta=beta,
                     gamma=objective.gamma,
                     lam=objective.lam,
@@ -421,7 +461,7 @@ def public_eval(
         # less noisy than the sampled-token k1 estimate on a few prompts (it steers an adaptive beta)
         token_kl = (logp.exp() * (logp - ref_logp)).sum(-1)  # [r, T]
         kls.append(masked_fill_zero(token_kl, rollouts.action_mask[sl]).sum(1))  # [r] nats per sequence
-        scores.append(models.reward(seq, am))
+        scores.append(reward_scores(models, seq, am))
         logprobs.append(_response_logprobs(logits, rollouts, sl))
     return PublicEval(
         rollouts=rollouts,
@@ -984,5 +1024,7 @@ __all__ = [
     "pad_rollouts",
     "policy_change",
     "public_eval",
+    "reward_scores",
     "run_ppo",
+    "with_eos",
 ]
