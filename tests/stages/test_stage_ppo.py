@@ -376,3 +376,32 @@ def test_rollouts_are_scored_eos_terminated_like_the_reward_model_was_trained(di
     expected = models.reward(alone, torch.ones_like(alone))
     assert torch.allclose(reward_scores(models, padded, padded_mask), expected, atol=1e-5)
     assert not torch.allclose(models.reward(padded, padded_mask), expected, atol=1e-3)  # without EOS: another score
+
+
+def test_public_reward_normalization_is_folded_into_the_head_and_kept(dirs, tmp_path):
+    """reward_normalization=public: the RM's scores of SFT samples on public prompts get mean 0, std 1 (the same
+    samples, re-scored after the fold); the run reports the constants; without public prompts it is refused."""
+    from trainers.stages.ppo import load_ppo_models, normalize_score_head, public_reward_norm, reward_scores
+
+    cfg = make_cfg("ppo.objective.reward_normalization=public")
+    models = load_ppo_models(make_ctx(cfg, private=False, ledger=None), sft_dir=dirs["sft"], rm_dir=dirs["rm"])
+    norm = public_reward_norm(models, EVAL_PROMPTS, cfg=cfg.ppo, seed=5, seeds=2, chunk_records=8)
+    assert norm["samples"] == 2 * len(EVAL_PROMPTS) and norm["scale"] > 0
+    normalize_score_head(models.reward.head, shift=norm["shift"], scale=norm["scale"])
+    again = public_reward_norm(models, EVAL_PROMPTS, cfg=cfg.ppo, seed=5, seeds=2, chunk_records=8)
+    assert again["shift"] == pytest.approx(0.0, abs=1e-5) and again["scale"] == pytest.approx(1.0, rel=1e-4)
+
+    summary = run(dirs, make_ctx(cfg, private=False, ledger=None), tmp_path / "out", use_ray=False)
+    reported = summary["reward_normalization"]
+    assert reported["mode"] == "public" and reported["samples"] == cfg.ppo.objective.reward_norm_seeds * len(
+        EVAL_PROMPTS)
+    raw = load_ppo_models(make_ctx(cfg, private=False, ledger=None), sft_dir=dirs["sft"], rm_dir=dirs["rm"])
+    seq = torch.tensor([[5, 6, 8, 9]])
+    expected = (reward_scores(raw, seq, torch.ones_like(seq)) - reported["shift"]) / reported["scale"]
+    normalize_score_head(raw.reward.head, shift=reported["shift"], scale=reported["scale"])
+    assert torch.allclose(reward_scores(raw, seq, torch.ones_like(seq)), expected, atol=1e-5)
+
+    ctx = make_ctx(cfg, private=False, ledger=None)
+    ctx.extras.clear()
+    with pytest.raises(ValueError, match="reward_normalization=public"):
+        run(dirs, ctx, tmp_path / "refused", use_ray=False)

@@ -46,6 +46,15 @@ class PPOObjectiveConfig:
     whitening is refused: it couples users and breaks per-user sensitivity."""
     advantage_scale: float = 1.0
     """fixed: the public constant advantages are divided by (set it before the run, never from private data)."""
+    reward_normalization: Literal["none", "public"] = "none"
+    """none: the reward model's raw score. public: shift and scale the score to zero mean and unit standard
+    deviation over the SFT policy's samples on the PUBLIC evaluation prompts, measured once before the first
+    iteration. Post-processing of the DP reward model on public data, fixed before any D3 prompt is read, so no
+    user's reward depends on another's (OpenRLHF's normalize_reward uses batch statistics instead, which couples
+    users). Makes init_kl_coef mean the same for reward models of different scale: Bradley-Terry scores have no
+    fixed scale, and a private reward model's spread differs from a non-private one's."""
+    reward_norm_seeds: int = 2
+    """public: samples per public prompt (each with its own seed) that the mean and deviation are measured on."""
 
     def check(self) -> None:
         require(0.0 <= self.gamma <= 1.0, "gamma", "must be in [0, 1]")
@@ -59,6 +68,8 @@ class PPOObjectiveConfig:
             require(self.kl_target > 0.0, "kl_target", "must be > 0")
             require(self.kl_horizon > 0.0, "kl_horizon", "must be > 0")
         require(self.advantage_scale > 0.0, "advantage_scale", "must be > 0")
+        require(self.reward_normalization in ("none", "public"), "reward_normalization", "must be none or public")
+        require(self.reward_norm_seeds >= 1, "reward_norm_seeds", "must be >= 1")
         try:
             check_advantage_normalization(self.advantage_normalization, field="advantage_normalization")
         except ValueError as err:  # BatchWhiteningError included: the loader reports ConfigErrors

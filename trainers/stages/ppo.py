@@ -472,6 +472,41 @@ def public_eval(
     )
 
 
+@torch.no_grad()
+def public_reward_norm(
+    models: PPOModels, prompts: Sequence[str], *, cfg: Any, seed: int, seeds: int, chunk_records: int
+) -> dict[str, float]:
+    """Mean and standard deviation of the reward model's scores of the current (SFT) policy's samples on PUBLIC
+    prompts, ``seeds`` samples per prompt: the constants of ``reward_normalization=public``.
+
+    Public prompts and the DP reward model only (post-processing): nothing here depends on D3.
+
+    Returns:
+        {"shift": mean, "scale": std (floored at 1e-6), "samples": how many scores}.
+    """
+    from trainers.rollout import generate_rollouts
+
+    tok = models.tokenizer
+    scores = []
+    for i in range(seeds):
+        gen = generate_rollouts(
+            models.policy, tok, list(prompts), max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            top_k=cfg.top_k, seed=seed + i, batch_size=cfg.rollout_batch_size,
+        )
+        rollouts = pad_rollouts(gen, pad_id=int(tok.pad_token_id), eos_id=int(tok.eos_token_id)).to(models.device)
+        for sl in _chunks(rollouts.num_records, chunk_records):
+            scores.append(reward_scores(models, rollouts.sequences[sl], rollouts.attention_mask[sl]))
+    flat = torch.cat(scores).double()
+    return {"shift": float(flat.mean()), "scale": max(float(flat.std()), 1e-6), "samples": int(flat.numel())}
+
+
+@torch.no_grad()
+def normalize_score_head(head: nn.Linear, *, shift: float, scale: float) -> None:
+    """Fold ``(score - shift) / scale`` into the reward model's linear head (every later score is normalized)."""
+    head.bias.sub_(shift).div_(scale)
+    head.weight.div_(scale)
+
+
 def policy_change(models: PPOModels, before: PublicEval, *, clip_eps: float, chunk_records: int) -> tuple[float, float]:
     """(clip fraction, approx KL) of the policy update on PUBLIC rollouts generated before it.
 
@@ -614,6 +649,7 @@ class PPOPlan:
         q, iterations: the public schedule (K = ``ppo.ppo_epochs`` repeats per iteration); sigma: the calibrated
             multiplier (None: non-private).
         eval_prompts: PUBLIC prompts generated after every iteration (rank 0); public_windows: PUBLIC token windows.
+        norm_prompts: PUBLIC prompts the reward normalization is measured on (``reward_normalization=public``).
         use_ray: rollouts by ``ppo.rollout_actors`` Ray actors (started by rank 0) instead of rank 0's own model.
     """
 
@@ -625,6 +661,7 @@ class PPOPlan:
     iterations: int
     sigma: float | None
     eval_prompts: list[str]
+    norm_prompts: list[str]
     public_windows: Tensor | None
     use_ray: bool
 
@@ -679,7 +716,13 @@ def run_ppo(
     check_supported(cfg)
     if eval_prompts is None:
         eval_prompts = ctx.extras.get("eval_prompts")
-    eval_prompts = list(eval_prompts or [])[:PUBLIC_EVAL_PROMPTS]
+    norm_prompts = list(eval_prompts or [])
+    eval_prompts = norm_prompts[:PUBLIC_EVAL_PROMPTS]
+    if objective.reward_normalization == "public" and len(norm_prompts) < 2:
+        raise ValueError(
+            "ppo.objective.reward_normalization=public measures the reward model's scale on PUBLIC prompts; pass "
+            "at least 2 eval_prompts (eval.prompts), or set reward_normalization=none"
+        )
     if objective.kl_controller == "adaptive" and not eval_prompts:
         raise ValueError(
             "ppo.objective.kl_controller=adaptive needs a released or public KL; pass public eval_prompts (the "
@@ -707,7 +750,8 @@ def run_ppo(
         )
     plan = PPOPlan(
         sft_dir=str(sft_dir), rm_dir=str(rm_dir), prompts=list(data.rows["prompt"]), users=users, q=q, iterations=T,
-        sigma=sigma, eval_prompts=eval_prompts, public_windows=public_windows, use_ray=use_ray,
+        sigma=sigma, eval_prompts=eval_prompts, norm_prompts=norm_prompts, public_windows=public_windows,
+        use_ray=use_ray,
     )
     out_dir = Path(out_dir)
     result = run_stage_learner(ctx, learn_ppo, plan, fingerprint=users.fingerprint, out_dir=out_dir)
@@ -735,6 +779,7 @@ def run_ppo(
         "kl_controller": objective.kl_controller,
         "beta_final": result["beta_final"],
         "advantage_normalization": objective.advantage_normalization,
+        "reward_normalization": {"mode": objective.reward_normalization, **(result.get("reward_norm") or {})},
         "clipfrac_source": "public eval prompts (policy change over each iteration)",
         "public_eval_prompts": len(eval_prompts),
         "final_reward": final.get("reward"),
@@ -799,6 +844,16 @@ def learn_ppo(ctx: StageContext, plan: PPOPlan, learner: Learner) -> dict[str, A
         return float(torch.nn.functional.softplus(torch.tensor(-(ev.reward - kl_ctl.value * ev.kl))))
 
     group = object_group() if many else None
+    reward_norm = restored.get("reward_norm")  # a restart keeps the constants of the first attempt
+    if reward_norm is None and objective.reward_normalization == "public":
+        reward_norm = public_reward_norm(
+            models, plan.norm_prompts, cfg=pcfg, seed=rollout_seed(ctx.seed, 1 << 21),
+            seeds=objective.reward_norm_seeds, chunk_records=chunk,
+        ) if main else None
+        if many:
+            reward_norm = broadcast_object(reward_norm, group=group)
+    if reward_norm is not None:
+        normalize_score_head(models.reward.head, shift=reward_norm["shift"], scale=reward_norm["scale"])
     gate = SharedAdmission(enabled=many and ctx.private, is_main_process=main, group=group)
     engine = build_engine(
         ctx, models.actor, q=plan.q, users=users, optimizer=optimizer, sigma=plan.sigma, steps=T, repeats=K,
@@ -814,6 +869,7 @@ def learn_ppo(ctx: StageContext, plan: PPOPlan, learner: Learner) -> dict[str, A
         return learner_state(
             models.actor, optimizer, ds_engine, engine, next_step=done, kl_controller=kl_ctl.state_dict(),
             history=list(history), sync=dict(sync), sigma_eff=sigma_eff, steps_lost_in_crash=lost,
+            reward_norm=reward_norm,
         )
 
     def add_sync(stats: tuple[int, float] | None, *, step: int | None) -> None:
@@ -903,6 +959,7 @@ def learn_ppo(ctx: StageContext, plan: PPOPlan, learner: Learner) -> dict[str, A
         "sync": sync,
         "resumed_at_step": start,
         "steps_lost_in_crash": lost,
+        "reward_norm": reward_norm,
     }
 
 
@@ -1023,7 +1080,9 @@ __all__ = [
     "load_ppo_models",
     "pad_rollouts",
     "policy_change",
+    "normalize_score_head",
     "public_eval",
+    "public_reward_norm",
     "reward_scores",
     "run_ppo",
     "with_eos",
