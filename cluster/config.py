@@ -24,7 +24,7 @@ class RayConfig:
     num_cpus: int = 0
     """Embedded Ray only: CPUs it may use (0: every core of the machine). Ignored when joining a cluster."""
     num_workers: int = 0
-    """Learner workers (data-parallel ranks) of the SFT and reward-model stages, as Ray Train TorchTrainer workers.
+    """Learner workers (data-parallel ranks) of all three stages (SFT, reward model, PPO), as Ray Train workers.
     Each clips its share of the sampled users; the noise is added once to the global sum, so the update does not
     depend on this number. 0: the learner runs inside the driver process (no Ray Train; the test default)."""
     use_gpu: bool = False

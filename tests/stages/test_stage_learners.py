@@ -7,11 +7,13 @@ ZeRO-2, a reward-model run and a worker failure with ``ray.max_failures=1`` are 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from accounting.events import PrivacyEvent
 from accounting.ledger import Ledger, read_ledger
 from launch.config import load_config
 from launch.schema import RunConfig
@@ -84,15 +86,30 @@ def ray_up():
     shutdown_ray()
 
 
-def run_stage(dirs, root: Path, *extra: str, stage: str = "sft", distributed: bool = False, **kw):
-    """One private stage with a real ledger; returns (summary, trained tensors, ledger events, ledger path)."""
+def open_ledger(root: Path, *, spent_before: float | None = None) -> Ledger:
+    """The run's ledger; ``spent_before``: sequential composition after another stage's event (q=0.5, that sigma)
+    already took part of the run's budget."""
+    if spent_before is None:
+        return Ledger.open(root / "ledger.jsonl", run_id="t", target_epsilon=TARGET_EPS, target_delta=TARGET_DELTA)
+    ledger = Ledger.open(root / "ledger.jsonl", run_id="t", target_epsilon=TARGET_EPS, target_delta=TARGET_DELTA,
+                         composition="sequential")
+    ledger.begin_stage("earlier", user_fingerprint="x", num_users=10)
+    ledger.record(PrivacyEvent("earlier", 0, "gradient", 0.5, spent_before), enforce=False)
+    return ledger
+
+
+def run_stage(dirs, root: Path, *extra: str, stage: str = "sft", distributed: bool = False,
+              spent_before: float | None = None, checkpoint_dir: Path | None = None, ledger: Ledger | None = None,
+              **kw):
+    """One private stage with a real ledger (``ledger``, else a new one; closed afterwards); returns (summary,
+    trained tensors, ledger events, ledger path)."""
     from safetensors.torch import load_file
 
     cfg = load_config(RunConfig, None, [*OVERRIDES, *extra])
-    ledger = Ledger.open(root / "ledger.jsonl", run_id="t", target_epsilon=TARGET_EPS, target_delta=TARGET_DELTA)
+    ledger = ledger if ledger is not None else open_ledger(root, spent_before=spent_before)
     ctx = StageContext(stage=stage, cfg=cfg, private=True, ledger=ledger, target_epsilon=TARGET_EPS,
                        target_delta=TARGET_DELTA, seed=5, progress=False, distributed=distributed,
-                       extras={"ray_storage": root / "ray_train"})
+                       extras={"ray_storage": root / "ray_train"}, checkpoint_dir=checkpoint_dir)
     try:
         if stage == "sft":
             from trainers.stages.sft import run_sft
@@ -174,6 +191,73 @@ def test_reward_model_on_one_ray_worker_equals_in_process(dirs, ray_up):
     got = run_stage(dirs, dirs["root"] / "rm-ray1", "ray.num_workers=1", stage="rm", distributed=True)
     assert_same_training(ref, got, atol=1e-6)
     assert any(k.startswith("head.") for k in got[1])
+
+
+@pytest.mark.slow  # ~30 s: one more Ray Train run with 2 workers
+@pytest.mark.timeout(300)
+def test_refusal_on_rank_0_stops_every_sft_rank_cleanly(dirs, ray_up):
+    """Another stage spent part of the run's budget (sequential composition): rank 0's filter admits step 0 and
+    refuses step 1. Rank 1 hears it before the all-reduce: the stage ends "refused" well before the collective
+    timeout (90 s; without the shared answer rank 1 waits that long and the learner group fails)."""
+    root = dirs["root"] / "sft-refused"
+    t0 = time.monotonic()
+    summary, _, events, path = run_stage(dirs, root, "ray.num_workers=2", "ray.collective_timeout_s=90",
+                                         distributed=True, spent_before=1.2)
+    elapsed = time.monotonic() - t0
+    assert summary["status"] == "refused" and summary["steps"] == 1, summary
+    assert "run budget exhausted" in summary["reason"]
+    assert [(e.stage, e.step) for e in events] == [("earlier", 0), ("sft", 0)]
+    assert read_ledger(path).stage_end["sft"]["status"] == "refused"
+    assert elapsed < 90, f"{elapsed:.0f} s: a rank waited for the collective timeout"
+
+
+def _crashing_after_checkpoint(step_to_crash: int):
+    """``learn_sft`` whose rank 0 dies right after its checkpoint of step ``step_to_crash`` (a planted crash)."""
+    from trainers.stages.sft import learn_sft
+
+    def learn(ctx, plan, learner):
+        checkpoint = learner.checkpoint
+
+        def checkpoint_then_crash(state_fn, *, step):
+            checkpoint(state_fn, step=step)
+            if step == step_to_crash:
+                raise RuntimeError("planted crash")
+
+        learner.checkpoint = checkpoint_then_crash
+        return learn_sft(ctx, plan, learner)
+
+    return learn
+
+
+@pytest.mark.slow  # ~40 s: two Ray Train runs
+@pytest.mark.timeout(300)
+def test_ray_learner_crash_then_resume_from_run_dir_checkpoint_equals_uninterrupted(dirs, ray_up, sft_reference,
+                                                                                    monkeypatch):
+    """A Ray Train stage (1 worker, ray.max_failures=0) dies after its checkpoint of step 1 (what a driver crash
+    leaves: the ledger's event of step 0 and RUN_DIR/checkpoints/sft); the resumed stage starts a fresh learner
+    group, which restores that checkpoint, and ends with the uninterrupted run's adapter and ledger."""
+    import ray.train
+
+    import trainers.stages.sft as sft
+
+    root = dirs["root"] / "sft-ray-resumed"
+    ck = root / "checkpoints" / "sft"
+    args = ("ray.num_workers=1", "run.checkpoint_every=1")
+    ledger = open_ledger(root)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(sft, "learn_sft", _crashing_after_checkpoint(1))
+            with pytest.raises(ray.train.TrainingFailedError, match="planted crash"):
+                run_stage(dirs, root, *args, distributed=True, checkpoint_dir=ck, ledger=ledger)
+        ledger = Ledger.open(root / "ledger.jsonl", run_id="t", target_epsilon=TARGET_EPS, target_delta=TARGET_DELTA)
+        assert [e.step for e in ledger.events()] == [0]  # the crash came after step 0's event
+        assert (ck / "state.pt").is_file()  # rank 0 of the Ray Train group wrote it into the run directory
+        got = run_stage(dirs, root, *args, distributed=True, checkpoint_dir=ck, ledger=ledger)
+    finally:
+        ledger.close()
+    summary = got[0]
+    assert summary["resumed_at_step"] == 1 and summary["steps_lost_in_crash"] == 0
+    assert_same_training(sft_reference, got, atol=1e-6)
 
 
 def _failing_once(marker: str):

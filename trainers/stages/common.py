@@ -376,8 +376,13 @@ class Learner:
         restored: the last checkpoint's state (a Ray Train restart, or in-process a crashed run resumed from
             ``checkpoint_dir``), else None. ``restored["next_step"]`` is the step it was taken at.
         checkpoint_every: steps between mid-stage checkpoints (0: none).
-        checkpoint_dir: in-process, the directory of the latest checkpoint (``CHECKPOINT_FILE``, replaced
-            atomically); None under Ray Train, whose checkpoints go through ``ray.train.report``.
+        checkpoint_dir: the directory of the stage's latest checkpoint (``CHECKPOINT_FILE``, replaced atomically,
+            written by rank 0; ``ctx.checkpoint_dir``, i.e. RUN_DIR/checkpoints/<stage>), in-process and on Ray
+            Train workers alike, so a run resumed after a driver crash restarts from it; None: none kept there.
+        checkpoint_meta: what the checkpoint must belong to (stage, user fingerprint, seed; see
+            :func:`load_checkpoint`).
+        ray_report: also report each checkpoint through ``ray.train.report`` (Ray Train workers with
+            ``ray.max_failures != 0``: what a restarted worker group gets from ``ray.train.get_checkpoint``).
         recorded_steps: the ledger's count of this stage's steps when the learner started, read where the ledger
             is not in this process (a Ray worker asks the sink actor); None: :func:`resume_step` reads
             ``ctx.ledger``.
@@ -396,34 +401,40 @@ class Learner:
     checkpoint_dir: Path | None = None
     checkpoint_meta: dict[str, Any] = field(default_factory=dict)
     recorded_steps: int | None = None
+    ray_report: bool = False
 
     @property
     def is_main_process(self) -> bool:
         return self.rank == 0
 
     def checkpoint(self, state_fn: Callable[[], dict[str, Any]], *, step: int) -> None:
-        """Mid-stage checkpoint every ``checkpoint_every`` steps: in-process into ``checkpoint_dir`` (atomic
-        replace of the one latest file), under Ray Train through ``ray.train.report`` (every rank calls it:
-        ``state_fn`` may be collective, e.g. gathering ZeRO-3 partitions; rank 0 writes the state).
+        """Mid-stage checkpoint every ``checkpoint_every`` steps: rank 0 replaces the one latest file in
+        ``checkpoint_dir`` atomically, and with ``ray_report`` every rank also calls ``ray.train.report`` (rank 0
+        with the state as a Ray checkpoint). Every rank calls ``state_fn`` (it may be collective, e.g. gathering
+        ZeRO-3 partitions); only rank 0 writes.
 
         ``state_fn()`` returns what a restart needs (e.g. :func:`learner_state`: trainable tensors, optimizer
-        moments, the policy's state, ``next_step`` = ``step``); it comes back as ``restored``."""
+        moments, the policy's state, ``next_step`` = ``step``); it comes back as ``restored``. On Ray Train
+        workers the metrics rank 0 recorded so far go with it (``metrics_rows``), so a restart replays them."""
         if self.checkpoint_every <= 0 or step % self.checkpoint_every != 0:
             return
-        if self.checkpoint_dir is not None:
-            if self.is_main_process:
-                save_checkpoint(self.checkpoint_dir, {**state_fn(), "meta": dict(self.checkpoint_meta)})
+        if self.checkpoint_dir is None and not self.ray_report:
+            return
+        state = state_fn()
+        if self.is_main_process and self.recorder is not None:
+            state = {**state, "metrics_rows": list(self.recorder.rows)}
+        if self.checkpoint_dir is not None and self.is_main_process:
+            save_checkpoint(self.checkpoint_dir, {**state, "meta": dict(self.checkpoint_meta)})
+        if not self.ray_report:
             return
         import tempfile
 
         import ray.train
 
-        state = state_fn()
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if self.is_main_process:
-                rows = list(self.recorder.rows) if self.recorder is not None else []
-                torch.save({**state, "metrics_rows": rows}, Path(d) / "state.pt")
+                torch.save(state, Path(d) / CHECKPOINT_FILE)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report({"step": step}, checkpoint=ckpt)
 
@@ -612,6 +623,16 @@ def resume_step(ctx: StageContext, *, restored_step: int, recorded_steps: int | 
     return max(int(restored_step), int(recorded_steps))
 
 
+def checkpoint_meta(ctx: StageContext, *, fingerprint: str) -> dict[str, Any]:
+    """What a mid-stage checkpoint belongs to: a checkpoint of another stage, user set or seed is refused."""
+    return {"stage": ctx.stage, "user_fingerprint": fingerprint, "seed": int(ctx.seed)}
+
+
+def checkpoint_interval(ctx: StageContext) -> int:
+    """``run.checkpoint_every`` (0 where the config has no ``run`` section)."""
+    return int(getattr(getattr(ctx.cfg, "run", None), "checkpoint_every", 0))
+
+
 def local_learner(ctx: StageContext, *, fingerprint: str, out_dir: Path) -> Learner:
     """The in-process learner: rank 0 of 1, the ledger's own record/admit (exactly the pre-Ray behaviour), and
     mid-stage checkpoints in ``ctx.checkpoint_dir`` every ``cfg.run.checkpoint_every`` steps; a checkpoint left by
@@ -624,9 +645,8 @@ def local_learner(ctx: StageContext, *, fingerprint: str, out_dir: Path) -> Lear
             ledger.record(event, stage_fingerprint=fingerprint)
 
         hooks.update(event_sink=sink, admit=ledger.admit)
-    meta = {"stage": ctx.stage, "user_fingerprint": fingerprint, "seed": int(ctx.seed)}
-    run_cfg = getattr(ctx.cfg, "run", None)
-    every = int(getattr(run_cfg, "checkpoint_every", 0)) if ctx.checkpoint_dir is not None else 0
+    meta = checkpoint_meta(ctx, fingerprint=fingerprint)
+    every = checkpoint_interval(ctx) if ctx.checkpoint_dir is not None else 0
     return Learner(
         hooks=hooks, epsilon=lambda: spent_epsilon(ctx), output_dir=out_dir, checkpoint_every=every,
         checkpoint_dir=Path(ctx.checkpoint_dir) if ctx.checkpoint_dir is not None else None, checkpoint_meta=meta,
@@ -711,10 +731,16 @@ def run_stage_learner(
 
     Distributed: Ray must be up (``cluster.runtime.init_ray``); the ledger goes to a sink actor for the run
     (:func:`ledger_handover`); rank 0 reports the outputs as its final checkpoint, copied here into ``out_dir``;
-    its metrics are replayed into ``ctx.metrics``. ``FailureConfig(max_failures=ray.max_failures)``: a restarted
-    group restores the last mid-stage checkpoint (every ``run.checkpoint_every`` steps) and resumes at
-    :func:`resume_step` (rank 0 reads the ledger's count from the sink actor); events already on the ledger stay
-    counted and are never taken again.
+    its metrics are replayed into ``ctx.metrics``.
+
+    Checkpoints, every ``run.checkpoint_every`` steps: rank 0 writes them into ``ctx.checkpoint_dir`` (as the
+    in-process learner does), and with ``ray.max_failures != 0`` also reports them to Ray Train. A restarted
+    worker group (``FailureConfig(max_failures=ray.max_failures)``) restores Ray's last checkpoint; a fresh group
+    (a run resumed after the driver crashed) restores the one in ``ctx.checkpoint_dir``. Either resumes at
+    :func:`resume_step` (rank 0 reads the ledger's count from the sink actor): events already on the ledger stay
+    counted and are never taken again. ``ctx.checkpoint_dir`` is written and read by rank 0's worker and removed
+    by the driver, so on a multi-node cluster the run directory must be on storage shared by every node (NFS or
+    similar); on one machine it is a local directory.
     """
     out_dir = Path(out_dir)
     if not ctx.distributed:
@@ -729,7 +755,8 @@ def run_stage_learner(
             {
                 "learn": learn, "ctx": worker_context(ctx), "plan": plan, "sink": sink,
                 "fingerprint": fingerprint,
-                "checkpoint_every": ctx.cfg.run.checkpoint_every if ray_cfg.max_failures != 0 else 0,
+                "checkpoint_every": checkpoint_interval(ctx),
+                "ray_report": ray_cfg.max_failures != 0,
             },
             num_workers=ray_cfg.num_workers,
             use_gpu=ray_cfg.use_gpu,
@@ -756,7 +783,11 @@ def run_stage_learner(
 
 def _ray_learner_entry(config: dict[str, Any]) -> None:
     """Body of every Ray Train worker: build the Learner from the Ray context, run ``learn``, and on rank 0
-    report the stage's outputs (and the summary and metrics) as the final checkpoint."""
+    report the stage's outputs (and the summary and metrics) as the final checkpoint.
+
+    The state to start from: Ray Train's last checkpoint (a restarted worker group), else the latest one in
+    ``ctx.checkpoint_dir`` (a run resumed after the driver crashed mid-stage), read by rank 0 and broadcast.
+    """
     import tempfile
 
     import ray.train
@@ -768,12 +799,10 @@ def _ray_learner_entry(config: dict[str, Any]) -> None:
     info = worker_info()
     ctx: StageContext = config["ctx"]
     sink = config["sink"]
+    meta = checkpoint_meta(ctx, fingerprint=config["fingerprint"])
     recorder = LearnerMetrics()
-    restored = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            restored = torch.load(Path(d) / "state.pt", weights_only=False)
+    restored = _restored_on_every_rank(ctx, meta=meta, rank=info.rank, world_size=info.world_size)
+    if restored is not None:
         recorder.rows = list(restored.get("metrics_rows", []))
     hooks: dict[str, Any] = {"is_main_process": info.is_main_process}
     if info.world_size > 1:
@@ -800,7 +829,8 @@ def _ray_learner_entry(config: dict[str, Any]) -> None:
             rank=info.rank, world_size=info.world_size, hooks=hooks, epsilon=epsilon, output_dir=Path(out),
             device=device, deepspeed=ctx.cfg.deepspeed if ctx.cfg.deepspeed.enabled else None,
             restored=restored, checkpoint_every=int(config["checkpoint_every"]), recorder=recorder,
-            recorded_steps=recorded,
+            recorded_steps=recorded, checkpoint_dir=Path(ctx.checkpoint_dir) if ctx.checkpoint_dir else None,
+            checkpoint_meta=meta, ray_report=bool(config["ray_report"]),
         )
         result = config["learn"](ctx, config["plan"], learner)
         if info.is_main_process:
@@ -808,6 +838,31 @@ def _ray_learner_entry(config: dict[str, Any]) -> None:
             ray.train.report({"done": True}, checkpoint=ray.train.Checkpoint.from_directory(out))
         else:
             ray.train.report({"done": True})
+
+
+def _restored_on_every_rank(
+    ctx: StageContext, *, meta: dict[str, Any], rank: int, world_size: int
+) -> dict[str, Any] | None:
+    """The state a Ray Train worker starts from: Ray's last checkpoint, else ``ctx.checkpoint_dir``'s, else None.
+
+    Ray hands every rank the same checkpoint. The directory is read by rank 0 only and the state broadcast (on
+    a gloo group), so every rank starts from the same bytes even where another node's view of the directory
+    lags. Collective when ``world_size > 1``.
+    """
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            return torch.load(Path(d) / CHECKPOINT_FILE, weights_only=False)
+    if ctx.checkpoint_dir is None:
+        return None
+    state = load_checkpoint(ctx.checkpoint_dir, meta=meta) if rank == 0 else None
+    if world_size > 1:
+        from trainers.distributed import broadcast_object, object_group
+
+        state = broadcast_object(state, group=object_group())
+    return state
 
 
 def _ledger_count_on_every_rank(sink: Any, stage: str, *, rank: int, world_size: int, device: str) -> int:
@@ -823,6 +878,27 @@ def _ledger_count_on_every_rank(sink: Any, stage: str, *, rank: int, world_size:
         dist.broadcast(box, src=0)
         count = int(box.item())
     return count
+
+
+def share_admission(ctx: StageContext, learner: Any, engine: Any) -> Any:
+    """Make rank 0's privacy-filter answer reach every rank before each step's all-reduce (a ``SharedAdmission``).
+
+    Why: only rank 0 asks the filter. When it refuses, rank 0 leaves the loop while the other ranks already wait
+    in the all-reduce of the clipped sums: they would block until ``ray.collective_timeout_s`` and fail the
+    learner group, turning a clean "refused" stage into a crash. The gate wraps rank 0's ``engine.admit`` and
+    ``engine.event_sink`` (the engine reads them at every step) so each answer is broadcast; the other ranks call
+    ``gate.admitted()`` right before ``engine.step``. Disabled (nothing sent or awaited) for one rank or a
+    non-private stage. Collective under NCCL (a gloo group for the objects is created): every rank calls it.
+    """
+    from trainers.distributed import SharedAdmission, object_group
+
+    many = learner.world_size > 1 and ctx.private
+    gate = SharedAdmission(enabled=many, is_main_process=learner.is_main_process,
+                           group=object_group() if many else None)
+    if many and learner.is_main_process:
+        hooks = gate.wrap({"event_sink": engine.event_sink, "admit": engine.admit})
+        engine.event_sink, engine.admit = hooks["event_sink"], hooks["admit"]
+    return gate
 
 
 def poisson_loop(
@@ -854,6 +930,7 @@ def poisson_loop(
     from trainers.engine.engine import UserBatch
 
     main = learner.is_main_process
+    gate = share_admission(ctx, learner, engine)
     status, reason, done = "completed", "", start
     bar = progress_bar(ctx, steps, f"{desc} ({'DP' if ctx.private else 'non-private'})")
     bar.update(start)
@@ -863,6 +940,10 @@ def poisson_loop(
             idx = users.records_of(mine)
             sample = UserBatch(records={k: v[idx] for k, v in records.items()}, user_ids=users.record_user[idx])
             try:
+                if not gate.admitted():
+                    raise BudgetExceededError(
+                        f"stage {ctx.stage!r} step {step} not taken: rank 0's privacy filter refused it"
+                    )
                 result = engine.step(sample, loss_fn)
             except BudgetExceededError as err:
                 status, reason = "refused", str(err)
