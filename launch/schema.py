@@ -39,7 +39,7 @@ class RunSection:
     seed: int = 0
     """Global seed for everything that is not seeded by its own section."""
     checkpoint_every: int = 10
-    """Steps between mid-stage checkpoints of the SFT and reward-model learners (RUN_DIR/checkpoints/<stage>/;
+    """Steps (PPO: iterations) between mid-stage checkpoints of every stage's learner (RUN_DIR/checkpoints/<stage>/;
     also Ray Train's interval when ray.max_failures != 0). A crashed stage resumes from the later of its last
     checkpoint and the ledger's count of its steps; steps recorded after the checkpoint are skipped, never rerun
     (their privacy is spent). 0 disables checkpoints: a crash then loses every step before it."""
