@@ -82,3 +82,31 @@ def test_local_learner_checkpoints_every_interval_and_restores(tmp_path):
     quiet = local_learner(off, fingerprint="sha256:u", out_dir=tmp_path / "out")
     quiet.checkpoint(lambda: {"next_step": 3}, step=3)
     assert not (tmp_path / "off").exists()  # 0 disables checkpoints
+
+
+def test_ray_worker_learner_writes_the_run_dir_checkpoint_on_rank_0_only(tmp_path):
+    """A Ray Train rank (ray_report off, i.e. ray.max_failures=0) still checkpoints into the run directory: rank 0
+    writes the state with its meta and the metrics recorded so far (replayed after a resume); other ranks compute
+    the state (it may be collective) but write nothing."""
+    from trainers.stages.common import Learner, LearnerMetrics
+
+    meta = {"stage": "sft", "user_fingerprint": "sha256:u", "seed": 3}
+    calls: list[int] = []
+
+    def state() -> dict:
+        calls.append(1)
+        return {"next_step": 2}
+
+    other = Learner(rank=1, world_size=2, checkpoint_every=2, checkpoint_dir=tmp_path / "ck", checkpoint_meta=meta,
+                    recorder=LearnerMetrics())
+    other.checkpoint(state, step=2)
+    assert calls == [1] and not (tmp_path / "ck").exists()
+    recorder = LearnerMetrics()
+    recorder.log("privacy/epsilon", 0.5, step=2, stage="sft", private=False)
+    main = Learner(rank=0, world_size=2, checkpoint_every=2, checkpoint_dir=tmp_path / "ck", checkpoint_meta=meta,
+                   recorder=recorder)
+    main.checkpoint(state, step=1)  # not a multiple of checkpoint_every: nothing
+    assert calls == [1]
+    main.checkpoint(state, step=2)
+    restored = load_checkpoint(tmp_path / "ck", meta=meta)
+    assert restored["next_step"] == 2 and [r["key"] for r in restored["metrics_rows"]] == ["privacy/epsilon"]
