@@ -655,10 +655,14 @@ def local_learner(ctx: StageContext, *, fingerprint: str, out_dir: Path) -> Lear
 
 
 def worker_context(ctx: StageContext) -> StageContext:
-    """The picklable part of ``ctx`` that travels to the workers (no ledger file, no TensorBoard writer)."""
+    """The picklable part of ``ctx`` that travels to the workers (no ledger file, no TensorBoard writer).
+
+    ``checkpoint_dir`` is made absolute: a worker's working directory need not be the driver's.
+    """
     from dataclasses import replace
 
-    return replace(ctx, ledger=None, metrics=None, policy_factory=None)
+    ck = Path(ctx.checkpoint_dir).resolve() if ctx.checkpoint_dir is not None else None
+    return replace(ctx, ledger=None, metrics=None, policy_factory=None, checkpoint_dir=ck)
 
 
 def check_distributable(ctx: StageContext) -> None:
