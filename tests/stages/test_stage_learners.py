@@ -260,6 +260,27 @@ def test_ray_learner_crash_then_resume_from_run_dir_checkpoint_equals_uninterrup
     assert_same_training(sft_reference, got, atol=1e-6)
 
 
+@pytest.mark.slow  # ~30 s: one more Ray Train run with 2 workers
+@pytest.mark.timeout(300)
+def test_foreign_run_dir_checkpoint_fails_every_rank_before_any_step(dirs, ray_up):
+    """A checkpoint of another seed in RUN_DIR/checkpoints/sft: rank 0 refuses it and every rank fails with its
+    reason (no rank waits for the collective timeout), before any step is on the ledger."""
+    import ray.train
+
+    from trainers.stages.common import save_checkpoint
+
+    root = dirs["root"] / "sft-foreign-ck"
+    ck = root / "checkpoints" / "sft"
+    save_checkpoint(ck, {"next_step": 1, "meta": {"stage": "sft", "user_fingerprint": "x", "seed": 99}})
+    ledger = open_ledger(root)
+    t0 = time.monotonic()
+    with pytest.raises(ray.train.TrainingFailedError, match="not of this stage"):
+        run_stage(dirs, root, "ray.num_workers=2", "ray.collective_timeout_s=90", "run.checkpoint_every=1",
+                  distributed=True, checkpoint_dir=ck, ledger=ledger)
+    assert time.monotonic() - t0 < 90
+    assert read_ledger(root / "ledger.jsonl").events == []
+
+
 def _failing_once(marker: str):
     """``learn_sft`` whose rank 1 dies right after the first mid-stage checkpoint, on the first attempt only."""
     from trainers.stages.sft import learn_sft

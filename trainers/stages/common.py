@@ -861,11 +861,18 @@ def _restored_on_every_rank(
             return torch.load(Path(d) / CHECKPOINT_FILE, weights_only=False)
     if ctx.checkpoint_dir is None:
         return None
-    state = load_checkpoint(ctx.checkpoint_dir, meta=meta) if rank == 0 else None
+    state: Any = None
+    if rank == 0:
+        try:
+            state = load_checkpoint(ctx.checkpoint_dir, meta=meta)
+        except RuntimeError as err:  # not this stage's checkpoint: every rank fails with rank 0's reason
+            state = err
     if world_size > 1:
         from trainers.distributed import broadcast_object, object_group
 
         state = broadcast_object(state, group=object_group())
+    if isinstance(state, RuntimeError):
+        raise RuntimeError(str(state))
     return state
 
 
