@@ -623,6 +623,23 @@ def resume_step(ctx: StageContext, *, restored_step: int, recorded_steps: int | 
     return max(int(restored_step), int(recorded_steps))
 
 
+def resume_point(ctx: StageContext, learner: Learner, *, restored_step: int) -> tuple[int, int]:
+    """(start step, steps lost in crashes so far) of a learner that may hold a checkpoint.
+
+    ``start`` is :func:`resume_step`; the lost count accumulates across crashes through the checkpoint's
+    ``steps_lost_in_crash`` (the recipe stores it back into every later checkpoint and its summary).
+    """
+    start = resume_step(ctx, restored_step=restored_step, recorded_steps=learner.recorded_steps)
+    lost = int((learner.restored or {}).get("steps_lost_in_crash", 0)) + start - int(restored_step)
+    return start, lost
+
+
+def restore_policy(engine: Any, restored: dict[str, Any] | None) -> None:
+    """Load the clip/noise policy's state (e.g. adaptive thresholds) from a learner checkpoint, if both have one."""
+    if restored and engine.policy is not None and hasattr(engine.policy, "load_state_dict"):
+        engine.policy.load_state_dict(restored["policy"])
+
+
 def checkpoint_meta(ctx: StageContext, *, fingerprint: str) -> dict[str, Any]:
     """What a mid-stage checkpoint belongs to: a checkpoint of another stage, user set or seed is refused."""
     return {"stage": ctx.stage, "user_fingerprint": fingerprint, "seed": int(ctx.seed)}

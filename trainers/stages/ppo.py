@@ -75,7 +75,8 @@ from trainers.stages.common import (
     make_learner_optimizer,
     progress_bar,
     public_lm_loss,
-    resume_step,
+    restore_policy,
+    resume_point,
     run_stage_learner,
     save_json,
     save_outputs,
@@ -825,8 +826,7 @@ def learn_ppo(ctx: StageContext, plan: PPOPlan, learner: Learner) -> dict[str, A
     models.actor.eval()  # DeepSpeed's wrap may switch the module to train mode; PPO needs no dropout
     restored = learner.restored or {}
     # A crashed attempt: restart after the last iteration on the ledger, never before (see resume_step).
-    start = resume_step(ctx, restored_step=restored_step, recorded_steps=learner.recorded_steps)
-    lost = int(restored.get("steps_lost_in_crash", 0)) + start - restored_step
+    start, lost = resume_point(ctx, learner, restored_step=restored_step)
     kl_ctl = objective.build_kl_controller()
     if restored:
         kl_ctl.load_state_dict(restored["kl_controller"])
@@ -860,8 +860,7 @@ def learn_ppo(ctx: StageContext, plan: PPOPlan, learner: Learner) -> dict[str, A
         start_step=start, validation_loss=validation_objective if eval_prompts else None,
         learner=replace(learner, hooks=gate.wrap(learner.hooks)), apply_fn=apply_fn,
     )
-    if restored and engine.policy is not None and hasattr(engine.policy, "load_state_dict"):
-        engine.policy.load_state_dict(restored["policy"])
+    restore_policy(engine, restored)
     sampler = PoissonUserSampler(users.num_users, sampling_rate=plan.q, seed=ctx.seed)
     loss_fn = ppo_loss_fn(models.actor, objective)
 

@@ -32,7 +32,8 @@ from trainers.stages.common import (
     learner_state,
     make_learner_optimizer,
     poisson_loop,
-    resume_step,
+    restore_policy,
+    resume_point,
     run_stage_learner,
     save_outputs,
     spent_epsilon,
@@ -268,15 +269,13 @@ def learn_rm(ctx: StageContext, plan: RMPlan, learner: Learner) -> dict[str, Any
         learner, model, lambda ps: torch.optim.Adam(ps, lr=cfg.lr)
     )
     # A crashed attempt: restart after the last step on the ledger, never before (see resume_step).
-    start = resume_step(ctx, restored_step=restored_step, recorded_steps=learner.recorded_steps)
-    lost = (learner.restored or {}).get("steps_lost_in_crash", 0) + start - restored_step
+    start, lost = resume_point(ctx, learner, restored_step=restored_step)
     engine = build_engine(
         ctx, model, q=plan.q, users=users, optimizer=optimizer, sigma=plan.sigma, steps=steps, start_step=start,
         validation_loss=lambda: public_bt_loss(model, tokenizer, pairs, max_len=cfg.max_len),
         learner=learner, apply_fn=apply_fn,
     )
-    if learner.restored is not None and engine.policy is not None and hasattr(engine.policy, "load_state_dict"):
-        engine.policy.load_state_dict(learner.restored["policy"])
+    restore_policy(engine, learner.restored)
     sampler = PoissonUserSampler(users.num_users, sampling_rate=plan.q, seed=ctx.seed)
     loss_fn = bt_loss_fn(model)
     main = learner.is_main_process

@@ -30,7 +30,8 @@ from trainers.stages.common import (
     make_learner_optimizer,
     poisson_loop,
     public_lm_loss,
-    resume_step,
+    restore_policy,
+    resume_point,
     run_stage_learner,
     save_outputs,
     spent_epsilon,
@@ -175,15 +176,13 @@ def learn_sft(ctx: StageContext, plan: SFTPlan, learner: Learner) -> dict[str, A
         learner, model, lambda ps: torch.optim.Adam(ps, lr=cfg.lr)
     )
     # A crashed attempt: restart after the last step on the ledger, never before (see resume_step).
-    start = resume_step(ctx, restored_step=restored_step, recorded_steps=learner.recorded_steps)
-    lost = (learner.restored or {}).get("steps_lost_in_crash", 0) + start - restored_step
+    start, lost = resume_point(ctx, learner, restored_step=restored_step)
     engine = build_engine(
         ctx, model, q=plan.q, users=users, optimizer=optimizer, sigma=plan.sigma, steps=steps, start_step=start,
         validation_loss=(lambda: public_lm_loss(model, windows)) if windows is not None else None,
         learner=learner, apply_fn=apply_fn,
     )
-    if learner.restored is not None and engine.policy is not None and hasattr(engine.policy, "load_state_dict"):
-        engine.policy.load_state_dict(learner.restored["policy"])
+    restore_policy(engine, learner.restored)
     sampler = PoissonUserSampler(users.num_users, sampling_rate=plan.q, seed=ctx.seed)
     loss_fn = sft_loss_fn(model)
     main = learner.is_main_process
