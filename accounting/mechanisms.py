@@ -55,6 +55,10 @@ def adaptive_clipping_multiplier(
     to +-1/2 (sensitivity 1/2) with noise std sigma_b. Together they are one Gaussian mechanism with
 
         z = (z_grad^-2 + K * (2 sigma_b)^-2)^(-1/2).
+
+    Valid ONLY for the centred release sum_u (b_u - 1/2) + N(0, sigma_b^2), which is what
+    ``trainers.engine.engine.DPEngine`` releases (it adds the public B/2 back afterwards). A RAW count
+    sum_u b_u moves by 1 when one user is added, and K raw counts would cost z = (z_grad^-2 + K sigma_b^-2)^(-1/2).
     """
     if grad_noise_multiplier <= 0 or count_noise_std <= 0 or num_counts < 0:
         raise ValueError("grad_noise_multiplier and count_noise_std must be > 0, num_counts >= 0")

@@ -37,7 +37,18 @@ class RunSection:
     cache_dir: str = ".cache/dpalign"
     """Cache of built artifacts (data, tokenizer, base model), keyed by the hash of the config that made them."""
     seed: int = 0
-    """Global seed for everything that is not seeded by its own section."""
+    """Global seed for everything that is not seeded by its own section: initializations, data, rollouts. It is
+    PUBLIC (it is in config.yaml) and never keys the DP noise or the Poisson samples, which come from a secret drawn
+    from OS entropy per stage execution (see run.reproducible_noise)."""
+    reproducible_noise: bool = False
+    """Tests and debugging only. true: the DP noise and the Poisson samples are keyed by the public seed, so a rerun
+    is bit-for-bit identical -- and anyone who knows the seed can regenerate the noise and subtract it from the
+    released weights: the run is NOT private, and its report and stage summaries say so. false (default): a fresh
+    256-bit secret per stage execution, never written anywhere."""
+    report_wall_time: bool = False
+    """Publish the wall time of the private stages (report.json, report.md, stage summaries). It depends on the
+    realized (private) batch sizes and is not accounted, so it is off by default; public phases (base model,
+    evaluation) are always timed. Progress bars of private stages show no rate or elapsed time unless this is on."""
     checkpoint_every: int = 10
     """Steps (PPO: iterations) between mid-stage checkpoints of every stage's learner (RUN_DIR/checkpoints/<stage>/;
     also Ray Train's interval when ray.max_failures != 0). A crashed stage resumes from the later of its last

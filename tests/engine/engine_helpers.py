@@ -79,12 +79,14 @@ def pair_records(num_records: int, seed: int = 0) -> dict[str, Tensor]:
 
 def bt_loss(model: nn.Module, *, concat: bool):
     """Bradley-Terry per record; ``concat`` scores chosen and rejected in one forward of 2R rows."""
+    from trainers.engine.per_user import stacked_copies
     from trainers.rlhf.reward import bradley_terry_loss_per_record
 
     def loss_fn(rec: dict[str, Tensor]) -> Tensor:
         ones = torch.ones_like(rec["chosen"])
         if concat:
-            scores = model(torch.cat([rec["chosen"], rec["rejected"]]), torch.cat([ones, ones]))  # [2R]
+            with stacked_copies(2):  # rows j and R + j are record j's chosen and rejected sequences
+                scores = model(torch.cat([rec["chosen"], rec["rejected"]]), torch.cat([ones, ones]))  # [2R]
             sc, sr = scores.chunk(2)
         else:
             sc, sr = model(rec["chosen"], ones), model(rec["rejected"], ones)  # [R], [R]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import pytest
@@ -18,6 +19,7 @@ from trainers.stages.config import (
     RewardModelConfig,
     SFTConfig,
     check_pipeline,
+    default_delta,
     presets,
     resolve_composition,
     resolve_deltas,
@@ -108,14 +110,21 @@ def test_deltas_and_targets():
     run_delta, deltas = resolve_deltas(
         cfg, mode="parallel", stage_num_users={"sft": 100, "rm": 200, "ppo": 50}, union_num_users=350
     )
-    assert deltas == {"sft": 0.01, "rm": 0.005, "ppo": 0.02} and run_delta == 0.02
+    # default: min(0.1/N, 1/(N ln N)) -- well below 1/N; for N <= e^10 that is 0.1/N
+    assert deltas == pytest.approx({"sft": 0.001, "rm": 0.0005, "ppo": 0.002}) and run_delta == pytest.approx(0.002)
+    assert default_delta(100_000) == pytest.approx(1 / (100_000 * math.log(100_000)))
+    assert all(default_delta(n) <= 0.1 / n and default_delta(n) <= 1 / (n * math.log(n))
+               for n in (2, 50, 1200, 25_000, 10**6))
+    wu = PrivacyConfig(target_epsilon=4.0, delta=1 / 200)  # Wu et al.'s delta = 1/N is still available
+    assert resolve_deltas(wu, mode="parallel", stage_num_users={"sft": 200, "rm": 200, "ppo": 200},
+                          union_num_users=600)[0] == pytest.approx(1 / 200)
     assert stage_targets(cfg, mode="parallel") == {"sft": 4.0, "rm": 4.0, "ppo": 4.0}
     seq = PrivacyConfig(target_epsilon=4.0, sft_share=0.25, rm_share=0.25, ppo_share=0.5)
     run_delta, deltas = resolve_deltas(
         seq, mode="sequential", stage_num_users={"sft": 100, "rm": 200, "ppo": 50}, union_num_users=200
     )
-    assert run_delta == pytest.approx(1 / 200)
-    assert deltas == pytest.approx({"sft": 1 / 800, "rm": 1 / 800, "ppo": 1 / 400})
+    assert run_delta == pytest.approx(0.1 / 200)
+    assert deltas == pytest.approx({"sft": 0.1 / 800, "rm": 0.1 / 800, "ppo": 0.1 / 400})
     assert stage_targets(seq, mode="sequential") == pytest.approx({"sft": 1.0, "rm": 1.0, "ppo": 2.0})
 
 

@@ -33,6 +33,7 @@ OVERRIDES = [
     "sft.steps=2", "sft.expected_batch_users=6", "sft.lr=0.01", "sft.max_len=24",
     "rm.steps=2", "rm.expected_batch_users=6", "rm.lr=0.01", "rm.max_len=24", "rm.gold_pairs=4",
     "engine.max_physical_batch_records=4", "ray.num_cpus=2", "ray.address=local",
+    "run.reproducible_noise=true",  # these tests compare runs bit for bit; the default (secret) is tested below
 ]
 
 
@@ -156,6 +157,20 @@ def test_sft_reference_trains_and_records_one_event_per_step(dirs, sft_reference
     assert any(float(v.abs().max()) > 0 for k, v in tensors.items() if "lora_B" in k), "LoRA B must have moved"
     assert start  # the merged export exists and loads
     load_base_model(dirs["root"] / "sft-local" / "out" / "model")
+
+
+def test_default_secret_noise_two_runs_of_one_config_release_different_adapters(dirs, sft_reference):
+    """Same config, same seed, secret noise (the default): the released adapters differ, and nothing the stage
+    publishes carries the secret; the reproducible reference says loudly that it is not private."""
+    one = run_stage(dirs, dirs["root"] / "sft-secret-1", "run.reproducible_noise=false")
+    two = run_stage(dirs, dirs["root"] / "sft-secret-2", "run.reproducible_noise=false")
+    for name, tensor in one[1].items():
+        if "lora_B" in name:
+            assert not torch.allclose(tensor, two[1][name]), name
+    assert one[0]["noise"]["secret"] and one[0]["noise"]["warning"] is None
+    assert not sft_reference[0]["noise"]["secret"] and "NOT PRIVATE" in sft_reference[0]["noise"]["warning"]
+    assert "wall_time_s" not in one[0]  # a private stage's time follows its private batch sizes
+    assert "num_records" not in one[0]
 
 
 def test_two_gloo_workers_give_the_in_process_sft_update(dirs, ray_up, sft_reference):

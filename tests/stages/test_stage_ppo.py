@@ -37,6 +37,7 @@ OVERRIDES = [
     "ppo.lr=0.01",
     "ppo.lora.alpha=8",
     "engine.max_physical_batch_records=4",
+    "run.reproducible_noise=true",  # runs are compared bit for bit (in process vs Ray, crash vs uninterrupted)
 ]
 
 

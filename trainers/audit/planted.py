@@ -15,6 +15,9 @@ between what the engine does and what it records, exactly as the real bug would:
   policy's sigma -- the engine trusting the policy's claim instead of recomputing sigma_eff.
 - ``PPO_EPOCHS_AS_FRESH``: K releases of one sample recorded as K fresh Poisson events (repeats=1 each) instead of
   one event with repeats=K.
+- ``RAW_CLIP_COUNTS``: the clip counts are released raw (sum of b_uk, sensitivity 1) while the event is
+  accounted with centred counts (sensitivity 1/2) -- dpalign's own bug until the soundness fix. Flagged by the
+  sensitivity audit (``trainers.audit.sensitivity``): one added user moves each count by 1 > 1/2.
 - ``SHUFFLED_AS_POISSON``: fixed-size batches from a per-epoch shuffle, accounted as Poisson with q = B/N. The
   one-run white-box audit has little power here at any epsilon it can certify; the bug is caught on the sampler's
   inclusion statistics (``accounting.audit.sampling.poisson_inclusion_test``).
@@ -50,6 +53,7 @@ class PlantedBug(enum.Enum):
     SQRT_K_TRAP = "sqrt_k_trap"
     PPO_EPOCHS_AS_FRESH = "ppo_epochs_as_fresh"
     SHUFFLED_AS_POISSON = "shuffled_as_poisson"
+    RAW_CLIP_COUNTS = "raw_clip_counts"
 
 
 class _NoiseBugEngine(DPEngine):
@@ -69,6 +73,17 @@ class _NoClipEngine(DPEngine):
         self, per_user: list[Tensor], clip_norms: Sequence[float]
     ) -> tuple[list[Tensor], Tensor, Tensor]:
         return super().clip_and_sum(per_user, [math.inf] * len(clip_norms))
+
+
+class _RawCountsEngine(DPEngine):
+    """Releases sum_u b_uk + noise (no centring, no B/2 offset) while sigma_eff assumes sensitivity 1/2."""
+
+    @staticmethod
+    def centred_counts(counts: Tensor, num_users: int) -> Tensor:
+        return counts
+
+    def count_offset(self) -> float:
+        return 0.0
 
 
 class SqrtKTrapPolicy:
@@ -158,6 +173,8 @@ def buggy_engine_factory(bug: PlantedBug, *, factor: float = 8.0) -> Any:
             return _TrustingEngine(model, policy=trap, **kwargs)
         if bug is PlantedBug.PPO_EPOCHS_AS_FRESH:
             return _FreshEpochsEngine(model, **kwargs)
+        if bug is PlantedBug.RAW_CLIP_COUNTS:
+            return _RawCountsEngine(model, **kwargs)
         raise ValueError(f"{bug}: not an engine bug; for SHUFFLED_AS_POISSON use ShuffledUserSampler")
 
     return build

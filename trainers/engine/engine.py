@@ -14,8 +14,10 @@ One release (``DPEngine.step``), in order:
      user's row. A user's records may span micro-batches: all are summed BEFORE clipping.
   4. Clip per group: user u's group-k gradient is scaled by min(1, C_k / ||g_uk||); sum over users.
   5. ``reduce_fn`` (data parallel: all-reduce SUM of the clipped sums and clip counts, in place), before noise.
-  6. Noise once: s_k * N(0, I) on group k from the (seed, step, release) generator -- identical on every rank,
-     so it counts once. Clip counts get N(0, sigma_b^2) from their own stream.
+  6. Noise once: s_k * N(0, I) on group k from the (secret seed, step, release) stream -- identical on every
+     rank, so it counts once. Clip counts are released CENTRED (Andrew et al. 2021): sum_u (b_uk - 1/2) +
+     N(0, sigma_b^2), sensitivity 1/2 per group as ``accounting.mechanisms`` accounts, then the public B/2 is
+     added back (post-processing) so the policy reads an estimate of the raw count.
   7. Divide by the PUBLIC B = q * N (never the realized number of users) and ``apply_fn`` (default: write into
      ``param.grad``; the caller's optimizer steps). ``policy.observe`` sees only the released quantities.
 
@@ -41,9 +43,10 @@ from torch import Tensor, nn
 
 from accounting.events import PrivacyEvent
 from accounting.ledger import BudgetExceededError
+from accounting.mechanisms import effective_noise_multiplier
 from trainers.engine.per_user import PerUserGradCollector, check_no_cross_example_modules
 from trainers.engine.policy import ClipNoisePolicy, GroupSpec, ReleasedStep, StepPlan
-from trainers.engine.sampling import release_generator
+from trainers.engine.sampling import NoiseSeed, release_generator
 
 ReduceFn = Callable[[list[Tensor]], None]
 ApplyFn = Callable[[Sequence[Tensor]], None]
@@ -177,7 +180,7 @@ class DPEngine:
         stage: str,
         sampling_rate: float,
         num_users: int,
-        seed: int,
+        seed: int | NoiseSeed | None = None,
         policy: ClipNoisePolicy | None,
         private: bool = True,
         event_sink: EventSink | None = None,
@@ -197,7 +200,9 @@ class DPEngine:
         stage: ledger stage name ("sft", "rm", "ppo", ...).
         sampling_rate: Poisson rate q the batches were sampled with (``PoissonUserSampler``).
         num_users: N, users in the stage's private data; B = q * N is the public normalizer.
-        seed: run seed of the noise streams (same on every rank).
+        seed: the key of the noise streams, the same on every rank: a secret ``NoiseSeed`` (what the stages pass,
+            see ``trainers.engine.sampling``); None draws a fresh secret here (one process only); a plain int is a
+            PUBLIC, reproducible seed (tests and debugging: not private against anyone who knows it).
         policy: clip/noise policy; required when private. Non-private: None gives plain summed gradients,
             a policy gives clipping (and noise) per its plan without accounting (baselines only).
         private: False for non-private baselines (no event, no admit).
@@ -219,8 +224,13 @@ class DPEngine:
             raise ValueError(f"sampling_rate={sampling_rate}: must be in (0, 1]")
         if num_users < 1:
             raise ValueError(f"num_users={num_users}: must be >= 1")
-        if seed < 0 or start_step < 0:
-            raise ValueError(f"seed={seed}, start_step={start_step}: must be >= 0")
+        if start_step < 0:
+            raise ValueError(f"start_step={start_step}: must be >= 0")
+        if seed is None and reduce_fn is not None:
+            raise ValueError(
+                "seed=None draws a secret in this process, but reduce_fn says ranks share one update: every rank "
+                "needs the SAME secret (rank 0 draws it and broadcasts it, trainers.stages.common.stage_noise_seed)"
+            )
         for field, cap in (("max_records_per_microbatch", max_records_per_microbatch),
                            ("max_tokens_per_microbatch", max_tokens_per_microbatch)):
             if cap is not None and cap < 1:
@@ -244,7 +254,7 @@ class DPEngine:
         self.stage = stage
         self.sampling_rate = float(sampling_rate)
         self.num_users = int(num_users)
-        self.seed = int(seed)
+        self.seed = NoiseSeed.draw() if seed is None else NoiseSeed.of(seed)
         self.policy = policy
         self.private = private
         self.event_sink = event_sink
@@ -272,6 +282,7 @@ class DPEngine:
                 self.group_of_param[i] = k
         self._collector = PerUserGradCollector(model, self.params) if policy is not None else None
         self.next_step = int(start_step)
+        self.last_plan: StepPlan | None = None  # the plan of the latest private step (public: chosen before it)
         self._open: tuple[int, int, int, StepPlan | None, PrivacyEvent | None, Tensor] | None = None
         self._snapshot: list[Tensor] | None = None
 
@@ -281,6 +292,25 @@ class DPEngine:
     def expected_batch_size(self) -> float:
         """The public normalizer B = q * N."""
         return self.sampling_rate * self.num_users
+
+    def mechanism(self) -> dict[str, Any] | None:
+        """The latest private step's mechanism, for the report: enough to recompute its sigma_eff by hand.
+
+        ``grad_noise_multiplier`` is the gradient release's (sum_k C_k^2 / s_k^2)^(-1/2); ``count_noise_std`` the
+        std sigma_b on each of the ``num_groups`` CENTRED clip counts (sensitivity 1/2; None: no counts), so
+        ``sigma_eff = (grad_noise_multiplier^-2 + num_groups * (2 sigma_b)^-2)^(-1/2)`` (only the gradient's
+        multiplier without counts). None before any private step.
+        """
+        plan = self.last_plan
+        if plan is None:
+            return None
+        return {
+            "grad_noise_multiplier": effective_noise_multiplier(clip_norms=plan.clip_norms, noise_stds=plan.noise_stds),
+            "count_noise_std": plan.count_noise_std,
+            "num_groups": plan.num_groups,
+            "sigma_eff": plan.effective_noise_multiplier(),
+            "count_release": "centred: sum(b - 1/2) + N(0, sigma_b^2), sensitivity 1/2" if plan.count_noise_std else None,
+        }
 
     def close(self) -> None:
         """Remove the engine's hooks from the model."""
@@ -425,6 +455,17 @@ class DPEngine:
         ]  # each [*shape]
         return sums, counts, scales
 
+    @staticmethod
+    def centred_counts(counts: Tensor, num_users: int) -> Tensor:
+        """The quantity released for the clip counts: sum over this rank's ``num_users`` users of (b_uk - 1/2),
+        [K]. One user moves it by 1/2 -- the sensitivity ``accounting.mechanisms`` accounts (a raw count would
+        move by 1)."""
+        return counts - 0.5 * num_users
+
+    def count_offset(self) -> float:
+        """The public B/2 added back to the noisy centred counts (post-processing): an estimate of the raw count."""
+        return self.expected_batch_size / 2.0
+
     # ------------------------------------------------------------------------------------------------------------
 
     def step(self, batch: UserBatch, loss_fn: LossFn, *, repeats: int = 1, release: int = 0) -> StepResult:
@@ -454,6 +495,8 @@ class DPEngine:
             if plan is not None and plan.num_groups != len(self.groups):
                 raise ValueError(f"policy planned {plan.num_groups} groups; the engine has {len(self.groups)}")
             event = self._admit_and_record(step, plan, repeats) if self.private else None
+            if event is not None:
+                self.last_plan = plan
             self._open = (step, 0, repeats, plan, event, batch.user_ids.clone())
         else:
             if self._open is None or self._open[1] != release - 1 or self._open[2] != repeats:
@@ -507,18 +550,22 @@ class DPEngine:
     ) -> tuple[list[Tensor], ReleasedStep]:
         _, per_user = self.per_user_gradients(batch, loss_fn)
         sums, counts, _ = self.clip_and_sum(per_user, plan.clip_norms)
+        centred = self.centred_counts(counts, per_user[0].shape[0])  # [K]
         if self.reduce_fn is not None:
-            self.reduce_fn([*sums, counts])  # clipped sums of all ranks, before noise (noise counts once)
+            self.reduce_fn([*sums, centred])  # clipped sums of all ranks, before noise (noise counts once)
         gen = release_generator(self.seed, step, kind="noise", release=release)
         for i, s in enumerate(sums):
             std = plan.noise_stds[self.group_of_param[i]]
-            noise = torch.randn(s.shape, generator=gen)  # drawn for every tensor, so streams never shift
+            noise = gen.normal(s.shape)  # drawn for every tensor, so streams never shift
             if std > 0:
                 s += (std * noise).to(s.device)
         noisy_counts = None
         if plan.count_noise_std is not None:
+            # Centred: each user adds b - 1/2 in {-1/2, +1/2}, so the release has sensitivity 1/2 per group (the raw
+            # count would move by 1 and cost 4x the privacy). B/2 is public: adding it back is post-processing.
             cgen = release_generator(self.seed, step, kind="count", release=release)
-            noisy = counts.cpu().double() + plan.count_noise_std * torch.randn(len(self.groups), generator=cgen, dtype=torch.float64)
+            noise = plan.count_noise_std * cgen.normal((len(self.groups),), dtype=torch.float64)  # [K]
+            noisy = centred.cpu().double() + noise + self.count_offset()
             noisy_counts = tuple(float(c) for c in noisy)
         b = self.expected_batch_size
         grads = [s / b for s in sums]

@@ -12,15 +12,18 @@ then adds it to its user's row of a per-user buffer (``index_add_``) and drops g
 the frozen base model, and g of one layer is freed before the next layer's arrives. For other module types
 with trainable parameters (Embedding, LayerNorm, GroupNorm, ...) Opacus's per-layer grad samplers are used.
 
-Row -> record -> user: a forward call whose batch dimension is n = m * R (R records in the micro-batch) maps row j
-to record j % R, so a stage may run chosen and rejected sequences as two calls of R rows or one call of
-``torch.cat([chosen, rejected])`` (2R rows); either way both rows count for the same record. Per-user buffers
+Row -> record -> user: a forward call of a hooked module must have exactly R rows (R records in the micro-batch),
+row j being record j. A loss that stacks m copies of the records into one call (``torch.cat([chosen, rejected])``,
+2R rows, row j belonging to record j % R) must say so with ``with stacked_copies(2):`` around that call; any other
+row count is an error, never a guess: a module that flattens tokens into rows ([R*T, d]) would otherwise have its
+rows silently attributed to the wrong records (and users). Per-user buffers
 persist across the micro-batches of a release: a user's records may be split over several physical
 micro-batches and are still summed before clipping.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -29,6 +32,23 @@ from torch import Tensor, nn
 
 # Modules whose output mixes the examples of a batch: a per-record loss through them is not per record.
 _CROSS_EXAMPLE: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
+
+
+_STACKED = threading.local()
+
+
+@contextmanager
+def stacked_copies(m: int) -> Iterator[None]:
+    """Declare that the forward calls inside run on ``m`` stacked copies of the micro-batch's records (m*R rows,
+    row j belonging to record j % R), e.g. chosen and rejected sequences in one call: ``with stacked_copies(2):``."""
+    if m < 1:
+        raise ValueError(f"stacked_copies({m}): m must be >= 1")
+    previous = getattr(_STACKED, "m", 1)
+    _STACKED.m = int(m)
+    try:
+        yield
+    finally:
+        _STACKED.m = previous
 
 
 class CrossExampleModuleError(ValueError):
@@ -148,13 +168,17 @@ class PerUserGradCollector:
         if not args or not isinstance(args[0], Tensor):
             raise TypeError(f"{type(module).__name__}: expected its input as the first positional argument")
         x = args[0].detach()  # [n, ..., in]; alive in the graph anyway
-        n, r = x.shape[0], users.numel()
-        if n % r != 0:
+        n, r, m = x.shape[0], users.numel(), getattr(_STACKED, "m", 1)
+        if n != m * r:
             raise ValueError(
-                f"{type(module).__name__} was called on a batch of {n} rows in a micro-batch of {r} records; "
-                "every forward call must have R rows or a multiple m*R (row j belongs to record j % R)"
+                f"{type(module).__name__} was called on a batch of {n} rows in a micro-batch of {r} records"
+                + (f" inside stacked_copies({m})" if m > 1 else "")
+                + ": its rows cannot be attributed to records (and users). Every forward call of a trainable module "
+                "must have one row per record; a loss that stacks m copies of the records in one call (e.g. "
+                "torch.cat([chosen, rejected])) must wrap it in trainers.engine.per_user.stacked_copies(m); a module "
+                "that flattens tokens into rows is not supported"
             )
-        rows = users.repeat(n // r) if n != r else users  # [n]: user slot of each row
+        rows = users.repeat(m) if m > 1 else users  # [n]: user slot of each row (row j is record j % R)
 
         def on_grad(g: Tensor) -> None:
             for p, gs in per_record_grads(module, x, g.detach()).items():

@@ -106,8 +106,9 @@ class ReleasedStep:
         noisy_grads: per group, the released gradient tensors (noisy sum / B), in ``GroupSpec.param_names``
             order. Post-processing of the release: free to use.
         noisy_grad_norms: per group, the L2 norm of ``noisy_grads`` (also post-processing).
-        noisy_unclipped_counts: per group, (number of users whose group norm was <= C_k) + N(0, sigma_b^2);
-            None when the plan released no counts.
+        noisy_unclipped_counts: per group, an estimate of the number of users whose group norm was <= C_k:
+            the CENTRED release sum_u (b_uk - 1/2) + N(0, sigma_b^2) (sensitivity 1/2, as accounted) plus the
+            public B/2. None when the plan released no counts.
         expected_batch_size: the public B = q * N.
     """
 

@@ -5,8 +5,9 @@ Trainer. What every private stage does is the same five lines:
 
     users = UserIndex.from_ids(rows["user_id"])              # the privacy unit
     sigma = calibrate_stage(ctx, q=q, steps=T, repeats=K)    # before any step, from the public schedule
-    policy = make_policy(ctx.cfg.engine, sigma=sigma, ...)    # fixed / per-layer / adaptive / learned
-    engine = build_engine(ctx, model, q=q, users=users, policy=policy, optimizer=opt)   # ledger sink + filter
+    noise = stage_noise_seed(ctx, learner)                   # secret, drawn by rank 0, shared with the ranks
+    engine = build_engine(ctx, model, q=q, users=users, noise_seed=noise, ...)  # policy, ledger sink, filter
+    sampler = PoissonUserSampler(N, sampling_rate=q, seed=noise)
     for step in range(T): engine.step(batch_of(sampler.sample(step)), loss_fn); opt.step()
 
 Everything the loop logs is public or released: epsilon spent and sigma_eff (ledger), the norm of the released
@@ -31,6 +32,7 @@ from torch import Tensor
 from accounting.accountants import schedule_epsilon
 from accounting.calibration import calibrate_noise_multiplier
 from accounting.composition import user_set_fingerprint
+from trainers.engine.sampling import NoiseSeed
 
 ENGINE_GROUPING = {"per_module": "module", "per_tensor": "per_tensor", "flat": "flat"}
 
@@ -218,12 +220,76 @@ def make_policy(
     )
 
 
+def reproducible_noise(cfg: Any) -> bool:
+    """``run.reproducible_noise``: the noise keyed by the public stage seed (tests and debugging; NOT private)."""
+    run = getattr(cfg, "run", None)
+    return bool(getattr(run, "reproducible_noise", False))
+
+
+NOT_PRIVATE_WARNING = (
+    "NOT PRIVATE: run.reproducible_noise=true keys the DP noise and the Poisson samples by the public seed in "
+    "config.yaml; anyone who knows it can regenerate the noise and subtract it from the released weights. For tests "
+    "and debugging only"
+)
+
+
+def noise_disclosure(cfg: Any) -> dict[str, Any]:
+    """What the report and the stage summaries say about the noise: secret or reproducible, which generator, and
+    the not-private warning of a reproducible run (never the seed itself)."""
+    secure = bool(getattr(getattr(cfg, "privacy", None), "secure_rng", False))
+    seed = NoiseSeed.reproducible(0, secure_rng=secure) if reproducible_noise(cfg) else NoiseSeed(0, True, secure)
+    return {
+        "secret": seed.secret,
+        "secure_rng": secure,
+        "description": seed.describe,
+        "warning": None if seed.secret else NOT_PRIVATE_WARNING,
+    }
+
+
+def released_timing(ctx: StageContext, t0: float) -> dict[str, float]:
+    """``{"wall_time_s": ...}`` where the stage's wall time may be published, else {}.
+
+    A private stage's time depends on its realized (private) batch sizes and is not accounted, so it is published
+    only with ``run.report_wall_time`` (documented as an unaccounted release); a non-private stage's always."""
+    import time
+
+    run = getattr(ctx.cfg, "run", None)
+    if ctx.private and not bool(getattr(run, "report_wall_time", False)):
+        return {}
+    return {"wall_time_s": time.time() - t0}
+
+
+def stage_noise_seed(ctx: StageContext, learner: Learner) -> NoiseSeed:
+    """The key of this stage execution's Poisson samples and noise (see ``trainers.engine.sampling``).
+
+    By default a fresh 256-bit secret from OS entropy, drawn by rank 0 and broadcast to the other learner ranks
+    over the job's own process group (private to the job), so every rank draws the same sample and adds the same
+    noise once. It is never stored: not in the context (which Ray Train pickles into its storage), the config,
+    the checkpoints or the report. A resumed or restarted stage draws a new one; the steps it takes are fresh,
+    independent releases, as the ledger counts them. With ``run.reproducible_noise`` the public stage seed is the
+    key instead (the old behaviour: bit-for-bit reruns, and no privacy against anyone who knows the seed).
+    Collective when ``learner.world_size > 1``: every rank calls it at the same point.
+    """
+    secure = bool(getattr(getattr(ctx.cfg, "privacy", None), "secure_rng", False))
+    if reproducible_noise(ctx.cfg):
+        return NoiseSeed.reproducible(ctx.seed, secure_rng=secure)
+    seed = NoiseSeed.draw(secure_rng=secure) if learner.is_main_process else None
+    if learner.world_size > 1:
+        from trainers.distributed import broadcast_object, object_group
+
+        seed = broadcast_object(seed, group=object_group())
+    if not isinstance(seed, NoiseSeed):
+        raise RuntimeError(f"stage {ctx.stage!r}: rank {learner.rank} received no noise seed from rank 0")
+    return seed
+
+
 def build_engine(
     ctx: StageContext,
     model: torch.nn.Module,
     *,
     q: float,
     users: UserIndex,
+    noise_seed: NoiseSeed,
     optimizer: torch.optim.Optimizer,
     sigma: float | None,
     start_step: int = 0,
@@ -233,7 +299,8 @@ def build_engine(
     learner: Learner | None = None,
     apply_fn: Callable[[Sequence[Tensor]], None] | None = None,
 ) -> Any:
-    """The DP engine for this stage: ledger.record as the write-ahead sink, ledger.admit as the filter.
+    """The DP engine for this stage: ledger.record as the write-ahead sink, ledger.admit as the filter, and the
+    stage's ``noise_seed`` (:func:`stage_noise_seed`) as the key of its noise.
 
     Non-private stages use the same engine (same public normalization B = q * N) with no clipping, noise or
     events, so the baselines differ from the private runs only in the mechanism.
@@ -278,7 +345,7 @@ def build_engine(
         stage=ctx.stage,
         sampling_rate=q,
         num_users=users.num_users,
-        seed=ctx.seed,
+        seed=noise_seed,
         policy=policy,
         private=ctx.private,
         grouping=grouping,
@@ -297,10 +364,16 @@ def spent_epsilon(ctx: StageContext) -> float:
     return float(ctx.ledger.epsilon(ctx.stage))
 
 
+PRIVATE_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"
+"""A private stage's progress bar: no rate, elapsed or remaining time (they follow the private batch sizes)."""
+
+
 def progress_bar(ctx: StageContext, total: int, desc: str) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not ctx.progress, dynamic_ncols=True, leave=True)
+    timed = not ctx.private or bool(getattr(getattr(ctx.cfg, "run", None), "report_wall_time", False))
+    return tqdm(total=total, desc=desc, disable=not ctx.progress, dynamic_ncols=True, leave=True,
+                bar_format=None if timed else PRIVATE_BAR_FORMAT)
 
 
 def public_lm_loss(model: torch.nn.Module, windows: Tensor, *, batch_size: int = 16) -> float:

@@ -3,7 +3,7 @@
 One dataclass per concern, each validated by ``check()`` at load time (before any privacy is spent); error messages
 name bare fields and the loader prefixes the section (``ppo.objective.advantage_normalization: ...``).
 
-Privacy decisions that depend on the data (the composition mode, delta = 1/N, per-stage targets) are not config
+Privacy decisions that depend on the data (the composition mode, the default delta, per-stage targets) are not config
 values: they are computed from the stages' user ids by :func:`resolve_composition`, :func:`resolve_deltas` and
 :func:`stage_targets`, so no flag can claim parallel composition over shared users (DESIGN.md section 2).
 
@@ -93,8 +93,9 @@ class PrivacyConfig:
     """The run's epsilon. Under parallel composition (disjoint stage users) every private stage gets all of it;
     under sequential composition each stage gets its share below."""
     delta: float | None = None
-    """The run's delta. null: 1/N (Wu et al.), where N is the number of users of the stage under parallel
-    composition, or of all private users together under sequential composition (see resolve_deltas)."""
+    """The run's delta. null: min(0.1/N, 1/(N ln N)), well below 1/N (a mechanism with delta = 1/N may publish one
+    user's data outright), where N is the number of users of the stage under parallel composition, or of all
+    private users together under sequential composition (see resolve_deltas). Set 1/N to reproduce Wu et al."""
     composition: Literal["auto", "sequential"] = "auto"
     """auto: parallel when no user is in two private stages, sequential otherwise -- the mode follows from the
     data's user ids, never from a flag. sequential: compose sequentially even over disjoint users (only
@@ -112,6 +113,10 @@ class PrivacyConfig:
     rdp_order: float | None = None
     """accountant=rdp: the filter's order. null: chosen before the run as the best order for the planned
     schedule (accounting.accountants.choose_rdp_order)."""
+    secure_rng: bool = False
+    """Draw the Poisson samples and the DP noise from a cryptographically secure generator (SHAKE-256 keyed by the
+    stage's secret, Gaussians summed from two float64 Box-Muller draws, as Opacus' secure_mode) instead of torch's
+    Mersenne Twister keyed by the same secret. Costs time per step (benchmarks/dp_overhead.py --secure-rng)."""
 
     def check(self) -> None:
         require(
@@ -120,7 +125,7 @@ class PrivacyConfig:
             "must be a finite number > 0",
         )
         if self.delta is not None:
-            require(0.0 < self.delta < 1.0, "delta", "must be in (0, 1), or null for 1/N")
+            require(0.0 < self.delta < 1.0, "delta", "must be in (0, 1), or null for min(0.1/N, 1/(N ln N))")
         shares = self.shares
         if shares is not None:
             for name, share in shares.items():
@@ -211,6 +216,19 @@ def _private_share(privacy: PrivacyConfig) -> dict[str, float]:
     return {name: shares[name] / total for name in privacy.private_stages}
 
 
+def default_delta(num_users: int) -> float:
+    """The default delta for N users: min(0.1/N, 1/(N ln N)).
+
+    Why not 1/N (Wu et al.): the mechanism "publish each user's data with probability delta" is (0, delta)-DP and
+    leaks about delta*N users outright; delta must be well below 1/N. 0.1/N is the threshold ``dpalign privacy``
+    warns at; 1/(N ln N) is the customary bound and the smaller of the two for N > e^10 (about 22,000 users).
+    """
+    if num_users < 1:
+        raise ValueError(f"num_users={num_users}: must be >= 1")
+    n = float(num_users)
+    return min(0.1 / n, 1.0 / (n * math.log(n))) if n > 1 else 0.1
+
+
 def resolve_deltas(
     privacy: PrivacyConfig, *, mode: str, stage_num_users: Mapping[str, int], union_num_users: int
 ) -> tuple[float, dict[str, float]]:
@@ -218,9 +236,10 @@ def resolve_deltas(
 
     * ``privacy.delta`` set: the run's delta is that value; parallel stages each get it, sequential stages get
       their share of it (basic composition of the deltas, as ``accounting.calibration.split_budget``).
-    * null, parallel: stage delta = 1/N_stage (Wu et al.: 1/|D|), run delta = the largest of them (a parallel
+    * null, parallel: stage delta = :func:`default_delta` (N_stage), run delta = the largest of them (a parallel
       composition of (eps, delta_k)-DP stages is (eps, max delta_k)-DP).
-    * null, sequential: run delta = 1/N over the union of the private stages' users, split by the shares.
+    * null, sequential: run delta = :func:`default_delta` over the union of the private stages' users, split by
+      the shares.
 
     Args:
         mode: "parallel" or "sequential" (from :func:`resolve_composition`).
@@ -234,13 +253,13 @@ def resolve_deltas(
     if mode == "parallel":
         if privacy.delta is not None:
             return privacy.delta, {name: privacy.delta for name in stages}
-        per_stage = {name: 1.0 / stage_num_users[name] for name in stages}
+        per_stage = {name: default_delta(stage_num_users[name]) for name in stages}
         return (max(per_stage.values()) if per_stage else 0.0), per_stage
     if mode != "sequential":
         raise ValueError(f"mode must be 'parallel' or 'sequential', got {mode!r}")
     if union_num_users < 1:
         raise ValueError("union_num_users must be >= 1 under sequential composition")
-    run_delta = privacy.delta if privacy.delta is not None else 1.0 / union_num_users
+    run_delta = privacy.delta if privacy.delta is not None else default_delta(union_num_users)
     shares = _private_share(privacy)
     return run_delta, {name: run_delta * shares[name] for name in stages}
 

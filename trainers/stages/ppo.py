@@ -73,14 +73,17 @@ from trainers.stages.common import (
     check_distributable,
     learner_state,
     make_learner_optimizer,
+    noise_disclosure,
     progress_bar,
     public_lm_loss,
+    released_timing,
     restore_policy,
     resume_point,
     run_stage_learner,
     save_json,
     save_outputs,
     spent_epsilon,
+    stage_noise_seed,
 )
 
 STAGE = "ppo"
@@ -735,7 +738,7 @@ def run_ppo(
     if ctx.distributed:
         check_distributed(ctx, use_ray=use_ray)
 
-    start = time.perf_counter()
+    start = time.time()
     data = load_prompts(prompts_path)
     users = UserIndex.from_ids(list(data.rows["user_id"]))
     N, T, K = users.num_users, pcfg.iterations, pcfg.ppo_epochs
@@ -794,7 +797,9 @@ def run_ppo(
         "learner_workers": cfg.ray.num_workers if ctx.distributed else 0,
         "resumed_at_step": result["resumed_at_step"],
         "steps_lost_in_crash": result["steps_lost_in_crash"],
-        "wall_seconds": time.perf_counter() - start,
+        "mechanism": result.get("mechanism"),
+        "noise": noise_disclosure(ctx.cfg),
+        **released_timing(ctx, start),
     }
     save_json(out_dir / "summary.json", summary)
     return summary
@@ -855,13 +860,14 @@ def learn_ppo(ctx: StageContext, plan: PPOPlan, learner: Learner) -> dict[str, A
     if reward_norm is not None:
         normalize_score_head(models.reward.head, shift=reward_norm["shift"], scale=reward_norm["scale"])
     gate = SharedAdmission(enabled=many and ctx.private, is_main_process=main, group=group)
+    noise = stage_noise_seed(ctx, learner)  # secret (collective: rank 0 draws, every rank receives)
     engine = build_engine(
-        ctx, models.actor, q=plan.q, users=users, optimizer=optimizer, sigma=plan.sigma, steps=T, repeats=K,
+        ctx, models.actor, q=plan.q, users=users, noise_seed=noise, optimizer=optimizer, sigma=plan.sigma, steps=T, repeats=K,
         start_step=start, validation_loss=validation_objective if eval_prompts else None,
         learner=replace(learner, hooks=gate.wrap(learner.hooks)), apply_fn=apply_fn,
     )
     restore_policy(engine, restored)
-    sampler = PoissonUserSampler(users.num_users, sampling_rate=plan.q, seed=ctx.seed)
+    sampler = PoissonUserSampler(users.num_users, sampling_rate=plan.q, seed=noise)
     loss_fn = ppo_loss_fn(models.actor, objective)
 
     def state(done: int) -> dict[str, Any]:
@@ -959,6 +965,7 @@ def learn_ppo(ctx: StageContext, plan: PPOPlan, learner: Learner) -> dict[str, A
         "resumed_at_step": start,
         "steps_lost_in_crash": lost,
         "reward_norm": reward_norm,
+        "mechanism": engine.mechanism(),
     }
 
 

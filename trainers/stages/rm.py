@@ -31,12 +31,15 @@ from trainers.stages.common import (
     check_distributable,
     learner_state,
     make_learner_optimizer,
+    noise_disclosure,
     poisson_loop,
+    released_timing,
     restore_policy,
     resume_point,
     run_stage_learner,
     save_outputs,
     spent_epsilon,
+    stage_noise_seed,
 )
 
 
@@ -225,13 +228,13 @@ def run_rm(
         "sampling_rate": q,
         "noise_multiplier": sigma,
         "num_users": n,
-        "num_records": len(rows),
         "per_record_users": data.per_record_users,
         "expected_batch_users": q * n,
         "epsilon": spent_epsilon(ctx),
         "gold_pairs": len(pairs),
         "learner_workers": ctx.cfg.ray.num_workers if ctx.distributed else 0,
-        "wall_time_s": time.time() - t0,
+        "noise": noise_disclosure(ctx.cfg),
+        **released_timing(ctx, t0),
     }
 
 
@@ -270,13 +273,15 @@ def learn_rm(ctx: StageContext, plan: RMPlan, learner: Learner) -> dict[str, Any
     )
     # A crashed attempt: restart after the last step on the ledger, never before (see resume_step).
     start, lost = resume_point(ctx, learner, restored_step=restored_step)
+    noise = stage_noise_seed(ctx, learner)  # secret (collective: rank 0 draws, every rank receives)
     engine = build_engine(
-        ctx, model, q=plan.q, users=users, optimizer=optimizer, sigma=plan.sigma, steps=steps, start_step=start,
+        ctx, model, q=plan.q, users=users, noise_seed=noise, optimizer=optimizer, sigma=plan.sigma, steps=steps,
+        start_step=start,
         validation_loss=lambda: public_bt_loss(model, tokenizer, pairs, max_len=cfg.max_len),
         learner=learner, apply_fn=apply_fn,
     )
     restore_policy(engine, learner.restored)
-    sampler = PoissonUserSampler(users.num_users, sampling_rate=plan.q, seed=ctx.seed)
+    sampler = PoissonUserSampler(users.num_users, sampling_rate=plan.q, seed=noise)
     loss_fn = bt_loss_fn(model)
     main = learner.is_main_process
     # Public evaluations run on rank 0 only, except under ZeRO-3 where every forward gathers weights collectively.
@@ -304,7 +309,7 @@ def learn_rm(ctx: StageContext, plan: RMPlan, learner: Learner) -> dict[str, Any
     save_outputs(learner, model, ds_engine, tokenizer, exporter=_export_rm,
                  init=lambda: _reward_model(ctx, plan.sft_dir)[0])
     return {"status": status, "reason": reason, "steps": done, "accuracy_start": acc0, "accuracy": acc,
-            "resumed_at_step": start, "steps_lost_in_crash": lost}
+            "resumed_at_step": start, "steps_lost_in_crash": lost, "mechanism": engine.mechanism()}
 
 
 def _export_rm(model: torch.nn.Module, tokenizer: Any, out: Path) -> None:

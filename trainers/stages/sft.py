@@ -28,13 +28,16 @@ from trainers.stages.common import (
     check_distributable,
     learner_state,
     make_learner_optimizer,
+    noise_disclosure,
     poisson_loop,
     public_lm_loss,
+    released_timing,
     restore_policy,
     resume_point,
     run_stage_learner,
     save_outputs,
     spent_epsilon,
+    stage_noise_seed,
 )
 
 
@@ -142,12 +145,12 @@ def run_sft(
         "sampling_rate": q,
         "noise_multiplier": sigma,
         "num_users": n,
-        "num_records": len(rows),
         "per_record_users": data.per_record_users,
         "expected_batch_users": q * n,
         "epsilon": spent_epsilon(ctx),
         "learner_workers": ctx.cfg.ray.num_workers if ctx.distributed else 0,
-        "wall_time_s": time.time() - t0,
+        "noise": noise_disclosure(ctx.cfg),
+        **released_timing(ctx, t0),
     }
 
 
@@ -177,13 +180,15 @@ def learn_sft(ctx: StageContext, plan: SFTPlan, learner: Learner) -> dict[str, A
     )
     # A crashed attempt: restart after the last step on the ledger, never before (see resume_step).
     start, lost = resume_point(ctx, learner, restored_step=restored_step)
+    noise = stage_noise_seed(ctx, learner)  # secret (collective: rank 0 draws, every rank receives)
     engine = build_engine(
-        ctx, model, q=plan.q, users=users, optimizer=optimizer, sigma=plan.sigma, steps=steps, start_step=start,
+        ctx, model, q=plan.q, users=users, noise_seed=noise, optimizer=optimizer, sigma=plan.sigma, steps=steps,
+        start_step=start,
         validation_loss=(lambda: public_lm_loss(model, windows)) if windows is not None else None,
         learner=learner, apply_fn=apply_fn,
     )
     restore_policy(engine, learner.restored)
-    sampler = PoissonUserSampler(users.num_users, sampling_rate=plan.q, seed=ctx.seed)
+    sampler = PoissonUserSampler(users.num_users, sampling_rate=plan.q, seed=noise)
     loss_fn = sft_loss_fn(model)
     main = learner.is_main_process
     # Public evaluations run on rank 0 only, except under ZeRO-3 where every forward gathers weights collectively.
@@ -217,6 +222,7 @@ def learn_sft(ctx: StageContext, plan: SFTPlan, learner: Learner) -> dict[str, A
         "public_valid_loss": valid_loss,
         "resumed_at_step": start,
         "steps_lost_in_crash": lost,
+        "mechanism": engine.mechanism(),
     }
 
 
