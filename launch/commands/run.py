@@ -75,6 +75,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         "base_model": base,
         "status": report["status"],
         "preset": report["preset"],
+        "noise_warning": report["noise"]["warning"],
         "epsilon": privacy.get("epsilon"),
         "delta": privacy.get("delta"),
         "accountant": privacy.get("accountant"),
@@ -85,7 +86,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
                 "private": e["private"],
                 "epsilon": (e["privacy"] or {}).get("epsilon_spent"),
                 "target_epsilon": (e["privacy"] or {}).get("target_epsilon"),
-                "wall_time_s": round(e["wall_time_s"], 1),
+                "wall_time_s": None if e["wall_time_s"] is None else round(e["wall_time_s"], 1),
             }
             for name, e in report["stages"].items()
         },
@@ -101,8 +102,7 @@ def render(s: dict[str, Any]) -> str:
     lines = [f"run      {s['run_dir']}  ({s['preset']}, {s['status']})"]
     task = s.get("task") or {}
     if task:
-        rows, users = task["rows"], task["users"]
-        lines.append("data     " + ", ".join(f"{k} {v} rows" for k, v in rows.items()))
+        users = task["users"]
         lines.append("users    " + ", ".join(f"{k} {v}" for k, v in users.items())
                      + ("  (no user_id column: each record is its own user in " + ", ".join(task["per_record_users"]) + ")"
                         if task.get("per_record_users") else ""))
@@ -115,7 +115,8 @@ def render(s: dict[str, Any]) -> str:
                      f"{s['composition']} composition)")
     for name, st in s["stages"].items():
         eps = f"epsilon {st['epsilon']:.3f} / {st['target_epsilon']:g}" if st["epsilon"] is not None else "not private"
-        lines.append(f"  {name:4s}   {st['status']:9s} {eps:28s} {st['wall_time_s']:7.1f} s")
+        wall = f"{st['wall_time_s']:7.1f} s" if st["wall_time_s"] is not None else "  (time not published)"
+        lines.append(f"  {name:4s}   {st['status']:9s} {eps:28s} {wall}")
     for name, g in s["gold_reward"].items():
         kl = s["kl_to_sft"][name]
         ppl = s["perplexity"][name]
@@ -126,6 +127,10 @@ def render(s: dict[str, Any]) -> str:
         )
     if s["reward_model_accuracy"] is not None:
         lines.append(f"  reward model accuracy on public gold pairs: {s['reward_model_accuracy']:.3f}")
-    lines.append(f"wall time {s['wall_time_s']['total']:.1f} s  " + ", ".join(
+    total = s["wall_time_s"].get("total")
+    lines.append((f"wall time {total:.1f} s  " if total is not None else "wall time (public phases) ") + ", ".join(
         f"{k} {v:.1f}" for k, v in s["wall_time_s"].items() if k != "total"))
+    if s.get("noise_warning"):
+        lines.insert(0, f"WARNING  {s['noise_warning']}")
+        lines.append(f"WARNING  {s['noise_warning']}")
     return "\n".join(lines)

@@ -119,7 +119,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     from trainers.data.io import load_eval_prompts, load_preferences, load_prompts, load_public, load_sft
     from trainers.data.task import build_task
     from trainers.models.base import ensure_base_model, load_base_model
-    from trainers.stages.common import StageContext
+    from trainers.stages.common import StageContext, noise_disclosure
 
     quiet_libraries()
     t_start = time.time()
@@ -215,17 +215,22 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
             sp = None
             if protection.private and ledger is not None:
                 q, _, k = schedules[name]
+                sigma_eff = float(summary.get("noise_multiplier") or summary.get("sigma_eff") or 0.0)
+                mech = summary.get("mechanism") or {}
                 sp = StagePrivacy(
                     target_epsilon=plan["targets"][name], delta=plan["deltas"][name],
                     epsilon_spent=float(ledger.report()["stages"][name]["epsilon"]),
                     accountant=ledger.run.accountant, composition=plan["mode"],
-                    noise_multiplier=float(summary.get("noise_multiplier") or summary.get("sigma_eff") or 0.0),
-                    sampling_rate=q, steps=int(summary.get("steps", summary.get("iterations_done", 0))), repeats=k, num_users=len(stage_users[name]),
-                    expected_batch_users=q * len(stage_users[name]),
+                    noise_multiplier=sigma_eff,
+                    sampling_rate=q, steps=int(summary.get("steps", summary.get("iterations_done", 0))), repeats=k,
+                    num_users=len(stage_users[name]), expected_batch_users=q * len(stage_users[name]),
+                    grad_noise_multiplier=float(mech.get("grad_noise_multiplier", sigma_eff)),
+                    count_noise_std=mech.get("count_noise_std"), num_groups=int(mech.get("num_groups", 0)),
                 )
+            timed = not protection.private or cfg.run.report_wall_time
             entries[name] = stage_entry(
                 private=protection.private, reason=protection.reason, status=summary.get("status", "completed"),
-                wall_time_s=wall[name], privacy=sp, metrics=_public_metrics(summary),
+                wall_time_s=wall[name] if timed else None, privacy=sp, metrics=_public_metrics(summary),
             )
 
         # --- evaluation on public prompts (post-processing) --------------------------------------------------
@@ -239,17 +244,22 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
 
             shutdown_ray()
     wall["total"] = time.time() - t_start
+    # A private stage's wall time follows its private batch sizes (unaccounted): published only when asked.
+    withheld = {name for name, e in entries.items() if e["wall_time_s"] is None}
+    published = {k: v for k, v in wall.items() if k not in withheld and not (k == "total" and withheld)}
     status = "completed" if all(e["status"] == "completed" for e in entries.values()) else "partial"
     report = build_report(
         run_id=run.run_id, preset=cfg.privacy.preset, status=status, stages=entries,
         ledger_privacy=ledger.report() if ledger is not None else None, evaluation=evaluation,
-        series=series_from_metrics(read_metrics(run.metrics_path)), wall_time_s=wall,
+        series=series_from_metrics(read_metrics(run.metrics_path)), wall_time_s=published,
+        noise=noise_disclosure(cfg),
     )
     if ledger is not None:
         ledger.close()
+    # Record counts of the private splits are not published (one user changes them); user counts N are part of the
+    # public plan (the accountant's q and B = qN use them).
     report["task"] = {
         "source": cfg.data.source,
-        "rows": dict(task.counts),
         "users": {name: len(ids) for name, ids in stage_users.items()},
         "per_record_users": list(task.per_record_users),
     }

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = "dpalign.report"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 POLICIES: tuple[str, ...] = ("base", "sft", "final")
 _VERSIONED = ("torch", "transformers", "peft", "ray", "dp-accounting", "opacus", "deepspeed", "tokenizers")
 
@@ -68,6 +68,10 @@ class StagePrivacy:
         accountant: "pld" or "rdp".
         composition: "parallel" or "sequential".
         noise_multiplier: sigma_eff of each release (the calibrated sigma; the last one if it varied).
+        grad_noise_multiplier: the gradient release's own multiplier (sum_k C_k^2 / s_k^2)^(-1/2) of the last step.
+        count_noise_std: sigma_b on each CENTRED clip count (adaptive clipping, the controller), else None.
+        num_groups: K, the clipping groups (one clip count each when counts are released).
+            An auditor recomputes sigma_eff = (grad^-2 + K (2 sigma_b)^-2)^(-1/2) (= grad without counts).
         sampling_rate: Poisson rate q.
         steps: Poisson-sampled events of the stage (PPO: iterations).
         repeats: K releases per sampled batch (PPO epochs; 1 otherwise).
@@ -86,6 +90,9 @@ class StagePrivacy:
     repeats: int
     num_users: int
     expected_batch_users: float
+    grad_noise_multiplier: float
+    count_noise_std: float | None
+    num_groups: int
 
 
 def stage_entry(
@@ -93,14 +100,15 @@ def stage_entry(
     private: bool,
     reason: str,
     status: str,
-    wall_time_s: float,
+    wall_time_s: float | None,
     privacy: StagePrivacy | None = None,
     metrics: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """One ``stages.<name>`` object. ``privacy`` is required exactly when the stage is private.
 
     ``metrics`` holds public or released final numbers of the stage (e.g. the noisy final loss), never raw
-    private statistics.
+    private statistics. ``wall_time_s`` is None where it is not published (a private stage's time follows its
+    private batch sizes; ``run.report_wall_time`` publishes it).
     """
     if private != (privacy is not None):
         raise ReportSchemaError(
@@ -110,7 +118,7 @@ def stage_entry(
         "private": private,
         "reason": reason,
         "status": status,
-        "wall_time_s": float(wall_time_s),
+        "wall_time_s": None if wall_time_s is None else float(wall_time_s),
         "privacy": asdict(privacy) if privacy is not None else None,
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
     }
@@ -151,6 +159,7 @@ def build_report(
     evaluation: Mapping[str, Any],
     series: Mapping[str, Any],
     wall_time_s: Mapping[str, float],
+    noise: Mapping[str, Any],
     created: float | None = None,
     versions_info: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -164,7 +173,10 @@ def build_report(
         ledger_privacy: ``Ledger.report()`` (verbatim), or None when no stage is private (no ledger events).
         evaluation: see the schema ("policies", "reward_model", "prompts", "seeds").
         series: ``{"ppo": [{"iteration", "gold_reward", "kl"}], "epsilon": {stage: [[step, eps], ...]}}``.
-        wall_time_s: seconds per stage (and other phases: "data", "base_model", "eval"), plus "total".
+        wall_time_s: seconds per published phase ("data", "base_model", "eval", non-private stages; private
+            stages and "total" only with ``run.report_wall_time``).
+        noise: ``trainers.stages.common.noise_disclosure``: secret or reproducible noise, the generator, and the
+            NOT PRIVATE warning of a reproducible run.
 
     Raises:
         ReportSchemaError: the assembled report does not follow the schema.
@@ -181,6 +193,7 @@ def build_report(
         "evaluation": json.loads(json.dumps(evaluation)),
         "series": json.loads(json.dumps(series)),
         "wall_time_s": {k: float(v) for k, v in wall_time_s.items()},
+        "noise": dict(noise),
         "versions": dict(versions_info) if versions_info is not None else versions(),
     }
     validate_report(report)
@@ -261,7 +274,7 @@ def validate_report(report: Mapping[str, Any]) -> None:
         private = _need(entry, "private", bool, sw)
         _need(entry, "reason", str, sw)
         _need(entry, "status", str, sw)
-        _need(entry, "wall_time_s", _NUM, sw)
+        _need(entry, "wall_time_s", _NUM, sw, nullable=True)
         _need(entry, "metrics", dict, sw)
         sp = _need(entry, "privacy", dict, sw, nullable=True)
         if private != (sp is not None):
@@ -269,7 +282,8 @@ def validate_report(report: Mapping[str, Any]) -> None:
         if sp is not None:
             any_private = True
             for field_name, tp in StagePrivacy.__annotations__.items():
-                _need(sp, field_name, str if tp == "str" else (int if tp == "int" else _NUM), f"{sw}.privacy")
+                kind = str if tp == "str" else (int if tp == "int" else _NUM)
+                _need(sp, field_name, kind, f"{sw}.privacy", nullable=tp.endswith("| None"))
             if privacy is None or name not in privacy.get("stages", {}):
                 raise ReportSchemaError(f"{sw}: private stage missing from report.privacy.stages (the ledger)")
             ledger_eps = privacy["stages"][name]["epsilon"]
@@ -308,7 +322,15 @@ def validate_report(report: Mapping[str, Any]) -> None:
         if not all(isinstance(p, list) and len(p) == 2 for p in points):
             raise ReportSchemaError(f"report.series.epsilon.{stage}: expected a list of [step, epsilon] pairs")
     wall = _need(report, "wall_time_s", dict, w)
-    _need(wall, "total", _NUM, "report.wall_time_s")
+    for key in wall:
+        _need(wall, key, _NUM, "report.wall_time_s")
+    noise = _need(report, "noise", dict, w)
+    if not isinstance(noise.get("secret"), bool):
+        raise ReportSchemaError("report.noise.secret: must be true or false")
+    _need(noise, "description", str, "report.noise")
+    warning = _need(noise, "warning", str, "report.noise", nullable=True)
+    if noise["secret"] == (warning is not None):
+        raise ReportSchemaError("report.noise.warning: a string exactly when the noise is not secret")
     _need(report, "versions", dict, w)
 
 
@@ -394,6 +416,9 @@ def _fmt(x: Any, digits: int = 4) -> str:
 def render_markdown(report: Mapping[str, Any], plots: Mapping[str, Path], *, base: Path) -> str:
     """report.md: what was protected, privacy per stage, evaluation with 95% intervals, wall time, plots."""
     lines = [f"# dpalign run {report['run_id']}", ""]
+    noise = report["noise"]
+    if noise["warning"]:
+        lines += [f"> **WARNING — {noise['warning']}.**", ""]
     lines += [f"Preset: **{report['preset']}**. Status: **{report['status']}**.", ""]
     privacy = report["privacy"]
     if privacy is not None:
@@ -402,14 +427,16 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, Path], *, bas
             f"δ = {_fmt(privacy['delta'])}; accountant {privacy['accountant']}, "
             f"{privacy['composition']} composition. Verify with `dpalign privacy verify RUN_DIR`.",
             "",
+            f"Noise and sampling: {noise['description']}.",
+            "",
         ]
     else:
         lines += ["No stage was private: this run gives no privacy guarantee.", ""]
     task, base_model = report.get("task"), report.get("base_model")
     if task:
-        lines += ["## Data and base model", "", "| split | rows | users |", "|---|---|---|"]
-        for split, rows in task["rows"].items():
-            lines.append(f"| {split} | {rows} | {task['users'].get(split, '—')} |")
+        lines += ["## Data and base model", "", "| split | users |", "|---|---|"]
+        for split, users in task["users"].items():
+            lines.append(f"| {split} | {users} |")
         if task.get("per_record_users"):
             lines.append(f"\nNo user_id column in {', '.join(task['per_record_users'])}: each record is its own user.")
         lines.append("")
@@ -426,17 +453,19 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, Path], *, bas
         "",
         "## Privacy per stage",
         "",
-        "| stage | target ε | δ | spent ε | σ_eff | q | steps | K | N users | B=qN | composition | accountant |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| stage | target ε | δ | spent ε | σ_eff | σ_grad | σ_b (counts) | groups | q | steps | K | N users | B=qN "
+        "| composition | accountant |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, st in report["stages"].items():
         sp = st["privacy"]
         if sp is None:
-            lines.append(f"| {name} | public | | | | | | | | | | |")
+            lines.append(f"| {name} | public | | | | | | | | | | | | | |")
             continue
         lines.append(
             f"| {name} | {_fmt(sp['target_epsilon'])} | {_fmt(sp['delta'])} | {_fmt(sp['epsilon_spent'])} | "
-            f"{_fmt(sp['noise_multiplier'])} | {_fmt(sp['sampling_rate'])} | {sp['steps']} | {sp['repeats']} | "
+            f"{_fmt(sp['noise_multiplier'])} | {_fmt(sp['grad_noise_multiplier'])} | {_fmt(sp['count_noise_std'])} | "
+            f"{sp['num_groups']} | {_fmt(sp['sampling_rate'])} | {sp['steps']} | {sp['repeats']} | "
             f"{sp['num_users']} | {_fmt(sp['expected_batch_users'])} | {sp['composition']} | {sp['accountant']} |"
         )
     ev = report["evaluation"]
@@ -461,6 +490,12 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, Path], *, bas
         lines += ["", f"Reward model pairwise accuracy on {rm['pairs']} held-out gold pairs: {rm['accuracy']:.3f}."]
     lines += ["", "## Wall time", "", "| phase | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["wall_time_s"].items()]
+    withheld = [name for name, st in report["stages"].items() if st["wall_time_s"] is None]
+    if withheld:
+        lines += ["", f"Not published: the wall time of {', '.join(withheld)} (it follows the private batch sizes; "
+                  "`run.report_wall_time=true` publishes it) and so the total."]
+    lines += ["", "σ_eff = (σ_grad⁻² + groups·(2σ_b)⁻²)^(-1/2): the clip counts are released centred, Σ(b−½) + "
+              "noise, sensitivity ½ each; without counts σ_eff = σ_grad."]
     if plots:
         lines += ["", "## Plots", ""]
         titles = {"gold_reward": "Gold reward per PPO iteration", "epsilon": "ε spent per step", "kl": "KL to SFT"}

@@ -74,11 +74,14 @@ def _report(run_id, privacy, **changes):
                 repeats=1,
                 num_users=100,
                 expected_batch_users=Q * 100,
+                grad_noise_multiplier=SIGMA,
+                count_noise_std=None,
+                num_groups=2,
             )
         private = sp is not None
         reason = prot.reason if private else "toy run: ppo not private"
         stages[name] = stage_entry(
-            private=private, reason=reason, status="completed", wall_time_s=1.5, privacy=sp,
+            private=private, reason=reason, status="completed", wall_time_s=None if private else 1.0, privacy=sp,
             metrics={"final_loss_noisy": 0.7},
         )
     evaluation = {
@@ -96,7 +99,8 @@ def _report(run_id, privacy, **changes):
     }
     kwargs = dict(
         run_id=run_id, preset="private", status="completed", stages=stages, ledger_privacy=privacy,
-        evaluation=evaluation, series=series, wall_time_s={"sft": 1.5, "rm": 1.5, "ppo": 1.0, "total": 5.0},
+        evaluation=evaluation, series=series, wall_time_s={"ppo": 1.0, "eval": 2.0},
+        noise={"secret": True, "secure_rng": False, "description": "secret", "warning": None},
         versions_info={"python": "3", "torch": "x"},
     )
     kwargs.update(changes)
@@ -117,7 +121,7 @@ def test_report_round_trip_plots_and_verify(tmp_path, ledger_run):
     assert "plots/gold_reward.png" in md and "| rm | yes |" in md and "[0.000" not in md
     loaded = load_report(tmp_path / "report.json")
     assert loaded["privacy"] == json.loads(json.dumps(privacy))
-    assert loaded["schema_version"] == 1
+    assert loaded["schema_version"] == 2
     assert budget_violations(loaded) == []
     result = verify_run(tmp_path)
     assert result.ok, result.mismatches
@@ -141,12 +145,15 @@ def test_edited_epsilon_is_caught_by_schema_and_verify(tmp_path, ledger_run):
     "mutate, where",
     [
         (lambda r: r.pop("run_id"), "report.run_id"),
-        (lambda r: r.update(schema_version=2), "schema_version"),
+        (lambda r: r.update(schema_version=1), "schema_version"),
         (lambda r: r["stages"]["rm"].update(privacy=None), r"stages\.rm\.privacy"),
         (lambda r: r["evaluation"]["policies"]["final"]["gold_reward"].update(lo=9.0), "gold_reward"),
         (lambda r: r["evaluation"]["policies"].update(dpo={}), "policies.dpo"),
         (lambda r: r["privacy"].update(run_id="other"), r"privacy\.run_id"),
-        (lambda r: r["wall_time_s"].pop("total"), r"wall_time_s\.total"),
+        (lambda r: r["wall_time_s"].update(eval="slow"), r"wall_time_s\.eval"),
+        (lambda r: r.pop("noise"), r"report\.noise"),
+        (lambda r: r["noise"].update(secret=False), r"noise\.warning"),
+        (lambda r: r["stages"]["sft"]["privacy"].pop("num_groups"), r"privacy\.num_groups"),
     ],
 )
 def test_schema_errors_name_the_field(ledger_run, mutate, where):
@@ -155,6 +162,17 @@ def test_schema_errors_name_the_field(ledger_run, mutate, where):
     mutate(report)
     with pytest.raises(ReportSchemaError, match=where):
         validate_report(report)
+
+
+def test_reproducible_noise_report_says_not_private_and_withheld_times(tmp_path, ledger_run):
+    warning = "NOT PRIVATE: test"
+    report = _report(RUN_ID, json.loads(json.dumps(ledger_run[1])),
+                     noise={"secret": False, "secure_rng": False, "description": "reproducible", "warning": warning})
+    write_report(report, report_json=tmp_path / "r.json", report_md=tmp_path / "r.md", plots_dir=tmp_path / "p")
+    md = (tmp_path / "r.md").read_text()
+    assert md.splitlines()[2].startswith("> **WARNING") and warning in md
+    assert "Not published: the wall time of sft, rm" in md
+    assert "σ_grad" in md and "σ_b (counts)" in md
 
 
 def test_nonprivate_report_has_null_privacy(tmp_path):
