@@ -1,12 +1,14 @@
 """DP step overhead: the same LoRA training step non-private, with the dpalign engine, and with stock Opacus.
 
-    python benchmarks/dp_overhead.py [--json] [--sizes tiny,medium] [--steps N]
+    python benchmarks/dp_overhead.py [--json] [--sizes tiny,medium] [--steps N] [--secure-rng]
 
 Setup (the same for the three variants): a GPT-2-architecture model (``tiny`` = the embedded default, 4 layers,
 hidden 128; ``medium`` = 12 layers, hidden 512), vocab 4096, LoRA r=4 on c_attn, batch 32 records of 128 tokens,
 per-record causal LM loss, SGD. One record per user (the most per-user work per record).
   * ``nonprivate``: ``loss.mean().backward(); opt.step()``.
-  * ``engine``: ``DPEngine.step`` (per-user grads, per-module clipping, isotropic noise, event) + ``opt.step()``.
+  * ``engine``: ``DPEngine.step`` (per-user grads, per-module clipping, isotropic noise, event) + ``opt.step()``,
+    noise keyed by a fresh OS secret (the default of every run; torch's generator).
+  * ``engine_secure`` (``--secure-rng``): the same with ``privacy.secure_rng`` (noise from the SHAKE-256 CSPRNG).
   * ``opacus``: ``PrivacyEngine.make_private(grad_sample_mode="hooks")`` on the same peft model; flat clipping.
 
 Time: median wall-clock ms per step over ``--steps`` steps after one warm-up step (perf_counter), and the
@@ -35,7 +37,8 @@ SIZES = {
     "tiny": {"n_layer": 4, "n_embd": 128, "n_head": 4},
     "medium": {"n_layer": 12, "n_embd": 512, "n_head": 8},
 }
-VARIANTS = ("nonprivate", "engine", "opacus")
+VARIANTS = ("nonprivate", "engine", "opacus", "engine_secure")
+DEFAULT_VARIANTS = ("nonprivate", "engine", "opacus")
 VOCAB, BATCH, SEQ = 4096, 32, 128
 
 
@@ -79,10 +82,12 @@ def _worker(size: str, variant: str, steps: int) -> dict:
             per_record_loss(records).mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-    elif variant == "engine":
+    elif variant in ("engine", "engine_secure"):
         from trainers.engine import DPEngine, FixedPolicy, UserBatch
+        from trainers.engine.sampling import NoiseSeed
 
-        engine = DPEngine(model, stage="bench", sampling_rate=0.01, num_users=BATCH * 100, seed=0,
+        secret = NoiseSeed.draw(secure_rng=variant == "engine_secure")
+        engine = DPEngine(model, stage="bench", sampling_rate=0.01, num_users=BATCH * 100, seed=secret,
                           policy=FixedPolicy(noise_multiplier=1.0, clip_norm=1.0), event_sink=lambda e: None,
                           optimizer=opt, check_record_independence=False)
         batch = UserBatch(records=records, user_ids=torch.arange(BATCH, device=device))
@@ -145,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object after the table")
     parser.add_argument("--sizes", default="tiny,medium", help="comma-separated: tiny, medium")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after 1 warm-up)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help="comma-separated subset of " + ",".join(VARIANTS))
+    parser.add_argument("--secure-rng", action="store_true",
+                        help="also time engine_secure: the engine with privacy.secure_rng (SHAKE-256 noise)")
     parser.add_argument("--worker", nargs=2, metavar=("SIZE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 1:
@@ -155,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sizes = [s for s in args.sizes.split(",") if s]
     variants = [v for v in args.variants.split(",") if v]
+    if args.secure_rng and "engine_secure" not in variants:
+        variants.append("engine_secure")
     bad = [s for s in sizes if s not in SIZES] + [v for v in variants if v not in VARIANTS]
     if bad:
         parser.error(f"unknown size/variant {bad}; sizes: {list(SIZES)}, variants: {list(VARIANTS)}")
@@ -181,15 +191,24 @@ def main(argv: list[str] | None = None) -> int:
             eng, opa = by_variant["engine"], by_variant["opacus"]
             eng["time_vs_opacus"] = eng["ms_per_step"] / opa["ms_per_step"]
             eng["cpu_vs_opacus"] = eng["cpu_ms_per_step"] / opa["cpu_ms_per_step"]
-    header = f"{'size':<7} {'variant':<11} {'ms/step':>9} {'x time':>7} {'cpu ms':>9} {'x cpu':>6} {'peak MB':>9} {'x peak':>7} {'step MB':>9} {'x step':>7}"
+        if "engine" in by_variant and "engine_secure" in by_variant:
+            eng, sec = by_variant["engine"], by_variant["engine_secure"]
+            sec["time_vs_engine"] = sec["ms_per_step"] / eng["ms_per_step"]
+            sec["cpu_vs_engine"] = sec["cpu_ms_per_step"] / eng["cpu_ms_per_step"]
+    header = f"{'size':<7} {'variant':<14} {'ms/step':>9} {'x time':>7} {'cpu ms':>9} {'x cpu':>6} {'peak MB':>9} {'x peak':>7} {'step MB':>9} {'x step':>7}"
     print(header)
     print("-" * len(header))
     for size, by_variant in results.items():
         for variant, r in by_variant.items():
-            print(f"{size:<7} {variant:<11} {r['ms_per_step']:>9.1f} {r.get('time_ratio', float('nan')):>7.2f} "
+            print(f"{size:<7} {variant:<14} {r['ms_per_step']:>9.1f} {r.get('time_ratio', float('nan')):>7.2f} "
                   f"{r['cpu_ms_per_step']:>9.1f} {r.get('cpu_ratio', float('nan')):>6.2f} "
                   f"{r['peak_rss_mb']:>9.1f} {r.get('peak_ratio', float('nan')):>7.2f} {r['step_mem_mb']:>9.1f} "
                   f"{r.get('step_mem_ratio', float('nan')):>7.2f}")
+    for size, by_variant in results.items():
+        if "time_vs_engine" in by_variant.get("engine_secure", {}):
+            sec = by_variant["engine_secure"]
+            print(f"{size}: secure_rng costs {sec['time_vs_engine']:.2f}x the engine's step time "
+                  f"({sec['cpu_vs_engine']:.2f}x CPU)")
     print(f"load average 1 min: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} CPUs)")
     if args.json:
         print(json.dumps({"benchmark": "dp_overhead", "batch": BATCH, "seq": SEQ, "vocab": VOCAB, "lora_r": 4,
