@@ -7,7 +7,7 @@ export RAY_AUTH_MODE ?= disabled
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test test-slow bench bench-utility lint clean
+.PHONY: venv run test test-slow mutate bench bench-utility lint clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
 
+# The privacy core's mutation suite (tools/mutate.py): each privacy bug applied to a copy of the tree must be
+# killed by the fast tests it names; fails if one survives. About 5 minutes on 2 cores; not part of `make test`.
+mutate: $(STAMP)
+	$(PY) tools/mutate.py
+
 # Benchmarks print JSON with ratios against a baseline measured in the same run.
 bench: $(STAMP)
 	$(PY) benchmarks/accounting.py --json
@@ -41,7 +46,7 @@ bench-utility: $(STAMP)
 	$(PY) benchmarks/privacy_utility.py --json
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check accounting trainers controller cluster launch tests benchmarks
+	$(VENV)/bin/ruff check accounting trainers controller cluster launch tests benchmarks tools
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import gymnasium as gym
@@ -61,6 +63,19 @@ def encode_bytes(texts: list[str], seq_len: int) -> Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` (0: unchanged) inside, and restored after: an env must not
+    change the thread count of the process that hosts it (a test session, a training driver)."""
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class _SetPlan:
     """The engine-side policy of the proxy: plays the (C_k, sigma) the env decided and keeps the last release."""
 
@@ -84,13 +99,15 @@ class ProxyDPTrainer:
     "user", Poisson-sampled at rate q; per-user gradients, per-module clipping, noise, division by q*N."""
 
     def __init__(self, cfg: ProxyEnvConfig) -> None:
+        self.cfg = cfg
+        with torch_threads(cfg.threads):
+            self._build(cfg)
+
+    def _build(self, cfg: ProxyEnvConfig) -> None:
         from transformers import GPT2Config, GPT2LMHeadModel
 
         from trainers.models.lora import add_lora
 
-        self.cfg = cfg
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         config = GPT2Config(
             vocab_size=VOCAB,
@@ -171,10 +188,15 @@ class ProxyDPTrainer:
 
     @torch.no_grad()
     def validation_loss(self) -> float:
-        return float(self.model(input_ids=self.valid_ids, labels=self.valid_ids).loss)
+        with torch_threads(self.cfg.threads):
+            return float(self.model(input_ids=self.valid_ids, labels=self.valid_ids).loss)
 
     def dp_step(self, *, step: int, clip_norms: tuple[float, ...], sigma: float) -> tuple[Released, Any]:
-        """One DP step on the engine; returns our Released record and the engine's PrivacyEvent."""
+        """One DP step on the engine (at ``cfg.threads`` threads); returns our Released record and the event."""
+        with torch_threads(self.cfg.threads):
+            return self._dp_step(step=step, clip_norms=clip_norms, sigma=sigma)
+
+    def _dp_step(self, *, step: int, clip_norms: tuple[float, ...], sigma: float) -> tuple[Released, Any]:
         from controller.policy import released_from_engine
         from trainers.engine.engine import UserBatch
         from trainers.rlhf.sft import causal_lm_loss_per_record

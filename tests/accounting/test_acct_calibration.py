@@ -132,3 +132,20 @@ def test_budget_split_rejects_bad_shares():
         split_budget(total_epsilon=1, total_delta=DELTA, shares={"a": 0.5, "b": 0.6}, schedules=sch)
     with pytest.raises(ValueError, match="name stages"):
         split_budget(total_epsilon=1, total_delta=DELTA, shares={"a": 1.0}, schedules=sch)
+
+
+@pytest.mark.parametrize("k, sigma_b, z_grad", [(1, 2.0, 1.0), (3, 1.5, 0.8), (12, 4.0, 2.0)])
+def test_clip_count_cost_is_a_group_of_sensitivity_one_half(k, sigma_b, z_grad):
+    """Derived independently of accounting.mechanisms' own formula: K centred clip counts (each moved by 1/2 by
+    one user) with noise std sigma_b are K extra groups with C = 1/2 and s = sigma_b, next to a gradient group
+    with multiplier z_grad (C = 1, s = z_grad)."""
+    from accounting.mechanisms import (
+        adaptive_clipping_multiplier,
+        effective_noise_multiplier,
+        grad_noise_for_target,
+    )
+
+    as_groups = effective_noise_multiplier(clip_norms=[1.0] + [0.5] * k, noise_stds=[z_grad] + [sigma_b] * k)
+    got = adaptive_clipping_multiplier(grad_noise_multiplier=z_grad, count_noise_std=sigma_b, num_counts=k)
+    assert got == pytest.approx(as_groups, rel=1e-12)
+    assert grad_noise_for_target(target_multiplier=got, count_noise_std=sigma_b, num_counts=k) == pytest.approx(z_grad)

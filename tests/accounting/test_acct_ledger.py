@@ -279,3 +279,39 @@ def test_verify_input_errors(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps({"x": 1}))
     with pytest.raises(VerifyInputError, match='no "privacy" object'):
         verify_run(tmp_path)
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_stage_target_below_run_target_refuses_at_the_stage_target(tmp_path, accountant):
+    """A stage's own (epsilon, delta) bounds it, not the run's: no slack above the stage target."""
+    order = choose_rdp_order(schedule(noise_multiplier=2.0, sampling_rate=0.05, steps=200), delta=DELTA)
+    kw = {"accountant": accountant, **({"rdp_order": order} if accountant == "rdp" else {})}
+    with _open(tmp_path / "ledger.jsonl", target_epsilon=4.0, **kw) as ledger:
+        ledger.begin_stage("sft", user_fingerprint="sha256:u", num_users=1000, target_epsilon=1.0)
+        step = 0
+        while ledger.admit(ev("sft", step, sigma=2.0, q=0.05)):
+            ledger.record(ev("sft", step, sigma=2.0, q=0.05))
+            step += 1
+        refusal = ledger.admit(ev("sft", step, sigma=2.0, q=0.05))
+        assert step > 5 and "stage 'sft' budget exhausted" in refusal.reason
+        assert ledger.epsilon("sft") <= 1.0 < refusal.stage_epsilon
+        assert ledger.epsilon() <= 1.0  # the run is far from its own 4.0
+
+
+def test_sequential_run_budget_alone_refuses_a_stage_within_its_own_target(tmp_path):
+    """Sequential composition: the run's epsilon composes every stage; it refuses a stage that its own target
+    would still admit, and the run never ends above its target (no slack)."""
+    order = choose_rdp_order(schedule(noise_multiplier=1.0, sampling_rate=0.02, steps=600), delta=DELTA)
+    with _open(tmp_path / "ledger.jsonl", target_epsilon=3.0, accountant="rdp", rdp_order=order,
+               composition="sequential") as ledger:
+        ledger.begin_stage("sft", user_fingerprint="sha256:a", num_users=500, target_epsilon=2.5)
+        ledger.begin_stage("rm", user_fingerprint="sha256:a", num_users=500, target_epsilon=2.5)
+        for stage in ("sft", "rm"):
+            step = 0
+            while ledger.admit(ev(stage, step, sigma=1.0, q=0.02)):
+                ledger.record(ev(stage, step, sigma=1.0, q=0.02))
+                step += 1
+        refusal = ledger.admit(ev("rm", step, sigma=1.0, q=0.02))
+        assert "run budget exhausted (sequential composition)" in refusal.reason
+        assert step > 3 and refusal.stage_epsilon < 2.5 and ledger.epsilon("sft") <= 2.5  # rm alone would go on
+        assert ledger.epsilon() <= 3.0 < refusal.overall_epsilon

@@ -181,3 +181,92 @@ def test_refused_step_is_not_taken():
     assert len(events) == 1 and engine.next_step == 1
     assert all(torch.equal(p.grad, g) for p, g in zip([p for p in model.parameters() if p.requires_grad], grads, strict=True))
     assert not all(torch.equal(p, b) for p, b in zip([p for p in model.parameters() if p.requires_grad], before, strict=True))
+
+
+def _pure_noise_releases(policy, *, steps: int, repeats: int = 1):
+    """Releases on empty samples: every value is noise only. Returns (engine, [[per-tensor grads]], results)."""
+    model = H.lora_lm()
+    engine = DPEngine(model, stage="ppo", sampling_rate=0.25, num_users=40, seed=11, policy=policy,
+                      event_sink=lambda e: None, check_weights_move=False)
+    draws = _capture(engine)
+    results = []
+    for _ in range(steps):
+        for r in range(repeats):
+            results.append(engine.step(UserBatch.empty(), lambda rec: None, repeats=repeats, release=r))
+    return engine, draws, results
+
+
+def test_every_release_of_a_reused_sample_draws_independent_noise():
+    """K releases of one sample (PPO epochs) are K Gaussian releases: each must carry fresh, independent noise
+    of the full std. Reused noise (one draw per step) would make the releases identical; it cancels when two
+    releases are subtracted, so "two releases differ" is not a test of it."""
+    engine, draws, _ = _pure_noise_releases(FixedPolicy(noise_multiplier=1.0, clip_norm=0.5), steps=2, repeats=3)
+    flat = [torch.cat([g.flatten() for g in d]).double() for d in draws]  # 6 releases
+    n = flat[0].numel()
+    sd = engine.policy.plan(0, engine.groups).noise_stds[0] / engine.expected_batch_size  # isotropic: one s
+    for x in flat:
+        z = (float((x / sd).pow(2).sum()) - n) / math.sqrt(2 * n)
+        assert abs(z) < 5
+    for i in range(len(flat)):
+        for j in range(i + 1, len(flat)):
+            corr = float(torch.corrcoef(torch.stack([flat[i], flat[j]]))[0, 1])
+            assert abs(corr) < 5 / math.sqrt(n), (i, j, corr)
+
+
+def test_clip_count_noise_is_gaussian_with_the_planned_std():
+    """Empty samples: each released count is B/2 + N(0, sigma_b^2) (centred sum 0). Chi-square over all counts;
+    no count noise, or a scaled one, moves z by far more than 5."""
+    sigma_b = 1.5
+    policy = AdaptiveClippingPolicy(noise_multiplier=1.0, initial_clip_norm=0.5, count_noise_std=sigma_b)
+    engine, _, results = _pure_noise_releases(policy, steps=150)
+    b = engine.expected_batch_size
+    x = torch.tensor([c - b / 2 for r in results for c in r.released.noisy_unclipped_counts], dtype=torch.float64)
+    n = x.numel()
+    z = (float((x / sigma_b).pow(2).sum()) - n) / math.sqrt(2 * n)
+    assert abs(z) < 5, z
+    assert abs(float(x.mean())) < 5 * sigma_b / math.sqrt(n)
+
+
+def test_event_is_durable_before_the_update_is_applied_and_a_failing_sink_applies_nothing():
+    """Write-ahead at the engine: apply_fn runs only after the sink returned for that step; a sink that raises
+    (the ledger could not write) leaves the weights and gradients untouched."""
+    model = H.lora_lm()
+    durable: list[int] = []
+    applied: list[int] = []
+    engine = DPEngine(model, stage="sft", sampling_rate=0.5, num_users=8, seed=0,
+                      policy=FixedPolicy(noise_multiplier=1.0, clip_norm=1.0), event_sink=lambda e: durable.append(e.step),
+                      check_weights_move=False)
+
+    def apply(grads):
+        assert durable and durable[-1] == engine.next_step - 1, "update applied before its event was durable"
+        applied.append(durable[-1])
+
+    engine.apply_fn = apply
+    records, users = H.lm_records([1, 2])
+    for _ in range(3):
+        engine.step(UserBatch(records=records, user_ids=users), H.lm_loss(model))
+    assert applied == durable == [0, 1, 2]
+
+    def broken_sink(event):
+        raise OSError("disk full")
+
+    before = [p.detach().clone() for p in model.parameters()]
+    engine2 = DPEngine(model, stage="sft", sampling_rate=0.5, num_users=8, seed=0,
+                       policy=FixedPolicy(noise_multiplier=1.0, clip_norm=1.0), event_sink=broken_sink)
+    engine2.apply_fn = lambda grads: pytest.fail("applied although the event was never recorded")
+    with pytest.raises(OSError, match="disk full"):
+        engine2.step(UserBatch(records=records, user_ids=users), H.lm_loss(model))
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_what_a_policy_observes_is_the_noisy_release_itself():
+    """The policy (adaptive clipping, the learned controller) may only see released quantities: its gradients are
+    the released tensors and its norms their norms. On empty samples the pre-noise sums are 0, so norms computed
+    before the noise (a private statistic) would read 0."""
+    engine, draws, results = _pure_noise_releases(FixedPolicy(noise_multiplier=1.0, clip_norm=0.5), steps=2)
+    for d, r in zip(draws, results, strict=True):
+        rel = r.released
+        for k, members in enumerate(engine.group_members):
+            want = math.sqrt(sum(float(d[i].double().pow(2).sum()) for i in members))
+            assert want > 0 and rel.noisy_grad_norms[k] == pytest.approx(want, rel=1e-6)
+            assert all(torch.equal(g, d[i]) for g, i in zip(rel.noisy_grads[k], members, strict=True))

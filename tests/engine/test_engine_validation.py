@@ -99,9 +99,13 @@ def test_weights_that_move_pass_the_check():
     model = H.lora_lm()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     engine = _engine(model, optimizer=opt)
+    start = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     for _ in range(3):
-        engine.step(UserBatch.empty(), lambda rec: None)
+        engine.step(UserBatch.empty(), lambda rec: None)  # raises FrozenAdapterError if the weights stood still
         opt.step()
+    assert engine.next_step == 3
+    now = [p.detach() for p in model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(start, now, strict=True))
 
 
 def test_adaptive_policy_tracks_the_quantile_from_released_counts():

@@ -14,6 +14,7 @@ from accounting.ledger import Ledger, read_ledger
 from launch.config import load_config
 from launch.pipeline.metrics import MetricsLogger
 from launch.schema import RunConfig
+from tests.stages.sampling_probe import assert_samples_follow_the_ledger, recorded_samples
 from trainers.stages.common import StageContext
 
 SENTENCES = [
@@ -114,13 +115,19 @@ def private_run(dirs):
                          composition="parallel")
     metrics = MetricsLogger(root / "tb", root / "metrics.jsonl")
     try:
-        summary = run(dirs, make_ctx(make_cfg(), private=True, ledger=ledger, metrics=metrics), root / "out",
-                      use_ray=False)
+        with recorded_samples() as samples:
+            summary = run(dirs, make_ctx(make_cfg(), private=True, ledger=ledger, metrics=metrics), root / "out",
+                          use_ray=False)
         eps = ledger.epsilon("ppo")
     finally:
         metrics.close()
         ledger.close()
-    return {"summary": summary, "root": root, "eps": eps}
+    return {"summary": summary, "root": root, "eps": eps, "samples": samples}
+
+
+def test_ppo_samples_are_poisson_at_the_ledger_rate(private_run):
+    events = [e for e in read_ledger(private_run["root"] / "ledger.jsonl").events if e.stage == "ppo"]
+    assert_samples_follow_the_ledger(private_run["samples"], events, seed=3, num_users=NUM_USERS)
 
 
 def test_private_run_accounts_epochs_as_repeats(private_run):

@@ -600,6 +600,14 @@ def save_outputs(
         from trainers.distributed import gather_trainable_state
 
         trainable = gather_trainable_state(ds_engine)
+    if learner.world_size > 1:
+        # Every rank must hold the same weights: the same secret noise key (broadcast by rank 0), the same samples.
+        # A rank that drew its own key would diverge silently (and under DeepSpeed its noise would average down).
+        from trainers.distributed import assert_replicated, object_group
+
+        final = list(trainable.values()) if trainable is not None else [
+            p.detach() for p in model.parameters() if p.requires_grad]
+        assert_replicated(final, group=object_group(), what=f"stage {learner_stage(learner)} trained weights")
     if not learner.is_main_process:
         return
     if trainable is not None:
@@ -616,6 +624,10 @@ def save_outputs(
     out = Path(learner.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     exporter(model, tokenizer, out)
+
+
+def learner_stage(learner: Learner) -> str:
+    return str(learner.checkpoint_meta.get("stage", "?"))
 
 
 CHECKPOINT_FILE = "state.pt"
