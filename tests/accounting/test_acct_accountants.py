@@ -170,10 +170,13 @@ def test_monotone_in_sigma_q_steps_and_k(sigma, q, steps, k, factor):
         return schedule_epsilon(**(args | over)).epsilon
 
     base = eps()
-    assert eps(noise_multiplier=sigma * factor) <= base
-    assert eps(sampling_rate=min(1.0, q * factor)) >= base
-    assert eps(steps=steps + 1) >= base
-    assert eps(repeats=k + 1) >= base
+    # 1e-3 relative: dp-accounting's subsampled-Gaussian RDP is not exactly monotone in sigma where epsilon is huge
+    # (found: sigma 0.60 -> 0.64 at q=0.125, 54 steps, K=4 gave 124.59 > 124.51); no calibration lives there.
+    slack = 1e-3 * base
+    assert eps(noise_multiplier=sigma * factor) <= base + slack
+    assert eps(sampling_rate=min(1.0, q * factor)) >= base - slack
+    assert eps(steps=steps + 1) >= base - slack
+    assert eps(repeats=k + 1) >= base - slack
 
 
 @settings(max_examples=5, deadline=None)

@@ -33,16 +33,12 @@ def _optimizer(noise: float):
 
 
 @pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
+def ray_session(ray_cluster, tmp_path_factory):
     import ray.cloudpickle
-
-    from cluster.runtime import init_ray, shutdown_ray
 
     for module in (H, sys.modules[__name__]):
         ray.cloudpickle.register_pickle_by_value(module)
-    init_ray(num_cpus=2, address="local")
     yield tmp_path_factory.mktemp("ray_train")
-    shutdown_ray()
 
 
 def _dp_loop(config: dict) -> None:
@@ -133,7 +129,7 @@ def test_two_gloo_learners_equal_single_process_and_ledger_is_write_ahead(ray_se
     from cluster.runtime import init_ray
     from cluster.train import run_learners
 
-    assert init_ray().started_here is False  # idempotent: joins the module's session
+    assert init_ray().started_here is False  # idempotent: joins the session's Ray
     ledger = ray_session / "ledger.jsonl"
     open_ledger = functools.partial(
         Ledger.open, ledger, run_id="dist", target_epsilon=50.0, target_delta=1e-5

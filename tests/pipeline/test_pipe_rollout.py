@@ -44,16 +44,14 @@ def base_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(ray_cluster):
     import sys
 
     import ray
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors import no test modules
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
-    ray.shutdown()
 
 
 @pytest.fixture

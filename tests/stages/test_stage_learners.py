@@ -77,15 +77,11 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def ray_up():
+def ray_up(ray_cluster):
     import ray.cloudpickle
 
-    from cluster.runtime import init_ray, shutdown_ray
-
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    init_ray(num_cpus=2, address="local")
     yield
-    shutdown_ray()
 
 
 def open_ledger(root: Path, *, spent_before: float | None = None) -> Ledger:
@@ -183,6 +179,7 @@ def test_default_secret_noise_two_runs_of_one_config_release_different_adapters(
     assert "num_records" not in one[0]
 
 
+@pytest.mark.slow  # ~17 s; the default suite keeps the engine-level 2-rank test (test_dist_ray) and PPO on 1 worker
 def test_two_gloo_workers_give_the_in_process_sft_update(dirs, ray_up, sft_reference):
     got = run_stage(dirs, dirs["root"] / "sft-ray2", "ray.num_workers=2", distributed=True)
     assert_same_training(sft_reference, got, atol=1e-6)

@@ -312,12 +312,10 @@ def test_minibatches_refused_at_config_load_and_by_the_recipe(dirs, tmp_path):
 
 
 @pytest.fixture
-def ray_local():
+def ray_local(ray_cluster):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
-    ray.shutdown()
 
 
 @pytest.mark.slow  # ~40 s on 2 shared cores: Ray start-up plus a full Ray run

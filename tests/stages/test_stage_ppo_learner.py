@@ -30,13 +30,10 @@ RAY = ["ray.address=local", "ray.num_cpus=4"]
 
 
 @pytest.fixture(scope="module")
-def ray_up():
-    """4 logical CPUs: 2 learner workers and 2 rollout actors (the PPO check refuses a cluster they overfill)."""
-    from cluster.runtime import init_ray, shutdown_ray
-
-    init_ray(num_cpus=4, address="local")
+def ray_up(ray_cluster):
+    """The session's Ray (4 logical CPUs: 2 learner workers and 2 rollout actors; the PPO check refuses a cluster
+    they overfill)."""
     yield
-    shutdown_ray()
 
 
 def run_stage(dirs, root: Path, *extra: str, distributed: bool = False, use_ray: bool = False,
