@@ -49,11 +49,11 @@ def main(args: argparse.Namespace) -> int:
     from launch.pipeline.pipeline import run_pipeline
     from launch.pipeline.rundir import RunDirError
     from trainers.data.io import DataError
-    from trainers.stages.config import CompositionError
+    from trainers.stages.config import CompositionError, PlanError
 
     try:
         report = run_pipeline(cfg, resume=args.resume, progress=not args.no_progress)
-    except (DataError, CompositionError, RunDirError) as err:  # refused before any privacy was spent
+    except (DataError, CompositionError, PlanError, RunDirError) as err:  # refused before any privacy was spent
         print(f"dpalign run: {err}", file=sys.stderr)
         return 2
     summary = summarize(report)

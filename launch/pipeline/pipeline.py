@@ -76,12 +76,24 @@ def plan_privacy(cfg: Any, stage_users: dict[str, set[str]]) -> dict[str, Any]:
 
 
 def stage_schedules(cfg: Any, stage_users: dict[str, set[str]]) -> dict[str, tuple[float, int, int]]:
-    """(q, steps, repeats) of each stage's public schedule: fixed by the config and the number of users."""
-    return {
-        "sft": (cfg.sft.sampling_rate(len(stage_users["sft"])), cfg.sft.num_steps(len(stage_users["sft"])), 1),
-        "rm": (cfg.rm.sampling_rate(len(stage_users["rm"])), cfg.rm.num_steps(len(stage_users["rm"])), 1),
-        "ppo": (cfg.ppo.sampling_rate(len(stage_users["ppo"])), cfg.ppo.iterations, cfg.ppo.ppo_epochs),
-    }
+    """(q, steps, repeats) of each stage's public schedule: fixed by the config and the number of users.
+
+    Raises:
+        trainers.stages.config.PlanError: a stage's schedule is impossible (q > 1), naming the field.
+    """
+    from trainers.stages.config import PlanError
+
+    def schedule(name: str) -> tuple[float, int, int]:
+        section, n = getattr(cfg, name), len(stage_users[name])
+        try:
+            q = section.sampling_rate(n)
+        except PlanError as err:
+            raise PlanError(f"{name}.{err}") from None
+        if name == "ppo":
+            return q, cfg.ppo.iterations, cfg.ppo.ppo_epochs
+        return q, section.num_steps(n), 1
+
+    return {name: schedule(name) for name in ("sft", "rm", "ppo")}
 
 
 def plan_rdp_order(cfg: Any, plan: dict[str, Any], stage_schedules: dict[str, tuple[float, int, int]]) -> float:
@@ -124,9 +136,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     quiet_libraries()
     t_start = time.time()
     wall: dict[str, float] = {}
-    run = RunDir.resume(resume, cfg) if resume else RunDir.for_config(cfg)
-    metrics = MetricsLogger(run.tb_dir, run.metrics_path)
-    metrics.log_config(cfg)
+    resumed = RunDir.resume(resume, cfg) if resume else None
 
     # --- data and base model (cached by config hash) -----------------------------------------------------------
     t = time.time()
@@ -142,8 +152,12 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     wall["data"] = time.time() - t
 
     # --- privacy plan: decided before any step, from the data --------------------------------------------------
+    # An impossible plan (shared users without a split, q > 1) is refused here: no run directory is made.
     plan = plan_privacy(cfg, stage_users)
     schedules = stage_schedules(cfg, stage_users)
+    run = resumed if resumed is not None else RunDir.for_config(cfg)
+    metrics = MetricsLogger(run.tb_dir, run.metrics_path)
+    metrics.log_config(cfg)
 
     t = time.time()
     base = ensure_base_model(

@@ -117,7 +117,7 @@ def test_shared_users_without_budget_split_are_refused_before_any_step(tmp_path,
     assert code == 2
     err = capsys.readouterr().err
     assert "3 users appear in more than one private stage" in err and "privacy.sft_share" in err
-    assert not (run_dir / "ledger.jsonl").exists()  # nothing was spent
+    assert not run_dir.exists()  # refused while planning: nothing spent, no half-made run directory
 
 
 def test_sequential_composition_with_shares_stays_within_total(tmp_path, cache):
@@ -206,3 +206,22 @@ def test_killed_run_resumes_without_rerunning_finished_stages(tmp_path, cache):
     (run_dir / "stages" / "ppo.done").unlink()
     assert main(["run", "--resume", str(run_dir), "--no-progress"]) == 2
 
+
+
+def test_impossible_plan_is_a_config_error_and_makes_no_run_directory(tmp_path, cache, capsys):
+    code, run_dir = _run(tmp_path, cache, "sft.expected_batch_users=500", name="impossible")
+    err = capsys.readouterr().err
+    assert code == 2 and not run_dir.exists(), err
+    assert "sft.expected_batch_users=500 exceeds the stage's" in err and "Traceback" not in err
+
+
+@pytest.mark.slow  # ~30 s: the shipped tiny config with its own schedules and 2 rollout actors
+def test_tiny_config_runs_as_shipped(tmp_path):
+    run_dir = tmp_path / "tiny"
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "run", "--config", TINY, f"run.dir={run_dir}",
+                           f"run.cache_dir={tmp_path / 'cache'}", "--no-progress", "--json"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "completed" and report["noise"]["secret"]
+    assert main(["privacy", "verify", str(run_dir)]) == 0

@@ -162,6 +162,11 @@ class CompositionError(ValueError):
     """Private stages share users but the config does not say how to split the budget across them."""
 
 
+class PlanError(ValueError):
+    """The config's schedule is impossible for the data (e.g. a stage's expected batch exceeds its users: q > 1).
+    Raised while planning, before a run directory exists or any privacy is spent."""
+
+
 def resolve_composition(privacy: PrivacyConfig, stage_user_ids: Mapping[str, Iterable[str]]) -> str:
     """The composition mode of the PRIVATE stages, from their user ids; refuses an unconfigured overlap.
 
@@ -329,10 +334,10 @@ class EngineConfig:
 
 def _sampling_rate(expected_users: int, num_users: int, field_name: str) -> float:
     if num_users < 1:
-        raise ValueError(f"{field_name}: the stage has no users")
+        raise PlanError(f"{field_name}: the stage has no users")
     q = expected_users / num_users
     if q > 1.0:
-        raise ValueError(
+        raise PlanError(
             f"{field_name}={expected_users} exceeds the stage's {num_users} users (sampling rate q > 1); "
             f"lower it to at most {num_users} or add users"
         )
