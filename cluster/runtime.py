@@ -99,6 +99,9 @@ def init_ray(
         # An embedded Ray must not silently join whatever RAY_ADDRESS points at ('local' was asked for).
         os.environ.pop("RAY_ADDRESS", None)
         kwargs.update(
+            # 'local' starts a new Ray even when a stale head left its address file behind (without it,
+            # ray.init() attaches to that cluster and then rejects num_cpus).
+            address="local",
             num_cpus=num_cpus or None,
             num_gpus=num_gpus,
             include_dashboard=False,

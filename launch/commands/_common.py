@@ -44,7 +44,12 @@ def load_run_config(args: argparse.Namespace, cls: Any = None) -> Any:
         print(format_help(cls))
         raise SystemExit(0)
     try:
-        return load_config(cls, args.config, args.overrides)
+        cfg = load_config(cls, args.config, args.overrides)
     except ConfigError as err:
         print(f"dpalign: config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    if hasattr(cfg, "run") and hasattr(cfg, "ray"):  # a run config: workers must not see relative paths
+        from launch.paths import resolve_config_paths
+
+        resolve_config_paths(cfg)
+    return cfg

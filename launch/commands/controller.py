@@ -6,8 +6,8 @@ an artifact.
                                                                 write the artifact to controller.out
   dpalign controller show PATH                                  print an artifact's spec and provenance
 
-Ray: embedded by default; inside `ray job submit` (RAY_ADDRESS set) or with ray_address=... it joins the cluster,
-and the env runners spread over it. Reuse the artifact in a run with controller.load=PATH and
+Ray: embedded by default (ray.num_cpus CPUs); inside `ray job submit` (RAY_ADDRESS set) or with ray.address=... it
+joins the cluster, and the env runners spread over it. Reuse the artifact in a run with controller.load=PATH and
 controller.mode=frozen|finetune.
 """
 
@@ -15,30 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from typing import Any
 
 from controller.config import ControllerConfig
 from launch.commands._common import add_config_args, load_run_config
-
-
-@dataclass
-class ControllerCommandConfig:
-    """Config of `dpalign controller pretrain` (used while the root run config has no controller section)."""
-
-    controller: ControllerConfig = field(default_factory=ControllerConfig)
-    """The controller, its proxy environments and pretraining settings."""
-    ray_address: str = ""
-    """Ray cluster address; empty uses RAY_ADDRESS when set, else an embedded Ray; 'local' forces embedded."""
-    ray_num_cpus: int = 0
-    """CPUs of an embedded Ray (0: all of this machine's)."""
-
-
-def _config_class() -> type:
-    from launch.schema import RunConfig
-
-    names = {f.name for f in fields(RunConfig)}
-    return RunConfig if "controller" in names else ControllerCommandConfig
 
 
 def add_parser(subparsers: Any) -> None:
@@ -77,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
         )
         return 0
 
-    cfg = load_run_config(args, cls=_config_class())
+    cfg = load_run_config(args)
     ctrl: ControllerConfig = cfg.controller
     ctrl.check()
     import time
@@ -105,9 +86,7 @@ def main(args: argparse.Namespace) -> int:
         from cluster.runtime import ray_session
         from controller.rllib import pretrain_rllib
 
-        address = getattr(cfg, "ray_address", "") or None
-        num_cpus = getattr(cfg, "ray_num_cpus", 0) or None
-        with ray_session(address=address, num_cpus=num_cpus):
+        with ray_session(address=cfg.ray.address or None, num_cpus=cfg.ray.num_cpus or None):
             path, curve = pretrain_rllib(ctrl, out=ctrl.out)
     summary = {
         "artifact": str(path),

@@ -42,6 +42,12 @@ def main(args: argparse.Namespace) -> int:
             return 2
         args.config = str(saved)
     cfg = load_run_config(args)
+    from launch.paths import check_outputs_outlive_the_job
+
+    problem = check_outputs_outlive_the_job(cfg)
+    if problem is not None:
+        print(f"dpalign run: {problem}", file=sys.stderr)
+        return 2
     if not os.environ.get("RAY_ADDRESS"):
         # Embedded Ray on this machine: Ray 2.60 would otherwise write an auth token under ~/.ray.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")

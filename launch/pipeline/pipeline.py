@@ -286,7 +286,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
         "unigram_perplexity": m.unigram_ppl if m else None,
     }
     write_report(report, report_json=run.report_json, report_md=run.report_md, plots_dir=run.plots_dir)
-    report["_run_dir"] = str(run.path)
+    report["_run_dir"] = str(Path(run.path).resolve())  # the job prints where its outputs are, absolute
     return report
 
 
