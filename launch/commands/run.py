@@ -52,6 +52,7 @@ def main(args: argparse.Namespace) -> int:
         # Embedded Ray on this machine: Ray 2.60 would otherwise write an auth token under ~/.ray.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+    from cluster.preflight import PreflightError
     from launch.pipeline.pipeline import run_pipeline
     from launch.pipeline.rundir import RunDirError
     from trainers.data.io import DataError
@@ -59,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         report = run_pipeline(cfg, resume=args.resume, progress=not args.no_progress)
-    except (DataError, CompositionError, PlanError, RunDirError) as err:  # refused before any privacy was spent
+    except (DataError, CompositionError, PlanError, PreflightError, RunDirError) as err:  # before any privacy
         print(f"dpalign run: {err}", file=sys.stderr)
         return 2
     summary = summarize(report)

@@ -155,9 +155,6 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     # An impossible plan (shared users without a split, q > 1) is refused here: no run directory is made.
     plan = plan_privacy(cfg, stage_users)
     schedules = stage_schedules(cfg, stage_users)
-    run = resumed if resumed is not None else RunDir.for_config(cfg)
-    metrics = MetricsLogger(run.tb_dir, run.metrics_path)
-    metrics.log_config(cfg)
 
     t = time.time()
     base = ensure_base_model(
@@ -166,6 +163,11 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     )
     base_dir = Path(base.path)
     wall["base_model"] = time.time() - t
+    # On a cluster, every node must reach the base model and the run directory before the first release.
+    ray_started = preflight_cluster(cfg, base_dir=base_dir, run_dir=Path(resumed.path) if resumed else None)
+    run = resumed if resumed is not None else RunDir.for_config(cfg)
+    metrics = MetricsLogger(run.tb_dir, run.metrics_path)
+    metrics.log_config(cfg)
     _, tokenizer = load_base_model(base_dir)
     seq_len = min(64, cfg.model.n_positions) if not cfg.model.name_or_path else 64
     windows = (
@@ -186,7 +188,6 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     # --- the three stages ------------------------------------------------------------------------------------
     summaries: dict[str, dict[str, Any]] = {}
     entries: dict[str, dict[str, Any]] = {}
-    ray_started = False
     try:
         for i, name in enumerate(STAGE_ORDER):
             protection = plan["protection"][name]
@@ -288,6 +289,42 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     write_report(report, report_json=run.report_json, report_md=run.report_md, plots_dir=run.plots_dir)
     report["_run_dir"] = str(Path(run.path).resolve())  # the job prints where its outputs are, absolute
     return report
+
+
+def preflight_cluster(cfg: Any, *, base_dir: Path, run_dir: Path | None) -> bool:
+    """Before any privacy is spent: when the run joins a Ray cluster (``ray.address`` or RAY_ADDRESS) and uses
+    Ray Train learners or rollout actors, check on every node that the base model can be read and the run's
+    output directory written (``cluster.preflight``). An embedded Ray is this machine only: nothing to check.
+
+    Returns:
+        True when this call started Ray (the run stops it at the end).
+
+    Raises:
+        cluster.preflight.PreflightError: a node cannot reach a path (names the node, path and config field).
+    """
+    from cluster.runtime import resolve_address
+
+    uses_ray = cfg.ray.num_workers >= 1 or cfg.ppo.rollout_actors > 0
+    if not uses_ray or resolve_address(cfg.ray.address) is None:
+        return False
+    from cluster.preflight import PathNeed, require_reachable
+
+    started = _start_ray(cfg)
+    # The run directory itself does not exist yet: probe where it will be made (its parent).
+    out = str(run_dir) if run_dir is not None else (str(Path(cfg.run.dir).parent) if cfg.run.dir else cfg.run.out_dir)
+    needs = [PathNeed(str(base_dir), "read", "run.cache_dir"),
+             PathNeed(out, "write", "run.dir" if cfg.run.dir else "run.out_dir")]
+    if cfg.ray.storage_path and "://" not in cfg.ray.storage_path:
+        needs.append(PathNeed(cfg.ray.storage_path, "write", "ray.storage_path"))
+    try:
+        require_reachable(needs)
+    except BaseException:
+        if started:
+            from cluster.runtime import shutdown_ray
+
+            shutdown_ray()
+        raise
+    return started
 
 
 def _start_ray(cfg: Any) -> bool:

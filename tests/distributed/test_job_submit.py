@@ -9,65 +9,23 @@ outside Ray's temporary directories) and verify with the ledger alone.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.distributed.ray_nodes import RAY, head_node
+
 REPO = Path(__file__).resolve().parents[2]
-RAY = str(Path(sys.executable).parent / "ray")
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def head():
-    """A real Ray head with the job server on 127.0.0.1; yields (dashboard address, env for the `ray` CLI)."""
-    temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    dash = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [RAY, "start", "--head", "--block", "--temp-dir", str(temp), "--port", str(_free_port()),
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "4",
-           "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
-           "--min-worker-port", "20000", "--max-worker-port", "20999", "--disable-usage-stats"]
-    log = open(temp / "head.log", "w")  # noqa: SIM115 -- closed below
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            ok = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True,
-                                timeout=60).returncode == 0
-            if ok:
-                break
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the Ray head did not start: {(temp / 'head.log').read_text()[-3000:]}")
-            time.sleep(1)
-        yield address, env, temp
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the head's own process group: its raylet, GCS and workers
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+    """A real Ray head with the job server on 127.0.0.1; yields (dashboard address, env, temp dir)."""
+    with head_node(num_cpus=4) as info:
+        yield info["dashboard"], info["env"], info["temp"]
 
 
 def _submit(head, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
