@@ -206,7 +206,9 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
                         "committed (a crash between the two); its budget is spent. Start a new run directory"
                     )
                 distributed = cfg.ray.num_workers >= 1 and name in LEARNER_STAGES
-                if distributed:
+                # One owner of Ray: the run starts (or joins) it from cfg.ray for learners and rollout actors
+                # alike, and stops only what it started.
+                if distributed or (name == "ppo" and cfg.ppo.rollout_actors > 0):
                     ray_started = _start_ray(cfg) or ray_started
                 ctx = StageContext(
                     stage=name, cfg=cfg, private=protection.private, ledger=ledger if protection.private else None,

@@ -534,7 +534,7 @@ def policy_change(models: PPOModels, before: PublicEval, *, clip_eps: float, chu
 class _Rollouts:
     """Generation of the sampled prompts: N Ray actors (LoRA-only sync) or the learner's own model, same seeds."""
 
-    def __init__(self, models: PPOModels, *, sft_dir: Path, cfg: Any, use_ray: bool) -> None:
+    def __init__(self, models: PPOModels, *, sft_dir: Path, cfg: Any, use_ray: bool, ray_cfg: Any = None) -> None:
         self.models = models
         self.cfg = cfg
         self.group = None
@@ -543,9 +543,12 @@ class _Rollouts:
             from cluster.runtime import init_ray
             from trainers.rollout import RolloutGroup
 
-            # Embedded Ray by default (no auth token, no dashboard); joins RAY_ADDRESS under `ray job submit`; a
-            # no-op when Ray is already up.
-            self._started_ray = init_ray(log_to_driver=False).started_here
+            # The pipeline has normally started (or joined) Ray already, from cfg.ray: then this is a no-op. Used
+            # alone (tests, a recipe called directly) it starts or joins Ray with the same ray.address/num_cpus.
+            self._started_ray = init_ray(
+                address=getattr(ray_cfg, "address", "") or None, num_cpus=getattr(ray_cfg, "num_cpus", 0) or None,
+                log_to_driver=False,
+            ).started_here
             self.group = RolloutGroup(sft_dir, lora=cfg.lora, num_actors=cfg.rollout_actors, threads=1)
 
     def generate(self, prompts: Sequence[str], *, seed: int) -> list[Any]:
@@ -575,10 +578,10 @@ class _Rollouts:
         if self.group is not None:
             self.group.shutdown()
             self.group = None
-        if self._started_ray:
-            import ray
+        if self._started_ray:  # only the Ray this object started
+            from cluster.runtime import shutdown_ray
 
-            ray.shutdown()
+            shutdown_ray()
             self._started_ray = False
 
 
@@ -887,7 +890,8 @@ def learn_ppo(ctx: StageContext, plan: PPOPlan, learner: Learner) -> dict[str, A
             ctx.log("rollout/sync_bytes", stats[0], step=step)
             ctx.log("rollout/sync_seconds", stats[1], step=step)
 
-    rollout = _Rollouts(models, sft_dir=Path(plan.sft_dir), cfg=pcfg, use_ray=plan.use_ray) if main else None
+    rollout = (_Rollouts(models, sft_dir=Path(plan.sft_dir), cfg=pcfg, use_ray=plan.use_ray, ray_cfg=ctx.cfg.ray)
+               if main else None)
     status, reason, done = "completed", "", start
     evaluation: PublicEval | None = None
     bar = progress_bar(ctx, T, "ppo")
