@@ -3,7 +3,7 @@
 All math is dp-accounting's. This module only (1) coalesces runs of identical consecutive events into
 ``SelfComposedDpEvent(event, n)`` so 100k steps cost as much as their number of distinct mechanisms, (2) picks
 the PLD discretization, and (3) evaluates RDP at a single order fixed before the run (the privacy filter of
-Feldman & Zrnic 2021, DESIGN.md section 2 "Adaptivity").
+Feldman & Zrnic 2021, docs/design.md section 2 "Adaptivity").
 
 PLD discretization. dp-accounting's default ``value_discretization_interval`` is 1e-4; it costs 0.4-2.5 s for
 one DP-SGD schedule. We compute twice: first at 1e-3 (tens of ms) to learn the scale of epsilon, then at the

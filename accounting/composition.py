@@ -1,4 +1,4 @@
-"""Stage composition: parallel when no user is in two stages, sequential otherwise (DESIGN.md section 2).
+"""Stage composition: parallel when no user is in two stages, sequential otherwise (docs/design.md section 2).
 
 The mode follows from the data, never from a flag: it is computed from the stages' user ids, and a config that
 claims parallel composition over overlapping users is refused with the number of overlapping users.

@@ -4,7 +4,7 @@ A release in dpalign is always a Poisson-subsampled Gaussian mechanism: users ar
 clipped contributions summed, and Gaussian noise with effective multiplier sigma_eff (noise std over L2
 sensitivity) added. When the same sample is released K times (K PPO epochs over one batch), the inner mechanism
 is the K-fold composition of Gaussians, which is exactly one Gaussian with multiplier sigma_eff / sqrt(K); the
-event is still ONE Poisson-sampled event, never K fresh ones (DESIGN.md section 2, "Reuse of a sample").
+event is still ONE Poisson-sampled event, never K fresh ones (docs/design.md section 2, "Reuse of a sample").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The write-ahead privacy ledger: one append-only ``ledger.jsonl`` per run, and the privacy filter.
 
-Contract (DESIGN.md section 2, "Ledger"; schema in docs/ledger_schema.md):
+Contract (docs/design.md section 2, "Ledger"; schema in docs/ledger_schema.md):
 * every noisy release is one ``event`` line, written, flushed and fsync'ed BEFORE ``record`` returns, so the
   engine uses or saves a release only after it is on disk;
 * nothing is ever rolled back: resuming reopens the file and appends, so a crash can over-count (a release that

@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/accounting.py --json
 
 A controller changes sigma as it goes, so the varied schedule is accounted the way an adaptive run is: RDP at the
-filter order fixed before the run (DESIGN.md section 2). The fixed schedule uses PLD. Both start from 100k
-materialized PrivacyEvents (what a ledger holds) and include coalescing. Target (DESIGN.md section 7): < 5 s for
+filter order fixed before the run (docs/design.md section 2). The fixed schedule uses PLD. Both start from 100k
+materialized PrivacyEvents (what a ledger holds) and include coalescing. Target (docs/design.md section 7): < 5 s for
 the varied schedule. For reference, the varied schedule under dp-accounting's RdpAccountant at all default
 orders can be timed with --reference (what coalescing alone would give; about 20-50 s).
 """

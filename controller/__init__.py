@@ -1,4 +1,4 @@
-"""dpalign: the learned clip/noise controller (DESIGN.md section 3).
+"""dpalign: the learned clip/noise controller (docs/design.md section 3).
 
 Public API:
   * ``controller.records``: ``Released``, ``LedgerState``, ``ValidationStats`` (all the controller may observe);

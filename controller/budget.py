@@ -1,7 +1,7 @@
 """The safety layer: whatever the actor proposes, the stage finishes its planned steps within (epsilon, delta).
 
 Accounting. The controller chooses sigma from earlier outputs, so composition is adaptive; the budget is an RDP
-privacy filter at ONE order fixed before the run (Feldman & Zrnic 2021; DESIGN.md section 2 "Adaptivity"). The
+privacy filter at ONE order fixed before the run (Feldman & Zrnic 2021; docs/design.md section 2 "Adaptivity"). The
 order is the optimal one for the fixed schedule that spends the budget in the planned steps. RDP at a fixed order
 composes by addition, so the history is a single number (sum of per-event RDP from dp-accounting) and the floor
 search evaluates candidate proposals on that sum plus the proposal, never on a mutated accountant.

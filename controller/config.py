@@ -88,7 +88,7 @@ class ProxyEnvConfig:
 
 @dataclass
 class ControllerConfig:
-    """The learned clip/noise controller (DESIGN.md section 3). ``enabled: false`` runs the fixed DP-SGD schedule."""
+    """The learned clip/noise controller (docs/design.md section 3). ``enabled: false`` runs the fixed DP-SGD schedule."""
 
     enabled: bool = False
     """Use the learned controller in the private stages."""

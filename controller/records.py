@@ -1,6 +1,6 @@
 """The only records a controller may read: what the engine released after noising, the ledger, public validation.
 
-These are the controller's whole view of a private run (DESIGN.md section 2, "Extra releases", and section 3).
+These are the controller's whole view of a private run (docs/design.md section 2, "Extra releases", and section 3).
 They hold plain Python floats and ints, never tensors, batches or per-user values: the constructor rejects
 anything else, so a raw per-example norm cannot be smuggled in by accident, and a record can cross a process
 boundary (Ray) as is.

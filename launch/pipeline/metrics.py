@@ -59,7 +59,7 @@ def _check_provenance(key: str, *, stage: str, private: bool, released: bool) ->
     if private and not released:
         raise PrivateMetricError(
             f"{stage}/{key}: a statistic of private data may reach logs only after a noisy release recorded "
-            "in the ledger (DESIGN.md section 2, 'Extra releases'); release it through the engine (purpose "
+            "in the ledger (docs/design.md section 2, 'Extra releases'); release it through the engine (purpose "
             "'metric') and log the noisy value with released=True, or log a public quantity instead"
         )
 

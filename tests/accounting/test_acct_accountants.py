@@ -1,4 +1,4 @@
-"""Accountants against dp-accounting called directly, published numbers, and the DESIGN.md K-repeats example."""
+"""Accountants against dp-accounting called directly, published numbers, and the docs/design.md K-repeats example."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_published_values():
 
 
 def test_design_k_repeats_example():
-    """DESIGN.md: q=0.01, sigma=1, 1000 batches, K=4 epochs on each sample: eps ~ 15.5, not ~ 4.1 (RDP numbers)."""
+    """docs/design.md: q=0.01, sigma=1, 1000 batches, K=4 epochs on each sample: eps ~ 15.5, not ~ 4.1 (RDP numbers)."""
     right = schedule_epsilon(
         noise_multiplier=1.0, sampling_rate=0.01, steps=1000, repeats=4, delta=DELTA, accountant="rdp"
     )

@@ -1,4 +1,4 @@
-"""The DP gradient engine: a batch of sampled users -> one differentially private update (DESIGN.md section 2).
+"""The DP gradient engine: a batch of sampled users -> one differentially private update (docs/design.md section 2).
 
 One release (``DPEngine.step``), in order:
 

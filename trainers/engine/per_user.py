@@ -56,7 +56,7 @@ class CrossExampleModuleError(ValueError):
 
 
 def check_no_cross_example_modules(model: nn.Module) -> None:
-    """Refuse models whose forward mixes records (DESIGN.md section 2, "What breaks the contract")."""
+    """Refuse models whose forward mixes records (docs/design.md section 2, "What breaks the contract")."""
     for name, module in model.named_modules():
         if isinstance(module, _CROSS_EXAMPLE):
             raise CrossExampleModuleError(

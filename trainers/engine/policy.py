@@ -3,7 +3,7 @@
 The engine asks ``policy.plan(step, groups)`` before every logical step and calls ``policy.observe(released)``
 after every release. A policy sees ONLY released quantities (``ReleasedStep``: the noisy gradient, the noisy clip
 counts, its own plan) and public facts (group names and sizes, the step, the public batch size) -- never raw
-per-user norms, which would be an unaccounted release (DESIGN.md section 3). The learned controller implements the
+per-user norms, which would be an unaccounted release (docs/design.md section 3). The learned controller implements the
 same protocol.
 
 The engine never trusts a policy's own claim about privacy: it recomputes sigma_eff from (C_k, s_k) and the count

@@ -3,7 +3,7 @@
 Every loss here is PER RECORD: it returns one value per record, shape [R], with no reduction and no statistic
 shared across records. The DP engine sums per-record gradients per user and clips each user's sum, so a loss
 that mixed records (a batch mean, batch-wide whitening, batch norm) would let one user's data move another
-user's clipped contribution and void the sensitivity bound (DESIGN.md section 2).
+user's clipped contribution and void the sensitivity bound (docs/design.md section 2).
 
 Modules:
     sft         tokenization of (prompt, response) pairs, response-token mask, per-record causal LM loss.

@@ -16,7 +16,7 @@ token, so nothing leaks from one trajectory into another or from padding into a 
 Why there is no batch-wide whitening: the engine clips each user's gradient to bound how much one user can move
 the sum. If advantages (or rewards) are whitened with the batch mean and std, every record's loss depends on all
 other users' rollouts, so adding or removing one user changes every other user's clipped contribution and the
-sensitivity is no longer C (DESIGN.md section 2). Only normalizations that read one trajectory
+sensitivity is no longer C (docs/design.md section 2). Only normalizations that read one trajectory
 ("per_trajectory") or a public constant ("fixed") are allowed; see ``check_advantage_normalization``.
 
 Statistics (approx KL, clip fractions, value loss, entropy) are returned per record, detached. They are private
@@ -213,7 +213,7 @@ def check_advantage_normalization(mode: str, *, field: str = "advantage_normaliz
             f"{field}={mode!r} is refused: normalizing advantages or rewards with statistics of the whole batch "
             "(or a running mean/std over earlier batches) makes every record's PPO loss depend on other users' "
             "rollouts, so one user changes all clipped per-user gradients and the DP sensitivity bound no "
-            "longer holds (DESIGN.md section 2). Use 'per_trajectory' (whiten within one trajectory), 'fixed' "
+            "longer holds (docs/design.md section 2). Use 'per_trajectory' (whiten within one trajectory), 'fixed' "
             "(divide by a public constant, advantage_scale) or 'none'."
         )
     if name not in NORMALIZATION_MODES:

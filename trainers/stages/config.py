@@ -5,7 +5,7 @@ name bare fields and the loader prefixes the section (``ppo.objective.advantage_
 
 Privacy decisions that depend on the data (the composition mode, the default delta, per-stage targets) are not config
 values: they are computed from the stages' user ids by :func:`resolve_composition`, :func:`resolve_deltas` and
-:func:`stage_targets`, so no flag can claim parallel composition over shared users (DESIGN.md section 2).
+:func:`stage_targets`, so no flag can claim parallel composition over shared users (docs/design.md section 2).
 
 Defaults are sized for the embedded task on 2 CPU cores: the three stages on the default tiny GPT-2 finish in
 minutes.
@@ -47,7 +47,7 @@ def presets(preset: str) -> dict[str, StageProtection]:
     """Which stages are private under ``preset``, in stage order.
 
     * ``private`` (default): every stage is DP. The RM must be DP or PPO's gradients depend on all of D2; the SFT
-      model must be DP because PPO's reference and initialization are built from it (DESIGN.md section 2).
+      model must be DP because PPO's reference and initialization are built from it (docs/design.md section 2).
     * ``nonprivate``: no stage is DP (the baseline; no ledger events).
     * ``decoupled`` (Cho & Sun): only the reward model is DP; D1 and D3 are treated as public, so the policy is
       post-processing of the private RM and guarantees nothing for the users of D1 or D3.
@@ -300,7 +300,7 @@ class LoraConfig:
 
 @dataclass
 class EngineConfig:
-    """How the DP engine clips and noises per-user gradients (DESIGN.md section 2, "Mechanism")."""
+    """How the DP engine clips and noises per-user gradients (docs/design.md section 2, "Mechanism")."""
 
     clipping: Literal["per_module", "per_tensor", "flat"] = "per_module"
     """Clipping groups: per_module (one LoRA module, A and B together; default), per_tensor (each parameter
@@ -493,7 +493,7 @@ def check_pipeline(privacy: PrivacyConfig, engine: EngineConfig) -> None:
 
     Raises:
         ConfigError: adaptive clipping with the PLD accountant: PLD is valid only for schedules fixed in advance,
-            and adaptively chosen thresholds need the RDP privacy filter (DESIGN.md section 2, "Adaptivity").
+            and adaptively chosen thresholds need the RDP privacy filter (docs/design.md section 2, "Adaptivity").
     """
     if engine.policy == "adaptive" and privacy.accountant != "rdp" and privacy.private_stages:
         raise ConfigError(

@@ -13,7 +13,7 @@
 Privacy decisions, and why:
   * One Poisson sample per iteration, reused for K epochs: ONE PrivacyEvent with repeats=K (multiplier
     sigma_eff / sqrt(K)), emitted by the engine before the first release. Counting the epochs as fresh steps would
-    understate epsilon badly (DESIGN.md section 2, "Reuse of a sample").
+    understate epsilon badly (docs/design.md section 2, "Reuse of a sample").
   * minibatches > 1 is refused (before anything is spent). Disjoint user minibatches within an epoch would be
     sound with the SAME event (each user is in one release per epoch, so K releases per iteration) if the
     partition were a public function of the user id and each minibatch were normalized by the public B / M. The

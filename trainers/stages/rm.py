@@ -2,7 +2,7 @@
 
 The privacy unit is the user: all of a user's pairs are sampled together and their summed gradient (LoRA and
 head) is clipped as one contribution. PPO consumes only this model's scores, so everything downstream of a DP
-reward model is post-processing of D2 (DESIGN.md section 2, "Why every stage is private").
+reward model is post-processing of D2 (docs/design.md section 2, "Why every stage is private").
 
 Held-out pairwise accuracy is measured on PUBLIC pairs labeled by the gold oracle (two public reviews, the one
 VADER scores higher is "chosen"); nothing about D2 is reported except through the ledger-accounted training.
