@@ -267,7 +267,7 @@ class BudgetGuard:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore from a checkpoint: replays the events (nothing rolled back, see DESIGN.md "Ledger")."""
+        """Restore from a checkpoint: replays the events (nothing rolled back, see docs/design.md section 2 "Ledger")."""
         if float(state["rdp_order"]) != self.rdp_order:
             raise ValueError(
                 f"checkpoint's RDP order {state['rdp_order']} differs from this guard's {self.rdp_order}: the "
