@@ -49,4 +49,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check accounting trainers controller cluster launch tests benchmarks tools
 
 clean:
-	rm -rf $(VENV) .cache runs
+	rm -rf $(VENV) .cache runs studies
