@@ -233,10 +233,14 @@ NOT_PRIVATE_WARNING = (
 )
 
 
-def noise_disclosure(cfg: Any) -> dict[str, Any]:
+def noise_disclosure(cfg: Any, *, private: bool = True) -> dict[str, Any]:
     """What the report and the stage summaries say about the noise: secret or reproducible, which generator, and
-    the not-private warning of a reproducible run (never the seed itself)."""
+    the not-private warning of a reproducible run (never the seed itself). ``private=False``: a non-private
+    stage (no noise, samples from the public seed, no claim to warn about)."""
     secure = bool(getattr(getattr(cfg, "privacy", None), "secure_rng", False))
+    if not private:
+        return {"secret": False, "secure_rng": secure, "warning": None,
+                "description": "non-private stage: no noise; Poisson samples from the public stage seed"}
     seed = NoiseSeed.reproducible(0, secure_rng=secure) if reproducible_noise(cfg) else NoiseSeed(0, True, secure)
     return {
         "secret": seed.secret,
@@ -267,11 +271,15 @@ def stage_noise_seed(ctx: StageContext, learner: Learner) -> NoiseSeed:
     noise once. It is never stored: not in the context (which Ray Train pickles into its storage), the config,
     the checkpoints or the report. A resumed or restarted stage draws a new one; the steps it takes are fresh,
     independent releases, as the ledger counts them. With ``run.reproducible_noise`` the public stage seed is the
-    key instead (the old behaviour: bit-for-bit reruns, and no privacy against anyone who knows the seed).
+    key instead (the old behaviour: bit-for-bit reruns, and no privacy against anyone who knows the seed). A
+    non-private stage (a baseline, or a stage the preset treats as public) also uses the public stage seed: it
+    adds no noise and claims nothing, and its runs stay reproducible.
     Collective when ``learner.world_size > 1``: every rank calls it at the same point.
     """
     secure = bool(getattr(getattr(ctx.cfg, "privacy", None), "secure_rng", False))
     if reproducible_noise(ctx.cfg):
+        return NoiseSeed.reproducible(ctx.seed, secure_rng=secure)
+    if not ctx.private:  # a non-private stage claims nothing: its samples follow the public seed (reproducible)
         return NoiseSeed.reproducible(ctx.seed, secure_rng=secure)
     seed = NoiseSeed.draw(secure_rng=secure) if learner.is_main_process else None
     if learner.world_size > 1:

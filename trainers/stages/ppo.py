@@ -801,7 +801,7 @@ def run_ppo(
         "resumed_at_step": result["resumed_at_step"],
         "steps_lost_in_crash": result["steps_lost_in_crash"],
         "mechanism": result.get("mechanism"),
-        "noise": noise_disclosure(ctx.cfg),
+        "noise": noise_disclosure(ctx.cfg, private=ctx.private),
         **released_timing(ctx, start),
     }
     save_json(out_dir / "summary.json", summary)

@@ -233,7 +233,7 @@ def run_rm(
         "epsilon": spent_epsilon(ctx),
         "gold_pairs": len(pairs),
         "learner_workers": ctx.cfg.ray.num_workers if ctx.distributed else 0,
-        "noise": noise_disclosure(ctx.cfg),
+        "noise": noise_disclosure(ctx.cfg, private=ctx.private),
         **released_timing(ctx, t0),
     }
 

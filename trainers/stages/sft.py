@@ -149,7 +149,7 @@ def run_sft(
         "expected_batch_users": q * n,
         "epsilon": spent_epsilon(ctx),
         "learner_workers": ctx.cfg.ray.num_workers if ctx.distributed else 0,
-        "noise": noise_disclosure(ctx.cfg),
+        "noise": noise_disclosure(ctx.cfg, private=ctx.private),
         **released_timing(ctx, t0),
     }
 
