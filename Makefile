@@ -46,7 +46,7 @@ bench-utility: $(STAMP)
 	$(PY) benchmarks/privacy_utility.py --json
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check accounting trainers controller cluster launch tests benchmarks tools
+	$(VENV)/bin/ruff check dpalign accounting trainers controller cluster launch tests benchmarks tools
 
 clean:
 	rm -rf $(VENV) .cache runs studies

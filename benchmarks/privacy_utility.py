@@ -69,7 +69,7 @@ def run_one(config: str, overrides: list[str], out_dir: Path, *, threads: int) -
 
 def summarize(rows: list[dict]) -> dict:
     """Per setting: mean final gold with a 95% interval over seeds, SFT/base means, KL, RM accuracy, shares."""
-    from launch.pipeline.report import ci_entry
+    from dpalign.stats import ci_entry
 
     by: dict[str, list[dict]] = {}
     for r in rows:

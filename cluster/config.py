@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from launch.config import require
+from dpalign.config import require
 
 
 @dataclass

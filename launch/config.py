@@ -16,9 +16,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
-import hashlib
 import inspect
-import json
 import textwrap
 import types
 import typing
@@ -27,20 +25,12 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from dpalign.config import ConfigError, config_hash, require, to_dict
+
+__all__ = ["ConfigError", "require", "to_dict", "config_hash", "load_config", "dump_yaml", "field_docs",
+           "format_help", "describe_fields", "check_tree", "parse_override"]
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or out of range.
-
-    The message always names the dotted field and says what is allowed.
-    """
-
-
-def require(condition: bool, field: str, message: str) -> None:
-    """Raise a ConfigError for ``field`` unless ``condition`` holds (used in ``check`` methods)."""
-    if not condition:
-        raise ConfigError(f"{field}: {message}")
 
 
 @functools.cache
@@ -248,24 +238,12 @@ def load_config(
     return _build(cls, data)
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain-data view of a config (for YAML/JSON dumps and hashing)."""
-    return dataclasses.asdict(cfg)
-
-
 def dump_yaml(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config (what actually ran) as YAML."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return p
-
-
-def config_hash(*parts: Any, length: int = 16) -> str:
-    """Stable content hash of config sections (dataclasses or plain data): keys the artifact caches."""
-    payload = [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts]
-    blob = json.dumps(payload, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:length]
 
 
 def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:

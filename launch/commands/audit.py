@@ -205,7 +205,7 @@ def plot_run_audits(doc: dict[str, Any], path: Path) -> None:
 
 def _main_run(args: argparse.Namespace) -> int:
     """exposure / mia on --run, or the record-canary one-run audit of --stage."""
-    from trainers.audit.runs import AuditRunError, exposure_audit, load_run, mia_audit
+    from launch.run_audits import AuditRunError, exposure_audit, load_run, mia_audit
 
     if args.kind != "one-run" and args.stage is not None:
         print("dpalign audit: --stage is for --kind one-run", file=sys.stderr)

@@ -12,106 +12,24 @@ passed as ``StageContext.checkpoint_dir``) at the ledger's count of its steps, n
 
 from __future__ import annotations
 
-import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-STAGE_ORDER = ("sft", "rm", "ppo")
+from dpalign.logs import quiet_libraries
+from trainers.stages.plan import STAGE_ORDER, plan_privacy, plan_rdp_order, stage_schedules
+
+__all__ = ["run_pipeline", "preflight_cluster", "quiet_libraries", "plan_privacy", "plan_rdp_order",
+           "stage_schedules", "STAGE_ORDER", "LEARNER_STAGES"]
+
 LEARNER_STAGES = ("sft", "rm", "ppo")
 """Stages whose learner runs on Ray Train TorchTrainer workers when ray.num_workers >= 1."""
-
-
-def quiet_libraries() -> None:
-    """dp-accounting's RDP search logs every non-converging order at WARNING; our callers get the number."""
-    try:
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.ERROR)
-    except ImportError:  # pragma: no cover
-        pass
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    import torch
-
-    if not torch.cuda.is_available():  # DeepSpeed otherwise prints its CPU fallback on stdout (breaks --json)
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
 
 
 def _public_windows(tokenizer: Any, texts: list[str], *, seq_len: int, count: int) -> Any:
     from trainers.models.base import eval_windows, pack
 
     return eval_windows(pack(tokenizer, texts), seq_len=seq_len, max_tokens=seq_len * count)
-
-
-def plan_privacy(cfg: Any, stage_users: dict[str, set[str]]) -> dict[str, Any]:
-    """Composition mode, run delta and per-stage (epsilon, delta) targets, from the config and the data.
-
-    Raises:
-        trainers.stages.config.CompositionError: private stages share users and no budget split is configured.
-    """
-    from trainers.stages.config import presets, resolve_composition, resolve_deltas, stage_targets
-
-    privacy = cfg.privacy
-    protection = presets(privacy.preset)
-    mode = resolve_composition(privacy, stage_users)
-    private = privacy.private_stages
-    union = set().union(*(stage_users[s] for s in private)) if private else set()
-    run_delta, deltas = resolve_deltas(
-        privacy, mode=mode, stage_num_users={s: len(stage_users[s]) for s in private}, union_num_users=len(union)
-    )
-    targets = stage_targets(privacy, mode=mode)
-    return {
-        "protection": protection,
-        "mode": mode,
-        "run_delta": run_delta,
-        "deltas": deltas,
-        "targets": targets,
-        "private": private,
-    }
-
-
-def stage_schedules(cfg: Any, stage_users: dict[str, set[str]]) -> dict[str, tuple[float, int, int]]:
-    """(q, steps, repeats) of each stage's public schedule: fixed by the config and the number of users.
-
-    Raises:
-        trainers.stages.config.PlanError: a stage's schedule is impossible (q > 1), naming the field.
-    """
-    from trainers.stages.config import PlanError
-
-    def schedule(name: str) -> tuple[float, int, int]:
-        section, n = getattr(cfg, name), len(stage_users[name])
-        try:
-            q = section.sampling_rate(n)
-        except PlanError as err:
-            raise PlanError(f"{name}.{err}") from None
-        if name == "ppo":
-            return q, cfg.ppo.iterations, cfg.ppo.ppo_epochs
-        return q, section.num_steps(n), 1
-
-    return {name: schedule(name) for name in ("sft", "rm", "ppo")}
-
-
-def plan_rdp_order(cfg: Any, plan: dict[str, Any], stage_schedules: dict[str, tuple[float, int, int]]) -> float:
-    """The RDP filter's order, fixed before the run: the best order for the first private stage's planned
-    schedule at its target (the other stages are calibrated at this same order)."""
-    from accounting.accountants import choose_rdp_order, schedule
-    from accounting.calibration import calibrate_noise_multiplier
-
-    if cfg.privacy.rdp_order is not None:
-        return float(cfg.privacy.rdp_order)
-    first = plan["private"][0]
-    q, steps, k = stage_schedules[first]
-    cal = calibrate_noise_multiplier(
-        target_epsilon=plan["targets"][first], delta=plan["deltas"][first], sampling_rate=q, steps=steps,
-        repeats=k, accountant="rdp",
-    )
-    runs = schedule(noise_multiplier=cal.noise_multiplier, sampling_rate=q, steps=steps, repeats=k)
-    return choose_rdp_order(runs, delta=plan["deltas"][first])
 
 
 def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) -> dict[str, Any]:

@@ -14,9 +14,9 @@ import pytest
 
 from accounting.audit.mia import max_auc_under_dp
 from launch.config import load_config
+from launch.run_audits import heldout_rows
 from launch.schema import RunConfig
 from trainers.audit.records import rm_canary_rows, run_record_canary_audit, sft_canary_rows
-from trainers.audit.runs import heldout_rows
 
 TINY = "launch/configs/tiny.yaml"
 

@@ -11,14 +11,13 @@ from accounting.composition import user_set_fingerprint
 from accounting.events import PrivacyEvent
 from accounting.ledger import Ledger
 from accounting.verify import verify_run
+from dpalign.stats import ci_entry, mean_ci95
 from launch.pipeline.report import (
     ReportSchemaError,
     StagePrivacy,
     budget_violations,
     build_report,
-    ci_entry,
     load_report,
-    mean_ci95,
     stage_entry,
     validate_report,
     write_report,

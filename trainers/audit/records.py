@@ -251,17 +251,12 @@ def _run(cfg: Any, *, stage: str, m: int, digits: int, confidence: float, seed: 
          guesses: tuple[int, int] | None, sft_dir: str | Path | None, work: Path, progress: bool
          ) -> RecordCanaryAuditResult:
     from accounting.ledger import Ledger
-    from launch.pipeline.pipeline import (
-        STAGE_ORDER,
-        plan_privacy,
-        plan_rdp_order,
-        quiet_libraries,
-        stage_schedules,
-    )
+    from dpalign.logs import quiet_libraries
     from trainers.data.io import load_preferences, load_prompts, load_public, load_sft, write_jsonl
     from trainers.data.task import build_task
     from trainers.models.base import ensure_base_model, load_base_model
     from trainers.stages.common import StageContext
+    from trainers.stages.plan import STAGE_ORDER, plan_privacy, plan_rdp_order, stage_schedules
 
     quiet_libraries()
     t0 = time.perf_counter()

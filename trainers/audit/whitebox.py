@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from accounting.accountants import EpsilonResult, coalesce, epsilon
 from accounting.audit.one_run import OneRunResult, audit_scores_best_of, draw_inclusion
 from accounting.events import PrivacyEvent
-from launch.config import require
+from dpalign.config import require
 
 
 @dataclass(frozen=True)

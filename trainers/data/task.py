@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launch.config import config_hash, to_dict
+from dpalign.config import config_hash, to_dict
 from trainers.data.config import DataConfig
 from trainers.data.generator import Review, ReviewGenerator
 from trainers.data.io import (

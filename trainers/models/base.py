@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from launch.config import config_hash, to_dict
+from dpalign.config import config_hash, to_dict
 from trainers.models.config import BaseModelConfig
 from trainers.models.tokenizer import load_tokenizer, train_tokenizer
 

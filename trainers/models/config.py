@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launch.config import require
+from dpalign.config import require
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from launch.config import ConfigError, require
+from dpalign.config import ConfigError, require
 from trainers.rlhf.ppo import AdaptiveKLController, FixedKLController, check_advantage_normalization
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from launch.config import ConfigError, require
+from dpalign.config import ConfigError, require
 from trainers.rlhf.config import PPOObjectiveConfig
 
 STAGES: tuple[str, ...] = ("sft", "rm", "ppo")

@@ -90,7 +90,7 @@ def evaluate_policy(
     public_windows: Tensor | None = None,
 ) -> dict[str, Any]:
     """Gold reward of samples over every (prompt, seed), KL to ``reference`` (if given), public perplexity."""
-    from launch.pipeline.report import ci_entry
+    from dpalign.stats import ci_entry
     from trainers.stages.common import public_lm_loss
 
     rewards: list[float] = []

@@ -103,7 +103,7 @@ def exposure_audit(run_dir: str | Path, *, num_candidates: int = 1000, seed: int
     Raises:
         AuditRunError: no config, no SFT model, or a run without canaries (set data.canary_users > 0).
     """
-    from launch.pipeline.pipeline import quiet_libraries
+    from dpalign.logs import quiet_libraries
     from trainers.data.task import build_task
 
     quiet_libraries()
@@ -217,7 +217,7 @@ def mia_audit(run_dir: str | Path, *, max_users: int = 200, confidence: float = 
     Members: up to ``max_users`` users of the stage (the task's canary records left out); non-members: as many
     held-out users (:func:`heldout_rows`).
     """
-    from launch.pipeline.pipeline import quiet_libraries
+    from dpalign.logs import quiet_libraries
     from trainers.data.io import load_preferences, load_sft
     from trainers.data.task import CANARY_PREFIX, build_task
 
