@@ -135,11 +135,9 @@ def check_study(cfg: StudyConfig) -> None:
     that adapt sigma. Raises ConfigError naming the field."""
     study = cfg.study
     for key, spec in study.space.items():
-        kind, values = next(iter(spec.items()))
-        probe = values[:1] if kind in ("choice", "grid") else values[:1]
+        _, values = next(iter(spec.items()))  # a choice's first value, or a range's lower bound
         try:
-            load_trial_config(study, [f"{key}={json.dumps(probe[0]) if isinstance(probe[0], str) else probe[0]}"],
-                              proxy=study.mode == "public_proxy")
+            load_trial_config(study, trial_overrides({key: values[0]}), proxy=study.mode == "public_proxy")
         except ConfigError as err:
             raise ConfigError(f"study.space.{key}: {err}") from None
     base = load_trial_config(study, [], proxy=False)
