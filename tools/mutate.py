@@ -180,7 +180,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "secret_seed_replaced_by_config_seed",
         "the stages key their noise and samples by the public config seed",
-        (("trainers/stages/common.py", "    if reproducible_noise(ctx.cfg):", "    if True:"),),
+        (("trainers/stages/common.py", "    if reproducible_noise(ctx.cfg) or not ctx.private:", "    if True:"),),
         (f"{T_LEARN}::test_default_secret_noise_two_runs_of_one_config_release_different_adapters",),
     ),
     Mutation(

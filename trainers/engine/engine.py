@@ -309,7 +309,6 @@ class DPEngine:
             "count_noise_std": plan.count_noise_std,
             "num_groups": plan.num_groups,
             "sigma_eff": plan.effective_noise_multiplier(),
-            "count_release": "centred: sum(b - 1/2) + N(0, sigma_b^2), sensitivity 1/2" if plan.count_noise_std else None,
         }
 
     def close(self) -> None:

@@ -80,13 +80,14 @@ class NoiseSeed:
 
     __str__ = __repr__
 
-    @property
-    def describe(self) -> str:
-        """What the report says about the noise (never the value of a secret)."""
-        rng = "SHAKE-256 CSPRNG" if self.secure_rng else "torch Mersenne Twister"
-        if self.secret:
-            return f"secret {SECRET_BITS}-bit seed from OS entropy per stage execution; {rng}"
-        return f"REPRODUCIBLE from the public seed (run.reproducible_noise=true); {rng}: NOT PRIVATE"
+
+
+def describe_noise(*, secret: bool, secure_rng: bool) -> str:
+    """What a report says about how the noise was keyed (never the value of a secret)."""
+    rng = "SHAKE-256 CSPRNG" if secure_rng else "torch Mersenne Twister"
+    if secret:
+        return f"secret {SECRET_BITS}-bit seed from OS entropy per stage execution; {rng}"
+    return f"REPRODUCIBLE from the public seed (run.reproducible_noise=true); {rng}: NOT PRIVATE"
 
 
 def step_seed(seed: int | NoiseSeed, step: int, stream: str) -> int:

@@ -32,7 +32,7 @@ from torch import Tensor
 from accounting.accountants import schedule_epsilon
 from accounting.calibration import calibrate_noise_multiplier
 from accounting.composition import user_set_fingerprint
-from trainers.engine.sampling import NoiseSeed
+from trainers.engine.sampling import NoiseSeed, describe_noise
 
 ENGINE_GROUPING = {"per_module": "module", "per_tensor": "per_tensor", "flat": "flat"}
 
@@ -222,8 +222,12 @@ def make_policy(
 
 def reproducible_noise(cfg: Any) -> bool:
     """``run.reproducible_noise``: the noise keyed by the public stage seed (tests and debugging; NOT private)."""
-    run = getattr(cfg, "run", None)
-    return bool(getattr(run, "reproducible_noise", False))
+    return bool(getattr(getattr(cfg, "run", None), "reproducible_noise", False))
+
+
+def secure_rng(cfg: Any) -> bool:
+    """``privacy.secure_rng``: noise and samples from the SHAKE-256 CSPRNG instead of torch's generator."""
+    return bool(getattr(getattr(cfg, "privacy", None), "secure_rng", False))
 
 
 NOT_PRIVATE_WARNING = (
@@ -237,16 +241,16 @@ def noise_disclosure(cfg: Any, *, private: bool = True) -> dict[str, Any]:
     """What the report and the stage summaries say about the noise: secret or reproducible, which generator, and
     the not-private warning of a reproducible run (never the seed itself). ``private=False``: a non-private
     stage (no noise, samples from the public seed, no claim to warn about)."""
-    secure = bool(getattr(getattr(cfg, "privacy", None), "secure_rng", False))
+    secure = secure_rng(cfg)
     if not private:
         return {"secret": False, "secure_rng": secure, "warning": None,
                 "description": "non-private stage: no noise; Poisson samples from the public stage seed"}
-    seed = NoiseSeed.reproducible(0, secure_rng=secure) if reproducible_noise(cfg) else NoiseSeed(0, True, secure)
+    secret = not reproducible_noise(cfg)
     return {
-        "secret": seed.secret,
+        "secret": secret,
         "secure_rng": secure,
-        "description": seed.describe,
-        "warning": None if seed.secret else NOT_PRIVATE_WARNING,
+        "description": describe_noise(secret=secret, secure_rng=secure),
+        "warning": None if secret else NOT_PRIVATE_WARNING,
     }
 
 
@@ -276,10 +280,8 @@ def stage_noise_seed(ctx: StageContext, learner: Learner) -> NoiseSeed:
     adds no noise and claims nothing, and its runs stay reproducible.
     Collective when ``learner.world_size > 1``: every rank calls it at the same point.
     """
-    secure = bool(getattr(getattr(ctx.cfg, "privacy", None), "secure_rng", False))
-    if reproducible_noise(ctx.cfg):
-        return NoiseSeed.reproducible(ctx.seed, secure_rng=secure)
-    if not ctx.private:  # a non-private stage claims nothing: its samples follow the public seed (reproducible)
+    secure = secure_rng(ctx.cfg)
+    if reproducible_noise(ctx.cfg) or not ctx.private:  # a non-private stage claims nothing: reproducible
         return NoiseSeed.reproducible(ctx.seed, secure_rng=secure)
     seed = NoiseSeed.draw(secure_rng=secure) if learner.is_main_process else None
     if learner.world_size > 1:
@@ -615,7 +617,7 @@ def save_outputs(
 
         final = list(trainable.values()) if trainable is not None else [
             p.detach() for p in model.parameters() if p.requires_grad]
-        assert_replicated(final, group=object_group(), what=f"stage {learner_stage(learner)} trained weights")
+        assert_replicated(final, group=object_group(), what="the trained weights")
     if not learner.is_main_process:
         return
     if trainable is not None:
@@ -632,10 +634,6 @@ def save_outputs(
     out = Path(learner.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     exporter(model, tokenizer, out)
-
-
-def learner_stage(learner: Learner) -> str:
-    return str(learner.checkpoint_meta.get("stage", "?"))
 
 
 CHECKPOINT_FILE = "state.pt"
