@@ -583,7 +583,7 @@ class Ledger:
     def recorded_steps(self, stage: str) -> int:
         """How many steps of ``stage`` the ledger holds: 1 + the highest recorded step index (0 if none).
 
-        Read-only; this is where a crashed stage resumes (``trainers.stages.common.resume_step``). A stage records
+        Read-only; this is where a crashed stage resumes (``trainers.stages.learner.resume_step``). A stage records
         its steps in order from 0, one event per step, so this is also their count; it is 1 + max (not the
         number of event lines) so that a stage rerun from step 0 by an older dpalign, which recorded some step
         indices twice, still resumes after its last recorded step. Every recorded release stays counted in

@@ -3,7 +3,7 @@
 For each epsilon and seed, the same DP-SFT (LoRA on the embedded base model, Poisson-sampled users of D1, the real
 DP engine and a write-ahead ledger with the RDP filter at one fixed order) runs with five clip/noise policies:
   fixed      DP-SGD, one threshold per module C/sqrt(K), sigma calibrated to spend epsilon in the planned steps
-  per_layer  fixed thresholds split by public module size (trainers.stages.common.group_thresholds)
+  per_layer  fixed thresholds split by public module size (trainers.engine.policy.group_thresholds)
   adaptive   Andrew et al. quantile tracking from noisy clip counts (their cost folded into the same sigma_eff)
   online     the learned controller, SB3 SAC learning inside the run (default schedule during warm-up)
   frozen     the learned controller pretrained on PUBLIC proxy fine-tuning (SB3 here, or --artifact PATH)
@@ -68,7 +68,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     from trainers.data.task import build_task
     from trainers.models.base import ensure_base_model, eval_windows, load_base_model, pack
     from trainers.rlhf.sft import tokenize_sft_pairs
-    from trainers.stages.common import UserIndex
+    from trainers.stages.context import UserIndex
 
     cfg = load_config(RunConfig, args.config, args.overrides)
     task = build_task(cfg.data, cache_dir=cfg.run.cache_dir, progress=False)
@@ -186,7 +186,7 @@ def run_one(
     from trainers.engine.sampling import PoissonUserSampler
     from trainers.models.base import load_base_model
     from trainers.models.lora import add_lora
-    from trainers.stages.common import public_lm_loss
+    from trainers.stages.context import public_lm_loss
     from trainers.stages.sft import sft_loss_fn
 
     cfg, users, records = prep["cfg"], prep["users"], prep["records"]

@@ -107,24 +107,3 @@ def run_learners(
         resume_from_checkpoint=resume_from_checkpoint,
     )
     return trainer.fit()
-
-
-def engine_hooks(sink: Any = None) -> dict[str, Any]:
-    """Keyword arguments that make a ``trainers.engine.DPEngine`` data-parallel inside a Ray Train worker.
-
-    ``reduce_fn`` sums the clipped sums across ranks before noise (absent with one worker), ``is_main_process``
-    is rank 0, and on rank 0 ``event_sink`` / ``admit`` go to the driver's ledger through ``sink`` (a
-    ``cluster.ledger.start_ledger_sink`` handle). ``sink=None`` leaves them out (non-private runs, or a caller
-    that passes its own). Pass ``apply_fn`` separately (plain optimizer or ``deepspeed_apply_fn``).
-    """
-    from cluster.ledger import remote_admit, remote_event_writer
-    from trainers.distributed import allreduce_sum_fn
-
-    info = worker_info()
-    hooks: dict[str, Any] = {"is_main_process": info.is_main_process}
-    if info.world_size > 1:
-        hooks["reduce_fn"] = allreduce_sum_fn()
-    if sink is not None and info.is_main_process:
-        hooks["event_sink"] = remote_event_writer(sink)
-        hooks["admit"] = remote_admit(sink)
-    return hooks

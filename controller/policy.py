@@ -298,7 +298,7 @@ class LearnedController:
 
 
 def controller_policy_factory(config: ControllerConfig) -> Callable[..., LearnedController]:
-    """A ``StageContext.policy_factory`` (trainers/stages/common.py ``make_policy``) building the controller.
+    """A ``StageContext.policy_factory`` (trainers/stages/learner.py ``make_policy``) building the controller.
 
     The stage passes ``ctx, sigma, groups, expected_batch_size``; the controller also needs the stage's planned
     ``steps``, its rate ``q`` and a PUBLIC ``validation_loss`` callable, taken from keyword arguments or from
@@ -309,7 +309,7 @@ def controller_policy_factory(config: ControllerConfig) -> Callable[..., Learned
     def factory(
         *, ctx: Any, sigma: float, groups: Sequence[Any], expected_batch_size: float, **kw: Any
     ) -> LearnedController:
-        from trainers.stages.common import group_thresholds
+        from trainers.engine.policy import group_thresholds
 
         def need(key: str) -> Any:
             value = kw.get(key, ctx.extras.get(key))

@@ -143,7 +143,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "recorded_steps_off_by_one",
         "a resumed stage restarts one step before the ledger's count (a recorded step is taken again)",
-        (("trainers/stages/common.py", "return max(int(restored_step), int(recorded_steps))",
+        (("trainers/stages/learner.py", "return max(int(restored_step), int(recorded_steps))",
           "return max(int(restored_step), int(recorded_steps) - 1)"),),
         ("tests/stages/test_stage_resume.py::test_resume_step_never_retakes_a_recorded_step",
          f"{T_LEARN}::test_in_process_crash_between_event_and_checkpoint_loses_that_step_and_never_retakes_it"),
@@ -180,7 +180,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "secret_seed_replaced_by_config_seed",
         "the stages key their noise and samples by the public config seed",
-        (("trainers/stages/common.py", "    if reproducible_noise(ctx.cfg) or not ctx.private:", "    if True:"),),
+        (("trainers/stages/learner.py", "    if reproducible_noise(ctx.cfg) or not ctx.private:", "    if True:"),),
         (f"{T_LEARN}::test_default_secret_noise_two_runs_of_one_config_release_different_adapters",),
     ),
     Mutation(

@@ -3,8 +3,8 @@
 * :class:`RolloutPolicy` holds a Hugging Face causal LM with a peft LoRA adapter (the policy) and generates
   left-padded, seeded rollouts. It is a plain class: Ray runs it as an actor, and tests or a single-process run
   call it directly, so the two paths share one implementation.
-* :class:`RewardScorer` holds the private reward model behind a generic callable ``texts -> scores``. Scoring
-  with a DP reward model is post-processing, so it needs no accounting.
+* Rewards are not scored here: each learner rank scores its own shard with its copy of the private reward model
+  (``trainers.stages.ppo``), which is post-processing of a DP model and needs no accounting.
 * :class:`ActorGroup` starts N actors of one class, slices the work BEFORE ``ray.put`` so each actor receives
   only its chunk (OpenRLHF), and gathers results in input order. :class:`RolloutGroup` adds seeded generation
   and the LoRA sync: the learner's LoRA tensors are ``ray.put`` ONCE and every actor receives the same reference.
@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,36 +241,6 @@ class RolloutPolicy:
         return lora_state_dict(self.model)
 
 
-class RewardScorer:
-    """Scores texts with the (private, DP-trained) reward model; any callable ``texts -> scores`` works.
-
-    Args:
-        score_fn: called with a list of texts, returns one finite score per text. For a torch model pass a small
-            callable object that loads the model itself (e.g. from the RM stage's adapter directory), so the
-            actor, not the driver, holds the weights.
-    """
-
-    def __init__(self, score_fn: Callable[[list[str]], Sequence[float]]) -> None:
-        if not callable(score_fn):
-            raise TypeError(f"RewardScorer needs a callable texts -> scores, got {type(score_fn).__name__}")
-        self.score_fn = score_fn
-
-    def score(self, texts: Sequence[str]) -> list[float]:
-        """One score per text, in order.
-
-        Raises:
-            ValueError: the scoring function returned the wrong number of scores or a non-finite score.
-        """
-        texts = list(texts)
-        scores = [float(s) for s in self.score_fn(texts)]
-        if len(scores) != len(texts):
-            raise ValueError(f"reward model returned {len(scores)} scores for {len(texts)} texts")
-        bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
-        if bad:
-            raise ValueError(f"reward model returned a non-finite score for text {bad[0]}")
-        return scores
-
-
 def split_aligned(n_items: int, n_parts: int, align: int) -> list[tuple[int, int]]:
     """Contiguous ``[start, stop)`` slices of ``n_items`` over at most ``n_parts`` parts, starts multiples of align.
 
@@ -410,3 +380,36 @@ class RolloutGroup:
 
     def shutdown(self) -> None:
         self.group.shutdown()
+
+
+def generate_continuations(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> list[str]:
+    """Sample a continuation of each prompt (text after the prompt, special tokens removed).
+
+    Prompts are encoded as ``<|endoftext|> prompt`` (the context every document had in pretraining) and
+    left-padded, so each row's last real token sits at the last position and generation continues right after
+    it. ``temperature == 0`` decodes greedily. Sampling is deterministic for a given (seed, batch_size, prompts):
+    batch i uses ``torch.manual_seed(seed + i)`` inside a forked RNG, so the caller's global RNG is untouched.
+    Generation stops at ``<|endoftext|>`` or after ``max_new_tokens``.
+
+    Args:
+        max_new_tokens: most tokens generated per prompt.
+        temperature: softmax temperature of sampling; 0 decodes greedily.
+        top_k: sample among the k most likely tokens; 0 samples from the whole vocabulary.
+        seed: seeds the sampling (batch i uses seed + i).
+        batch_size: prompts per ``generate`` call.
+    """
+    rollouts = generate_rollouts(
+        model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        seed=seed, batch_size=batch_size,
+    )
+    return [r.text for r in rollouts]

@@ -49,7 +49,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     from trainers.data.io import load_eval_prompts, load_preferences, load_prompts, load_public, load_sft
     from trainers.data.task import build_task
     from trainers.models.base import ensure_base_model, load_base_model
-    from trainers.stages.common import StageContext, noise_disclosure
+    from trainers.stages.context import StageContext, noise_disclosure
 
     quiet_libraries()
     t_start = time.time()
@@ -94,6 +94,12 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
         else None
     )
 
+    policy_factory = None
+    if cfg.controller.enabled:  # the learned clip/noise controller, handed to the stages (they never import it)
+        from controller.policy import controller_policy_factory
+
+        policy_factory = controller_policy_factory(cfg.controller)
+
     ledger = None
     if plan["private"]:
         accountant = cfg.privacy.accountant
@@ -131,7 +137,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
                 ctx = StageContext(
                     stage=name, cfg=cfg, private=protection.private, ledger=ledger if protection.private else None,
                     metrics=metrics, target_epsilon=plan["targets"].get(name), target_delta=plan["deltas"].get(name),
-                    seed=cfg.run.seed * 1000 + i, progress=progress,
+                    seed=cfg.run.seed * 1000 + i, progress=progress, policy_factory=policy_factory,
                     extras={"eval_prompts": eval_prompts, "ray_storage": run.path / "ray_train"},
                     distributed=distributed, checkpoint_dir=run.checkpoint_dir(name),
                 )

@@ -146,7 +146,7 @@ def build_report(
         series: ``{"ppo": [{"iteration", "gold_reward", "kl"}], "epsilon": {stage: [[step, eps], ...]}}``.
         wall_time_s: seconds per published phase ("data", "base_model", "eval", non-private stages; private
             stages and "total" only with ``run.report_wall_time``).
-        noise: ``trainers.stages.common.noise_disclosure``: secret or reproducible noise, the generator, and the
+        noise: ``trainers.stages.context.noise_disclosure``: secret or reproducible noise, the generator, and the
             NOT PRIVATE warning of a reproducible run.
 
     Raises:

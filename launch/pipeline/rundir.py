@@ -20,7 +20,7 @@ leaves either no marker (the stage reruns from scratch; its leftovers are remove
 outputs. ``--resume RUN_DIR`` skips stages with a marker. The ledger is append-only and is never rolled back.
 
 A stage without a marker restarts from its mid-stage checkpoint (``checkpoints/<name>/``, kept across the crash)
-and, when private, at the ledger's count of its steps (``trainers.stages.common.resume_step``), so it never takes
+and, when private, at the ledger's count of its steps (``trainers.stages.learner.resume_step``), so it never takes
 a recorded step again. The checkpoint directory is removed only after the marker is written; a crash between the
 two leaves a done stage with a stale checkpoint, which is skipped with the stage and removed on resume.
 """

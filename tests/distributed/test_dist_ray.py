@@ -47,8 +47,9 @@ def _dp_loop(config: dict) -> None:
     import ray.train
 
     from accounting.ledger import read_ledger
-    from cluster.train import engine_hooks, worker_info
+    from cluster.train import worker_info
     from trainers.distributed import assert_replicated, poisson_sample, shard_users
+    from trainers.stages.ray_learner import engine_hooks
 
     torch.set_num_threads(1)
     info = worker_info()
@@ -329,8 +330,9 @@ def _restart_loop(config: dict) -> None:
     group resumes from ray.train.get_checkpoint() at the next step (engine start_step)."""
     import ray.train
 
-    from cluster.train import engine_hooks, worker_info
+    from cluster.train import worker_info
     from trainers.distributed import poisson_sample, shard_users
+    from trainers.stages.ray_learner import engine_hooks
 
     torch.set_num_threads(1)
     info = worker_info()

@@ -11,12 +11,12 @@ from trainers.models.config import BaseModelConfig
 from trainers.models.lora import (
     add_lora,
     assert_trainable_lora,
-    generate_continuations,
     load_lora,
     lora_groups,
     merge_and_save,
 )
 from trainers.models.tokenizer import train_tokenizer
+from trainers.rollout import generate_continuations
 
 CFG = BaseModelConfig(vocab_size=300, n_layer=2, n_embd=32, n_head=2, n_positions=64)
 

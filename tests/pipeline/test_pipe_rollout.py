@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from trainers.rollout import (
-    RewardScorer,
     Rollout,
     RolloutGroup,
     RolloutPolicy,
@@ -143,20 +142,3 @@ def test_lora_state_dict_of_a_peft_model(base_dir):
         lora_state_dict(AutoModelForCausalLM.from_pretrained(base_dir))
 
 
-def _length_score(texts):
-    return [float(len(t)) for t in texts]
-
-
-def test_reward_scorer_in_order_across_actors(ray_local):
-    from trainers.rollout import ActorGroup
-
-    texts = [f"text {'x' * i}" for i in range(7)]
-    group = ActorGroup(RewardScorer, 2, _length_score, num_cpus=0.5)
-    try:
-        assert group.fan_out("score", texts) == _length_score(texts)
-    finally:
-        group.shutdown()
-    with pytest.raises(ValueError, match="2 scores for 3 texts"):
-        RewardScorer(lambda t: [0.0, 1.0]).score(["a", "b", "c"])
-    with pytest.raises(ValueError, match="non-finite"):
-        RewardScorer(lambda t: [float("nan")]).score(["a"])

@@ -18,7 +18,7 @@ from accounting.ledger import Ledger, read_ledger
 from launch.config import load_config
 from launch.schema import RunConfig
 from tests.stages.sampling_probe import assert_samples_follow_the_ledger, recorded_samples
-from trainers.stages.common import StageContext
+from trainers.stages.context import StageContext
 
 SENTENCES = [
     "the film was great and the acting was good",
@@ -334,7 +334,7 @@ def test_foreign_run_dir_checkpoint_fails_every_rank_before_any_step(dirs, ray_u
     reason (no rank waits for the collective timeout), before any step is on the ledger."""
     import ray.train
 
-    from trainers.stages.common import save_checkpoint
+    from trainers.stages.checkpoint import save_checkpoint
 
     root = dirs["root"] / "sft-foreign-ck"
     ck = root / "checkpoints" / "sft"

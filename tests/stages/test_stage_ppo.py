@@ -15,7 +15,7 @@ from launch.config import load_config
 from launch.pipeline.metrics import MetricsLogger
 from launch.schema import RunConfig
 from tests.stages.sampling_probe import assert_samples_follow_the_ledger, recorded_samples
-from trainers.stages.common import StageContext
+from trainers.stages.context import StageContext
 
 SENTENCES = [
     "the film was great and the acting was good",
@@ -324,7 +324,7 @@ def test_ray_rollouts_equal_in_process(dirs, private_run, ray_local, tmp_path):
     trains exactly the same policy as the in-process one."""
     from trainers.data.io import load_prompts
     from trainers.engine.sampling import PoissonUserSampler
-    from trainers.stages.common import UserIndex
+    from trainers.stages.context import UserIndex
     from trainers.stages.ppo import _Rollouts, load_ppo_models, rollout_seed
 
     cfg = make_cfg()

@@ -24,7 +24,7 @@ from test_stage_ppo import (  # noqa: F401  (dirs and the autouse one_thread are
 
 from accounting.events import PrivacyEvent
 from accounting.ledger import Ledger, read_ledger
-from trainers.stages.common import StageContext
+from trainers.stages.context import StageContext
 
 RAY = ["ray.address=local", "ray.num_cpus=4"]
 
@@ -165,7 +165,7 @@ def test_sample_is_sharded_by_user_and_covers_every_record(dirs):
     from trainers.data.io import load_prompts
     from trainers.engine.sampling import PoissonUserSampler
     from trainers.rollout import Rollout
-    from trainers.stages.common import UserIndex
+    from trainers.stages.context import UserIndex
     from trainers.stages.ppo import load_ppo_models, shard_batch
 
     cfg = make_cfg()

@@ -7,14 +7,9 @@ import torch
 
 from accounting.events import PrivacyEvent
 from accounting.ledger import Ledger
-from trainers.stages.common import (
-    CHECKPOINT_FILE,
-    StageContext,
-    load_checkpoint,
-    local_learner,
-    resume_step,
-    save_checkpoint,
-)
+from trainers.stages.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from trainers.stages.context import StageContext
+from trainers.stages.learner import local_learner, resume_step
 
 
 def _ledger_with(tmp_path, steps: int) -> Ledger:
@@ -88,7 +83,7 @@ def test_ray_worker_learner_writes_the_run_dir_checkpoint_on_rank_0_only(tmp_pat
     """A Ray Train rank (ray_report off, i.e. ray.max_failures=0) still checkpoints into the run directory: rank 0
     writes the state with its meta and the metrics recorded so far (replayed after a resume); other ranks compute
     the state (it may be collective) but write nothing."""
-    from trainers.stages.common import Learner, LearnerMetrics
+    from trainers.stages.learner import Learner, LearnerMetrics
 
     meta = {"stage": "sft", "user_fingerprint": "sha256:u", "seed": 3}
     calls: list[int] = []

@@ -255,7 +255,7 @@ def _run(cfg: Any, *, stage: str, m: int, digits: int, confidence: float, seed: 
     from trainers.data.io import load_preferences, load_prompts, load_public, load_sft, write_jsonl
     from trainers.data.task import build_task
     from trainers.models.base import ensure_base_model, load_base_model
-    from trainers.stages.common import StageContext
+    from trainers.stages.context import StageContext
     from trainers.stages.plan import STAGE_ORDER, plan_privacy, plan_rdp_order, stage_schedules
 
     quiet_libraries()

@@ -229,7 +229,7 @@ class DPEngine:
         if seed is None and reduce_fn is not None:
             raise ValueError(
                 "seed=None draws a secret in this process, but reduce_fn says ranks share one update: every rank "
-                "needs the SAME secret (rank 0 draws it and broadcasts it, trainers.stages.common.stage_noise_seed)"
+                "needs the SAME secret (rank 0 draws it and broadcasts it, trainers.stages.learner.stage_noise_seed)"
             )
         for field, cap in (("max_records_per_microbatch", max_records_per_microbatch),
                            ("max_tokens_per_microbatch", max_tokens_per_microbatch)):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -306,3 +306,19 @@ class AdaptiveClippingPolicy:
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         norms = state.get("clip_norms")
         self.clip_norms = None if norms is None else [float(c) for c in norms]  # type: ignore[union-attr]
+
+
+def group_thresholds(engine_cfg: Any, groups: Sequence[Any]) -> tuple[float, ...]:
+    """Per-group thresholds C_k with ||C||_2 = engine.clip_norm, from PUBLIC facts only (group sizes).
+
+    ``fixed``/``adaptive`` start every group at C / sqrt(K); ``per_layer`` gives each group a share
+    proportional to sqrt(numel_k), i.e. the same per-coordinate threshold everywhere, so a large head is not
+    starved next to small LoRA modules.
+    """
+    c = float(engine_cfg.clip_norm)
+    k = len(groups)
+    if engine_cfg.policy != "per_layer":
+        return (c / math.sqrt(k),) * k
+    weights = [math.sqrt(g.numel) for g in groups]
+    norm = math.sqrt(sum(w * w for w in weights))
+    return tuple(c * w / norm for w in weights)

@@ -6,7 +6,7 @@ update, which gives the clipped sum exactly and membership with certainty. So ev
 users are sampled, the gradient noise, the clip-count noise) comes from a :class:`NoiseSeed`:
 
   * ``NoiseSeed.draw()``: 256 bits of OS entropy (``secrets``), drawn once per stage execution by rank 0 and sent
-    to the other ranks over the job's own collective (``trainers.stages.common.stage_noise_seed``). It is never
+    to the other ranks over the job's own collective (``trainers.stages.learner.stage_noise_seed``). It is never
     written to the config, logs, metrics, reports or checkpoints (its ``repr`` hides it), and a resumed stage
     draws a fresh one: nothing secret is kept on disk, and the steps after a crash are new independent draws,
     which the accountant treats as such.

@@ -5,5 +5,5 @@ Public API (heavy imports stay inside the functions' modules; import the submodu
   * ``trainers.models.base``: ``ensure_base_model`` (cached build) -> ``BaseModelInfo``, ``load_base_model``
     (the only way a stage opens a base model: ``from_pretrained``), ``build_base_model``;
   * ``trainers.models.lora``: ``add_lora``, ``lora_groups`` (clipping groups), ``assert_trainable_lora``,
-    ``merge_and_save``, ``load_lora``, ``generate_continuations``.
+    ``merge_and_save``, ``load_lora`` (sampling: ``trainers.rollout.generate_continuations``).
 """

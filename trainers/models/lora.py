@@ -192,39 +192,3 @@ def load_lora(
     if not trainable:
         model.eval()
     return model
-
-
-@torch.no_grad()
-def generate_continuations(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    seed: int = 0,
-    batch_size: int = 32,
-) -> list[str]:
-    """Sample a continuation of each prompt (text after the prompt, special tokens removed).
-
-    Prompts are encoded as ``<|endoftext|> prompt`` (the context every document had in pretraining) and
-    left-padded, so each row's last real token sits at the last position and generation continues right after
-    it. ``temperature == 0`` decodes greedily. Sampling is deterministic for a given (seed, batch_size, prompts):
-    batch i uses ``torch.manual_seed(seed + i)`` inside a forked RNG, so the caller's global RNG is untouched.
-    Generation stops at ``<|endoftext|>`` or after ``max_new_tokens``.
-
-    Args:
-        max_new_tokens: most tokens generated per prompt.
-        temperature: softmax temperature of sampling; 0 decodes greedily.
-        top_k: sample among the k most likely tokens; 0 samples from the whole vocabulary.
-        seed: seeds the sampling (batch i uses seed + i).
-        batch_size: prompts per ``generate`` call.
-    """
-    from trainers.rollout import generate_rollouts
-
-    rollouts = generate_rollouts(
-        model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-        seed=seed, batch_size=batch_size,
-    )
-    return [r.text for r in rollouts]

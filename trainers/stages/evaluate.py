@@ -91,7 +91,7 @@ def evaluate_policy(
 ) -> dict[str, Any]:
     """Gold reward of samples over every (prompt, seed), KL to ``reference`` (if given), public perplexity."""
     from dpalign.stats import ci_entry
-    from trainers.stages.common import public_lm_loss
+    from trainers.stages.context import public_lm_loss
 
     rewards: list[float] = []
     kls: list[float] = []

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from accounting.accountants import schedule_epsilon
+from accounting.calibration import calibrate_noise_multiplier
+from trainers.stages.context import StageContext
+
 STAGE_ORDER = ("sft", "rm", "ppo")
 """The stages in execution order (the stage seed is run.seed * 1000 + its index)."""
 
@@ -77,3 +81,53 @@ def plan_rdp_order(cfg: Any, plan: dict[str, Any], stage_schedules: dict[str, tu
     )
     runs = schedule(noise_multiplier=cal.noise_multiplier, sampling_rate=q, steps=steps, repeats=k)
     return choose_rdp_order(runs, delta=plan["deltas"][first])
+
+
+def calibrate_stage(ctx: StageContext, *, q: float, steps: int, repeats: int = 1) -> float:
+    """sigma_eff for this stage's public schedule so that its epsilon is at most the stage target.
+
+    Under the RDP privacy filter the calibration is made at the run's fixed order (the filter's), so every
+    planned step is admitted; under PLD it is dp-accounting's PLD. Never overshoots.
+    """
+    if ctx.target_epsilon is None or ctx.target_delta is None:
+        raise ValueError(f"stage {ctx.stage!r} is private but has no target (epsilon, delta)")
+    ledger = ctx.ledger
+    accountant = ledger.run.accountant if ledger is not None else ctx.cfg.privacy.accountant
+    if accountant == "rdp" and ledger is not None:
+        order = ledger.run.rdp_order
+        return _calibrate_at_order(
+            target=ctx.target_epsilon, delta=ctx.target_delta, q=q, steps=steps, repeats=repeats, order=order
+        )
+    cal = calibrate_noise_multiplier(
+        target_epsilon=ctx.target_epsilon,
+        delta=ctx.target_delta,
+        sampling_rate=q,
+        steps=steps,
+        repeats=repeats,
+        accountant=accountant,
+    )
+    return cal.noise_multiplier
+
+
+def _calibrate_at_order(*, target: float, delta: float, q: float, steps: int, repeats: int, order: float) -> float:
+    def eps(sigma: float) -> float:
+        return schedule_epsilon(
+            noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=delta, repeats=repeats,
+            accountant="rdp", rdp_order=order,
+        ).epsilon
+
+    lo, hi = 0.05, 1.0
+    while eps(hi) > target:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise ValueError(f"no noise multiplier <= 1e4 reaches epsilon {target} at RDP order {order}")
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if eps(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-4 * hi:
+            break
+    assert eps(hi) <= target
+    return hi

@@ -64,27 +64,28 @@ from trainers.rlhf.heads import (
     position_ids_from_attention_mask,
 )
 from trainers.rlhf.ppo import logprobs_from_logits, masked_fill_zero
-from trainers.stages.common import (
-    Learner,
+from trainers.stages.context import (
     StageContext,
     UserIndex,
-    build_engine,
-    calibrate_stage,
-    check_distributable,
-    learner_state,
-    make_learner_optimizer,
     noise_disclosure,
     progress_bar,
     public_lm_loss,
     released_timing,
+    save_json,
+    spent_epsilon,
+)
+from trainers.stages.learner import (
+    Learner,
+    build_engine,
+    learner_state,
+    make_learner_optimizer,
     restore_policy,
     resume_point,
-    run_stage_learner,
-    save_json,
     save_outputs,
-    spent_epsilon,
     stage_noise_seed,
 )
+from trainers.stages.plan import calibrate_stage
+from trainers.stages.ray_learner import check_distributable, run_stage_learner
 
 STAGE = "ppo"
 PUBLIC_EVAL_PROMPTS = 16

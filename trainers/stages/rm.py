@@ -22,25 +22,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainers.stages.common import (
+from trainers.stages.context import StageContext, UserIndex, noise_disclosure, released_timing, spent_epsilon
+from trainers.stages.learner import (
     Learner,
-    StageContext,
-    UserIndex,
     build_engine,
-    calibrate_stage,
-    check_distributable,
     learner_state,
     make_learner_optimizer,
-    noise_disclosure,
     poisson_loop,
-    released_timing,
     restore_policy,
     resume_point,
-    run_stage_learner,
     save_outputs,
-    spent_epsilon,
     stage_noise_seed,
 )
+from trainers.stages.plan import calibrate_stage
+from trainers.stages.ray_learner import check_distributable, run_stage_learner
 
 
 def tokenize_texts(tokenizer: Any, texts: list[str], *, max_len: int) -> tuple[Tensor, Tensor]:

@@ -19,26 +19,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainers.stages.common import (
-    Learner,
+from trainers.stages.context import (
     StageContext,
     UserIndex,
-    build_engine,
-    calibrate_stage,
-    check_distributable,
-    learner_state,
-    make_learner_optimizer,
     noise_disclosure,
-    poisson_loop,
     public_lm_loss,
     released_timing,
+    spent_epsilon,
+)
+from trainers.stages.learner import (
+    Learner,
+    build_engine,
+    learner_state,
+    make_learner_optimizer,
+    poisson_loop,
     restore_policy,
     resume_point,
-    run_stage_learner,
     save_outputs,
-    spent_epsilon,
     stage_noise_seed,
 )
+from trainers.stages.plan import calibrate_stage
+from trainers.stages.ray_learner import check_distributable, run_stage_learner
 
 
 def sft_loss_fn(model: torch.nn.Module):
