@@ -202,3 +202,41 @@ def split_budget(
         )
         for name, share in shares.items()
     }
+
+
+def calibrate_at_rdp_order(
+    *, target_epsilon: float, delta: float, sampling_rate: float, steps: int, repeats: int = 1, order: float
+) -> float:
+    """The smallest noise multiplier (to 1e-4 relative) whose RDP epsilon AT THE GIVEN ORDER over the schedule is at
+    most ``target_epsilon``.
+
+    Why a fixed order: the run's RDP privacy filter admits a step by its RDP at one order chosen before the run;
+    a sigma calibrated at the best order for this stage alone could exceed the filter's budget at the run's order
+    and be refused mid-stage. Never overshoots (asserted).
+
+    Raises:
+        CalibrationError: no multiplier <= 1e4 reaches the target at this order.
+    """
+    def eps(sigma: float) -> float:
+        return schedule_epsilon(
+            noise_multiplier=sigma, sampling_rate=sampling_rate, steps=steps, delta=delta, repeats=repeats,
+            accountant="rdp", rdp_order=order,
+        ).epsilon
+
+    lo, hi = 0.05, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise CalibrationError(
+                f"no noise multiplier <= 1e4 reaches epsilon {target_epsilon} at RDP order {order}"
+            )
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if eps(mid) > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-4 * hi:
+            break
+    assert eps(hi) <= target_epsilon
+    return hi

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from dpalign.logs import quiet_libraries
-from trainers.stages.plan import STAGE_ORDER, plan_privacy, plan_rdp_order, stage_schedules
+from trainers.stages.plan import STAGE_ORDER, PrivacyPlan, prepare_run
 
-__all__ = ["run_pipeline", "preflight_cluster", "quiet_libraries", "plan_privacy", "plan_rdp_order",
-           "stage_schedules", "STAGE_ORDER", "LEARNER_STAGES"]
+__all__ = ["run_pipeline", "preflight_cluster", "quiet_libraries", "prepare_run", "PrivacyPlan", "STAGE_ORDER",
+           "LEARNER_STAGES"]
 
 LEARNER_STAGES = ("sft", "rm", "ppo")
 """Stages whose learner runs on Ray Train TorchTrainer workers when ray.num_workers >= 1."""
@@ -69,10 +69,9 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     public_valid = list(load_public(task.public_valid).rows["text"]) if task.public_valid else []
     wall["data"] = time.time() - t
 
-    # --- privacy plan: decided before any step, from the data --------------------------------------------------
+    # --- privacy plan: every stage's q, T, K, target and sigma, decided once before any step, from the data ------
     # An impossible plan (shared users without a split, q > 1) is refused here: no run directory is made.
-    plan = plan_privacy(cfg, stage_users)
-    schedules = stage_schedules(cfg, stage_users)
+    plan = prepare_run(cfg, stage_users)
 
     t = time.time()
     base = ensure_base_model(
@@ -100,13 +99,12 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
 
         policy_factory = controller_policy_factory(cfg.controller)
 
+    run.write_plan(plan.to_dict())
     ledger = None
-    if plan["private"]:
-        accountant = cfg.privacy.accountant
-        order = plan_rdp_order(cfg, plan, schedules) if accountant == "rdp" else None
+    if plan.private:
         ledger = Ledger.open(
-            run.ledger_path, run_id=run.run_id, target_epsilon=cfg.privacy.target_epsilon,
-            target_delta=plan["run_delta"], accountant=accountant, composition=plan["mode"], rdp_order=order,
+            run.ledger_path, run_id=run.run_id, target_epsilon=plan.target_epsilon, target_delta=plan.delta,
+            accountant=plan.accountant, composition=plan.composition, rdp_order=plan.rdp_order,
         )
 
     # --- the three stages ------------------------------------------------------------------------------------
@@ -114,7 +112,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     entries: dict[str, dict[str, Any]] = {}
     try:
         for i, name in enumerate(STAGE_ORDER):
-            protection = plan["protection"][name]
+            stage_plan = plan[name]
             if run.is_done(name):
                 run.drop_checkpoint(name)  # a crash between the commit and the checkpoint's removal
                 info = run.done_info(name) or {}
@@ -135,8 +133,9 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
                 if distributed or (name == "ppo" and cfg.ppo.rollout_actors > 0):
                     ray_started = _start_ray(cfg) or ray_started
                 ctx = StageContext(
-                    stage=name, cfg=cfg, private=protection.private, ledger=ledger if protection.private else None,
-                    metrics=metrics, target_epsilon=plan["targets"].get(name), target_delta=plan["deltas"].get(name),
+                    stage=name, cfg=cfg, private=stage_plan.private, ledger=ledger if stage_plan.private else None,
+                    metrics=metrics, plan=stage_plan, target_epsilon=stage_plan.target_epsilon,
+                    target_delta=stage_plan.delta,
                     seed=cfg.run.seed * 1000 + i, progress=progress, policy_factory=policy_factory,
                     extras={"eval_prompts": eval_prompts, "ray_storage": run.path / "ray_train"},
                     distributed=distributed, checkpoint_dir=run.checkpoint_dir(name),
@@ -154,23 +153,22 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
                 wall[name] = time.time() - t
             summary = summaries[name]
             sp = None
-            if protection.private and ledger is not None:
-                q, _, k = schedules[name]
+            if stage_plan.private and ledger is not None:
                 sigma_eff = float(summary.get("noise_multiplier") or summary.get("sigma_eff") or 0.0)
                 mech = summary.get("mechanism") or {}
                 sp = StagePrivacy(
-                    target_epsilon=plan["targets"][name], delta=plan["deltas"][name],
+                    target_epsilon=stage_plan.target_epsilon, delta=stage_plan.delta,
                     epsilon_spent=float(ledger.report()["stages"][name]["epsilon"]),
-                    accountant=ledger.run.accountant, composition=plan["mode"],
-                    noise_multiplier=sigma_eff,
-                    sampling_rate=q, steps=int(summary.get("steps", summary.get("iterations_done", 0))), repeats=k,
-                    num_users=len(stage_users[name]), expected_batch_users=q * len(stage_users[name]),
+                    accountant=ledger.run.accountant, composition=plan.composition,
+                    noise_multiplier=sigma_eff, sampling_rate=stage_plan.sampling_rate,
+                    steps=int(summary.get("steps", summary.get("iterations_done", 0))), repeats=stage_plan.repeats,
+                    num_users=stage_plan.num_users, expected_batch_users=stage_plan.expected_batch_users,
                     grad_noise_multiplier=float(mech.get("grad_noise_multiplier", sigma_eff)),
                     count_noise_std=mech.get("count_noise_std"), num_groups=int(mech.get("num_groups", 0)),
                 )
-            timed = not protection.private or cfg.run.report_wall_time
+            timed = not stage_plan.private or cfg.run.report_wall_time
             entries[name] = stage_entry(
-                private=protection.private, reason=protection.reason, status=summary.get("status", "completed"),
+                private=stage_plan.private, reason=stage_plan.reason, status=summary.get("status", "completed"),
                 wall_time_s=wall[name] if timed else None, privacy=sp, metrics=_public_metrics(summary),
             )
 
@@ -199,6 +197,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
         ledger.close()
     # Record counts of the private splits are not published (one user changes them); user counts N are part of the
     # public plan (the accountant's q and B = qN use them).
+    report["privacy_plan"] = plan.to_dict()
     report["task"] = {
         "source": cfg.data.source,
         "users": {name: len(ids) for name, ids in stage_users.items()},

@@ -4,6 +4,7 @@ Layout::
 
     RUN_DIR/
       config.yaml            the resolved config that ran (launch.config.dump_yaml)
+      plan.json              the privacy plan (trainers.stages.plan.PrivacyPlan): every stage's q, T, K, target, sigma
       ledger.jsonl           the privacy ledger (written only by accounting.ledger.Ledger; never touched here)
       metrics.jsonl          every logged scalar (launch.pipeline.metrics)
       tb/                    TensorBoard event files, one subdirectory per stage
@@ -45,6 +46,7 @@ from launch.config import dump_yaml, to_dict
 
 CONFIG_NAME = "config.yaml"
 LEDGER_NAME = "ledger.jsonl"
+PLAN_NAME = "plan.json"
 METRICS_NAME = "metrics.jsonl"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -266,6 +268,30 @@ class RunDir:
         if not self.is_done(name):
             raise RunDirError(f"{self.path}: stage {name!r} is not committed; its checkpoint is still needed")
         shutil.rmtree(self.checkpoint_dir(name), ignore_errors=True)
+
+    @property
+    def plan_path(self) -> Path:
+        return self.path / PLAN_NAME
+
+    def write_plan(self, plan: dict[str, Any]) -> None:
+        """Record the privacy plan the run trains under (before its first stage). A resumed run must plan the same:
+        the plan follows from the config and the data, so a different one means either changed.
+
+        Raises:
+            RunDirError: the directory holds another plan.
+        """
+        if self.plan_path.is_file():
+            held = json.loads(self.plan_path.read_text())
+            if held != json.loads(json.dumps(plan)):
+                raise RunDirError(
+                    f"{self.path}: the privacy plan differs from the one this run started with ({PLAN_NAME}); the "
+                    "config or the data changed. Start a new run directory"
+                )
+            return
+        tmp = self.plan_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(plan, indent=2, sort_keys=True))
+        _fsync_path(tmp)
+        os.replace(tmp, self.plan_path)
 
     # ---- stage completion -----------------------------------------------------------------------------------
     def is_done(self, name: str) -> bool:

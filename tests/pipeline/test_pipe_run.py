@@ -51,6 +51,14 @@ def test_private_run_reports_within_budget_and_verifies(tmp_path, cache, capsys)
         assert sp["noise_multiplier"] > 0 and sp["steps"] >= 1, name
     assert report["privacy"]["epsilon"] <= report["privacy"]["target_epsilon"]
     assert report["stages"]["ppo"]["privacy"]["repeats"] == 1
+    # the plan the stages ran under: in the run directory and the report, and the ledger's events follow it
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert report["privacy_plan"] == plan and plan["composition"] == report["stages"]["sft"]["privacy"]["composition"]
+    events = [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    for name, stage in plan["stages"].items():
+        mine = [e for e in events if e.get("stage") == name and "sampling_rate" in e]
+        assert mine and {e["sampling_rate"] for e in mine} == {stage["sampling_rate"]}, name
+        assert report["stages"][name]["privacy"]["noise_multiplier"] == pytest.approx(stage["noise_multiplier"])
     ev = report["evaluation"]
     assert set(ev["policies"]) == {"base", "sft", "final"}
     assert ev["reward_model"] is not None and 0 <= ev["reward_model"]["accuracy"] <= 1

@@ -256,7 +256,7 @@ def _run(cfg: Any, *, stage: str, m: int, digits: int, confidence: float, seed: 
     from trainers.data.task import build_task
     from trainers.models.base import ensure_base_model, load_base_model
     from trainers.stages.context import StageContext
-    from trainers.stages.plan import STAGE_ORDER, plan_privacy, plan_rdp_order, stage_schedules
+    from trainers.stages.plan import STAGE_ORDER, prepare_run
 
     quiet_libraries()
     t0 = time.perf_counter()
@@ -283,22 +283,22 @@ def _run(cfg: Any, *, stage: str, m: int, digits: int, confidence: float, seed: 
     stage_users[stage] = {r["user_id"] for r in real} | {
         r["user_id"] for r, keep in zip(canaries, included, strict=True) if keep
     }
-    plan = plan_privacy(cfg, stage_users)
-    private = plan["protection"][stage].private
+    plan = prepare_run(cfg, stage_users)  # the pipeline's own plan, over the population with the canaries
+    stage_plan = plan[stage]
+    private = stage_plan.private
     n = len(stage_users[stage])
     ledger = None
     if private:
-        accountant = cfg.privacy.accountant
         ledger = Ledger.open(
-            work / "ledger.jsonl", run_id=f"audit-{stage}-{seed}", target_epsilon=cfg.privacy.target_epsilon,
-            target_delta=plan["run_delta"], accountant=accountant, composition=plan["mode"],
-            rdp_order=plan_rdp_order(cfg, plan, stage_schedules(cfg, stage_users)) if accountant == "rdp" else None,
+            work / "ledger.jsonl", run_id=f"audit-{stage}-{seed}", target_epsilon=plan.target_epsilon,
+            target_delta=plan.delta, accountant=plan.accountant, composition=plan.composition,
+            rdp_order=plan.rdp_order,
         )
     # The claim's delta; for a non-private stage, the delta a private run of this config would claim.
-    delta = plan["deltas"][stage] if private else (cfg.privacy.delta if cfg.privacy.delta is not None else 1.0 / n)
+    delta = stage_plan.delta if private else (cfg.privacy.delta if cfg.privacy.delta is not None else 1.0 / n)
     ctx = StageContext(
-        stage=stage, cfg=cfg, private=private, ledger=ledger, metrics=None,
-        target_epsilon=plan["targets"].get(stage), target_delta=plan["deltas"].get(stage),
+        stage=stage, cfg=cfg, private=private, ledger=ledger, metrics=None, plan=stage_plan,
+        target_epsilon=stage_plan.target_epsilon, target_delta=stage_plan.delta,
         seed=cfg.run.seed * 1000 + STAGE_ORDER.index(stage), progress=progress,
     )
 

@@ -30,7 +30,10 @@ class StageContext:
         private: whether this stage runs the DP engine under the preset.
         ledger: the run's write-ahead ledger (required when private).
         metrics: the run's MetricsLogger (or None in unit tests).
-        target_epsilon, target_delta: this stage's budget (None when not private).
+        plan: the stage's frozen privacy plan (``trainers.stages.plan.StagePlan``: q, T, K, target, delta, sigma),
+            made by ``prepare_run`` before any step; the recipe checks it against its data and never calibrates.
+            None: a recipe called directly plans this one stage from ``target_epsilon``/``target_delta``.
+        target_epsilon, target_delta: this stage's budget (None when not private; the plan's when it has one).
         seed: seed of this stage's sampling, noise and initialization.
         progress: show progress bars.
         policy_factory: builds the clip/noise policy instead of the ``engine`` config (the learned controller).
@@ -56,6 +59,7 @@ class StageContext:
     extras: dict[str, Any] = field(default_factory=dict)
     distributed: bool = False
     checkpoint_dir: Path | None = None
+    plan: Any = None
 
     def log(self, key: str, value: float, *, step: int, private: bool = False, released: bool = False) -> None:
         """Log a scalar; a value derived from private data must be released (noised and accounted)."""

@@ -1,7 +1,7 @@
 """DP-PPO on D3 (Wu et al. 2023, stage 3): the recipe, top to bottom.
 
     users = UserIndex(D3)                                      # the privacy unit
-    sigma = calibrate_stage(ctx, q=q, steps=T, repeats=K)      # before any step, from the public schedule
+    plan = ctx.plan                                            # q, T, K, sigma: frozen before any step
     for t in range(T):
         sample users (Poisson, rate q) -> their prompts -> rollouts (Ray actors or in process, same seeds)
         score: private RM on the last token (post-processing), reference log-probs, values
@@ -84,7 +84,7 @@ from trainers.stages.learner import (
     save_outputs,
     stage_noise_seed,
 )
-from trainers.stages.plan import calibrate_stage
+from trainers.stages.plan import stage_plan
 from trainers.stages.ray_learner import check_distributable, run_stage_learner
 
 STAGE = "ppo"
@@ -736,7 +736,7 @@ def run_ppo(
             "ppo.objective.kl_controller=adaptive needs a released or public KL; pass public eval_prompts (the "
             "recipe adapts beta from the KL on them), or use kl_controller=fixed"
         )
-    if ctx.private and (ctx.ledger is None or ctx.target_epsilon is None or ctx.target_delta is None):
+    if ctx.private and (ctx.ledger is None or (ctx.plan is None and None in (ctx.target_epsilon, ctx.target_delta))):
         raise ValueError("stage 'ppo' is private: the context needs the ledger and the target (epsilon, delta)")
     check_model_dirs(sft_dir=Path(sft_dir), rm_dir=Path(rm_dir))
     if ctx.distributed:
@@ -747,14 +747,12 @@ def run_ppo(
     users = UserIndex.from_ids(list(data.rows["user_id"]))
     N, T, K = users.num_users, pcfg.iterations, pcfg.ppo_epochs
     q = pcfg.sampling_rate(N)
-    sigma = calibrate_stage(ctx, q=q, steps=T, repeats=K) if ctx.private else None
+    stage = stage_plan(ctx, num_users=N, sampling_rate=q, steps=T, repeats=K)  # frozen before any step
+    sigma = stage.noise_multiplier
     if ctx.private:
         ctx.ledger.begin_stage(
-            STAGE,
-            user_fingerprint=users.fingerprint,
-            num_users=N,
-            target_epsilon=ctx.target_epsilon,
-            target_delta=ctx.target_delta,
+            STAGE, user_fingerprint=users.fingerprint, num_users=N, target_epsilon=stage.target_epsilon,
+            target_delta=stage.delta,
         )
     plan = PPOPlan(
         sft_dir=str(sft_dir), rm_dir=str(rm_dir), prompts=list(data.rows["prompt"]), users=users, q=q, iterations=T,
@@ -782,8 +780,8 @@ def run_ppo(
         "sigma": sigma,
         "sigma_eff": result["sigma_eff"],
         "epsilon": spent_epsilon(ctx) if ctx.private else None,
-        "target_epsilon": ctx.target_epsilon if ctx.private else None,
-        "target_delta": ctx.target_delta if ctx.private else None,
+        "target_epsilon": stage.target_epsilon,
+        "target_delta": stage.delta,
         "kl_controller": objective.kl_controller,
         "beta_final": result["beta_final"],
         "advantage_normalization": objective.advantage_normalization,

@@ -34,7 +34,7 @@ from trainers.stages.learner import (
     save_outputs,
     stage_noise_seed,
 )
-from trainers.stages.plan import calibrate_stage
+from trainers.stages.plan import stage_plan
 from trainers.stages.ray_learner import check_distributable, run_stage_learner
 
 
@@ -203,12 +203,12 @@ def run_rm(
     records = {"c_ids": c_ids, "c_mask": c_mask, "r_ids": r_ids, "r_mask": r_mask}
     pairs = gold_pairs(public_texts, count=cfg.gold_pairs, seed=ctx.seed)
 
-    sigma = None
+    stage = stage_plan(ctx, num_users=n, sampling_rate=q, steps=steps)  # frozen before any step
+    sigma = stage.noise_multiplier
     if ctx.private:
-        sigma = calibrate_stage(ctx, q=q, steps=steps)
         ctx.ledger.begin_stage(
             ctx.stage, user_fingerprint=users.fingerprint, num_users=n,
-            target_epsilon=ctx.target_epsilon, target_delta=ctx.target_delta,
+            target_epsilon=stage.target_epsilon, target_delta=stage.delta,
         )
     plan = RMPlan(
         sft_dir=str(sft_dir), records=records, users=users, q=q, steps=steps, sigma=sigma, pairs=pairs,

@@ -38,7 +38,7 @@ from trainers.stages.learner import (
     save_outputs,
     stage_noise_seed,
 )
-from trainers.stages.plan import calibrate_stage
+from trainers.stages.plan import stage_plan
 from trainers.stages.ray_learner import check_distributable, run_stage_learner
 
 
@@ -126,12 +126,12 @@ def run_sft(
     batch = tokenize_sft_pairs(tokenizer, prompts, list(rows["response"]), max_length=cfg.max_len)
     records = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "loss_mask": batch.loss_mask}
 
-    sigma = None
+    stage = stage_plan(ctx, num_users=n, sampling_rate=q, steps=steps)  # frozen before any step
+    sigma = stage.noise_multiplier
     if ctx.private:
-        sigma = calibrate_stage(ctx, q=q, steps=steps)
         ctx.ledger.begin_stage(
             ctx.stage, user_fingerprint=users.fingerprint, num_users=n,
-            target_epsilon=ctx.target_epsilon, target_delta=ctx.target_delta,
+            target_epsilon=stage.target_epsilon, target_delta=stage.delta,
         )
     plan = SFTPlan(
         base_dir=str(base_dir), records=records, users=users, q=q, steps=steps,
