@@ -86,6 +86,9 @@ def make_cfg(*extra: str) -> RunConfig:
     return load_config(RunConfig, None, [*OVERRIDES, *extra])
 
 
+SEED = 3
+
+
 def make_ctx(cfg: RunConfig, *, private: bool, ledger: Ledger | None, metrics=None, target=TARGET_EPS) -> StageContext:
     return StageContext(
         stage="ppo",
@@ -95,7 +98,7 @@ def make_ctx(cfg: RunConfig, *, private: bool, ledger: Ledger | None, metrics=No
         metrics=metrics,
         target_epsilon=target if private else None,
         target_delta=TARGET_DELTA if private else None,
-        seed=3,
+        seed=SEED,
         progress=False,
         extras={"eval_prompts": EVAL_PROMPTS},
     )
@@ -189,11 +192,12 @@ def test_first_epoch_ratio_is_one_and_logprobs_match_generate(dirs):
     exactly 1 at release 0 (approx_kl ~ 0, clipfrac 0), for the whole batch and for any micro-batch of it."""
     from trainers.models.tokenizer import padding_side
     from trainers.rlhf.experience import ppo_loss_on_experience
+    from trainers.rlhf.models import load_ppo_models
+    from trainers.rlhf.rollout_batch import build_experience, pad_rollouts
     from trainers.rollout import generate_rollouts
-    from trainers.stages.ppo import build_experience, load_ppo_models, pad_rollouts
 
     cfg = make_cfg()
-    models = load_ppo_models(make_ctx(cfg, private=False, ledger=None), sft_dir=dirs["sft"], rm_dir=dirs["rm"])
+    models = load_ppo_models(sft_dir=dirs["sft"], rm_dir=dirs["rm"], lora=cfg.ppo.lora, seed=SEED)
     with torch.no_grad():  # a non-zero adapter, so the policy differs from the reference
         for n, p in models.policy.named_parameters():
             if "lora_B" in n:
@@ -324,8 +328,9 @@ def test_ray_rollouts_equal_in_process(dirs, private_run, ray_local, tmp_path):
     trains exactly the same policy as the in-process one."""
     from trainers.data.io import load_prompts
     from trainers.engine.sampling import PoissonUserSampler
+    from trainers.rlhf.models import load_ppo_models
     from trainers.stages.context import UserIndex
-    from trainers.stages.ppo import _Rollouts, load_ppo_models, rollout_seed
+    from trainers.stages.ppo import _Rollouts, rollout_seed
 
     cfg = make_cfg()
     ctx = make_ctx(cfg, private=False, ledger=None)
@@ -334,7 +339,7 @@ def test_ray_rollouts_equal_in_process(dirs, private_run, ray_local, tmp_path):
     records = users.records_of(PoissonUserSampler(users.num_users, sampling_rate=4 / NUM_USERS, seed=3).sample(0))
     prompts = [data.rows["prompt"][i] for i in records.tolist()]
     assert len(prompts) >= 2
-    models = load_ppo_models(ctx, sft_dir=dirs["sft"], rm_dir=dirs["rm"])
+    models = load_ppo_models(sft_dir=dirs["sft"], rm_dir=dirs["rm"], lora=ctx.cfg.ppo.lora, seed=ctx.seed)
     ray_gen = _Rollouts(models, sft_dir=dirs["sft"], cfg=cfg.ppo, use_ray=True)
     try:
         ray_gen.sync()
@@ -362,7 +367,8 @@ def test_ray_rollouts_equal_in_process(dirs, private_run, ray_local, tmp_path):
 def test_rollouts_are_scored_eos_terminated_like_the_reward_model_was_trained(dirs, tmp_path):
     """The RM reads its score at EOS (rm_texts layout): a rollout cut by max_new_tokens gets EOS appended before
     scoring; one that generated EOS is scored as it is; padding never changes a score."""
-    from trainers.stages.ppo import load_ppo_models, reward_scores, with_eos
+    from trainers.rlhf.models import load_ppo_models
+    from trainers.rlhf.rollout_batch import reward_scores, with_eos
 
     eos, pad = 7, 7  # GPT-2 style: pad == eos, the mask tells them apart
     seq = torch.tensor([[pad, 3, 4, 5, 6, pad],   # left-padded prompt, open response (cut)
@@ -373,7 +379,7 @@ def test_rollouts_are_scored_eos_terminated_like_the_reward_model_was_trained(di
     assert a2.tolist() == [[0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0, 0]]
 
     cfg = make_cfg()
-    models = load_ppo_models(make_ctx(cfg, private=False, ledger=None), sft_dir=dirs["sft"], rm_dir=dirs["rm"])
+    models = load_ppo_models(sft_dir=dirs["sft"], rm_dir=dirs["rm"], lora=cfg.ppo.lora, seed=SEED)
     tok_eos = int(models.tokenizer.eos_token_id)
     body = [5, 6, 8, 9, 10]
     padded = torch.tensor([[tok_eos, tok_eos, *body, tok_eos, tok_eos]])  # pads around an open row
@@ -387,10 +393,12 @@ def test_rollouts_are_scored_eos_terminated_like_the_reward_model_was_trained(di
 def test_public_reward_normalization_is_folded_into_the_head_and_kept(dirs, tmp_path):
     """reward_normalization=public: the RM's scores of SFT samples on public prompts get mean 0, std 1 (the same
     samples, re-scored after the fold); the run reports the constants; without public prompts it is refused."""
-    from trainers.stages.ppo import load_ppo_models, normalize_score_head, public_reward_norm, reward_scores
+    from trainers.rlhf.models import load_ppo_models
+    from trainers.rlhf.public_eval import normalize_score_head, public_reward_norm
+    from trainers.rlhf.rollout_batch import reward_scores
 
     cfg = make_cfg("ppo.objective.reward_normalization=public")
-    models = load_ppo_models(make_ctx(cfg, private=False, ledger=None), sft_dir=dirs["sft"], rm_dir=dirs["rm"])
+    models = load_ppo_models(sft_dir=dirs["sft"], rm_dir=dirs["rm"], lora=cfg.ppo.lora, seed=SEED)
     norm = public_reward_norm(models, EVAL_PROMPTS, cfg=cfg.ppo, seed=5, seeds=2, chunk_records=8)
     assert norm["samples"] == 2 * len(EVAL_PROMPTS) and norm["scale"] > 0
     normalize_score_head(models.reward.head, shift=norm["shift"], scale=norm["scale"])
@@ -401,7 +409,7 @@ def test_public_reward_normalization_is_folded_into_the_head_and_kept(dirs, tmp_
     reported = summary["reward_normalization"]
     assert reported["mode"] == "public" and reported["samples"] == cfg.ppo.objective.reward_norm_seeds * len(
         EVAL_PROMPTS)
-    raw = load_ppo_models(make_ctx(cfg, private=False, ledger=None), sft_dir=dirs["sft"], rm_dir=dirs["rm"])
+    raw = load_ppo_models(sft_dir=dirs["sft"], rm_dir=dirs["rm"], lora=cfg.ppo.lora, seed=SEED)
     seq = torch.tensor([[5, 6, 8, 9]])
     expected = (reward_scores(raw, seq, torch.ones_like(seq)) - reported["shift"]) / reported["scale"]
     normalize_score_head(raw.reward.head, shift=reported["shift"], scale=reported["scale"])

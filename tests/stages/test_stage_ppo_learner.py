@@ -164,13 +164,14 @@ def test_sample_is_sharded_by_user_and_covers_every_record(dirs):
     """The shards of two ranks are disjoint, keep each user's records together and cover the sample."""
     from trainers.data.io import load_prompts
     from trainers.engine.sampling import PoissonUserSampler
+    from trainers.rlhf.models import load_ppo_models
     from trainers.rollout import Rollout
     from trainers.stages.context import UserIndex
-    from trainers.stages.ppo import load_ppo_models, shard_batch
+    from trainers.stages.ppo import shard_batch
 
     cfg = make_cfg()
     ctx = StageContext(stage="ppo", cfg=cfg, private=False, seed=3, progress=False)
-    models = load_ppo_models(ctx, sft_dir=dirs["sft"], rm_dir=dirs["rm"])
+    models = load_ppo_models(sft_dir=dirs["sft"], rm_dir=dirs["rm"], lora=ctx.cfg.ppo.lora, seed=ctx.seed)
     users = UserIndex.from_ids(list(load_prompts(dirs["d3"]).rows["user_id"]))
     sampled = PoissonUserSampler(NUM_USERS, sampling_rate=0.5, seed=3).sample(0)
     records = users.records_of(sampled)

@@ -482,6 +482,34 @@ def share_admission(ctx: StageContext, learner: Any, engine: Any) -> Any:
     return gate
 
 
+def admitted_step(
+    ctx: StageContext, gate: Any, engine: Any, optimizer: Any, batch: Any, loss_fn: Callable[[Any], Tensor], *,
+    step: int, repeats: int = 1,
+) -> Any:
+    """One logical step of every stage loop: rank 0's filter answer reaches this rank first (:func:`share_admission`),
+    then the ``repeats`` releases of the ONE sample (PPO's K epochs; the event, repeats=K, is written before release
+    0), each followed by the optimizer step.
+
+    Returns:
+        The first release's ``StepResult`` (the one that carries the step's event).
+
+    Raises:
+        accounting.ledger.BudgetExceededError: the filter refused the step; nothing was released or applied.
+    """
+    from accounting.ledger import BudgetExceededError
+
+    if not gate.admitted():
+        raise BudgetExceededError(f"stage {ctx.stage!r} step {step} not taken: rank 0's privacy filter refused it")
+    first = None
+    for k in range(repeats):
+        result = engine.step(batch, loss_fn, repeats=repeats, release=k)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        first = result if first is None else first
+    return first
+
+
 def poisson_loop(
     ctx: StageContext,
     learner: Any,
@@ -521,17 +549,10 @@ def poisson_loop(
             idx = users.records_of(mine)
             sample = UserBatch(records={k: v[idx] for k, v in records.items()}, user_ids=users.record_user[idx])
             try:
-                if not gate.admitted():
-                    raise BudgetExceededError(
-                        f"stage {ctx.stage!r} step {step} not taken: rank 0's privacy filter refused it"
-                    )
-                result = engine.step(sample, loss_fn)
+                result = admitted_step(ctx, gate, engine, optimizer, sample, loss_fn, step=step)
             except BudgetExceededError as err:
                 status, reason = "refused", str(err)
                 break
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
             done = step + 1
             if result.released is not None and main:
                 norm = float(sum(v * v for v in result.released.noisy_grad_norms) ** 0.5)

@@ -10,6 +10,11 @@
         sync ONLY the LoRA weights to the rollout actors
         public evaluation on public prompts: reward, KL, gold reward, policy-change clip fraction (free)
 
+This file is the recipe alone. Its components are in ``trainers/rlhf/``: ``models`` (actor-critic, reference,
+reward model), ``rollout_batch`` (rollouts -> scores -> experience -> the per-record PPO loss), ``public_eval``
+(public-prompt statistics and the public reward normalization); the step loop's admission and refusal are the
+shared ``trainers.stages.learner.admitted_step``.
+
 Privacy decisions, and why:
   * One Poisson sample per iteration, reused for K epochs: ONE PrivacyEvent with repeats=K (multiplier
     sigma_eff / sqrt(K)), emitted by the engine before the first release. Counting the epochs as fresh steps would
@@ -49,21 +54,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from trainers.rlhf.experience import Experience, make_experience, response_slice, rollout_masks
 from trainers.rlhf.heads import (
     PolicyValueModel,
-    ScoreModel,
-    last_token_index,
-    position_ids_from_attention_mask,
 )
-from trainers.rlhf.ppo import logprobs_from_logits, masked_fill_zero
+from trainers.rlhf.models import PPOModels, build_actor, check_model_dirs, load_ppo_models
+from trainers.rlhf.public_eval import (
+    PublicEval,
+    normalize_score_head,
+    policy_change,
+    public_eval,
+    public_reward_norm,
+)
+from trainers.rlhf.rollout_batch import build_experience, pad_rollouts, ppo_loss_fn
 from trainers.stages.context import (
     StageContext,
     UserIndex,
@@ -76,460 +85,28 @@ from trainers.stages.context import (
 )
 from trainers.stages.learner import (
     Learner,
+    admitted_step,
     build_engine,
     learner_state,
     make_learner_optimizer,
     restore_policy,
     resume_point,
     save_outputs,
+    share_admission,
     stage_noise_seed,
 )
 from trainers.stages.plan import stage_plan
 from trainers.stages.ray_learner import check_distributable, run_stage_learner
 
 STAGE = "ppo"
+
+
 PUBLIC_EVAL_PROMPTS = 16
 """Public prompts generated from the policy after every iteration for the logged reward/KL/gold reward."""
 
 
 class UnsupportedPPOConfig(ValueError):
     """A PPO setting the recipe cannot run with correct accounting; raised before any privacy is spent."""
-
-
-# ------------------------------------------------------------------------------------------------ models
-
-
-@dataclass
-class PPOModels:
-    """Everything DP-PPO runs: the trainable actor-critic and the two frozen scorers.
-
-    Attributes:
-        actor: ``PolicyValueModel(SFT + new LoRA)``; trainable: the LoRA A/B tensors and the value head.
-        reference: the SFT model, frozen (eval mode, no grad): the KL anchor.
-        reward: the private reward model (``ScoreModel`` with the RM stage's head), frozen.
-        tokenizer: the SFT model's tokenizer (shared by all three: they come from one base model).
-    """
-
-    actor: PolicyValueModel
-    reference: nn.Module
-    reward: ScoreModel
-    tokenizer: Any
-
-    @property
-    def policy(self) -> nn.Module:
-        """The peft-wrapped causal LM inside the actor (what generates and what is exported)."""
-        return self.actor.policy
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.actor.parameters()).device
-
-    def to(self, device: str | torch.device) -> PPOModels:
-        """All three models on ``device`` (a learner rank's)."""
-        self.actor.to(device)
-        self.reference.to(device)
-        self.reward.to(device)
-        return self
-
-
-def _freeze(model: nn.Module) -> nn.Module:
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def check_model_dirs(*, sft_dir: Path, rm_dir: Path) -> None:
-    """Fail on missing stage outputs before the ledger hears of the stage (the driver calls it before begin_stage).
-
-    Raises:
-        FileNotFoundError: ``sft_dir`` is not a saved model, or ``rm_dir`` lacks ``backbone/`` or the head file.
-    """
-    sft_dir, rm_dir = Path(sft_dir), Path(rm_dir)
-    if not (sft_dir / "config.json").is_file():
-        raise FileNotFoundError(f"sft_dir {sft_dir}: no config.json; pass the SFT stage's merged export (model/)")
-    if not (rm_dir / "backbone" / "config.json").is_file() or not (rm_dir / "head.safetensors").is_file():
-        raise FileNotFoundError(
-            f"rm_dir {rm_dir}: expected backbone/ (merged HF model) and head.safetensors from the reward-model stage"
-        )
-
-
-def build_actor(ctx: StageContext, *, sft_dir: Path) -> PolicyValueModel:
-    """SFT model + a new LoRA + a value head, in eval mode; the random draws (LoRA A, value head) are seeded by the
-    stage seed, so every rank (and a rebuilt export model) starts from the same weights."""
-    from transformers import AutoModelForCausalLM
-
-    from trainers.models.lora import add_lora
-
-    lora = ctx.cfg.ppo.lora
-    torch.manual_seed(ctx.seed)  # the new LoRA's A and the value head: one draw per stage seed
-    policy = add_lora(
-        AutoModelForCausalLM.from_pretrained(str(sft_dir)),
-        r=lora.r,
-        alpha=lora.alpha,
-        dropout=lora.dropout,
-        target_modules=tuple(lora.target_modules),
-    )
-    actor = PolicyValueModel(policy)
-    actor.eval()  # no dropout anywhere: deterministic per-user gradients, PPO ratio exactly 1 at epoch 0
-    return actor
-
-
-def load_ppo_models(ctx: StageContext, *, sft_dir: Path, rm_dir: Path) -> PPOModels:
-    """Build the actor (SFT + new LoRA + value head, seeded by the stage), the frozen reference and the RM.
-
-    Raises:
-        FileNotFoundError: ``sft_dir`` is not a saved model, or ``rm_dir`` lacks ``backbone/`` or the head file.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from trainers.models.tokenizer import load_tokenizer
-
-    sft_dir, rm_dir = Path(sft_dir), Path(rm_dir)
-    check_model_dirs(sft_dir=sft_dir, rm_dir=rm_dir)
-    tokenizer = load_tokenizer(sft_dir)
-    actor = build_actor(ctx, sft_dir=sft_dir)
-    reference = _freeze(AutoModelForCausalLM.from_pretrained(str(sft_dir)))
-    reward = ScoreModel(AutoModelForCausalLM.from_pretrained(str(rm_dir / "backbone")))
-    reward.load_head(rm_dir / "head.safetensors")
-    _freeze(reward)
-    return PPOModels(actor=actor, reference=reference, reward=reward, tokenizer=tokenizer)
-
-
-# ------------------------------------------------------------------------------------------ rollout tensors
-
-
-@dataclass(frozen=True)
-class RolloutTensors:
-    """Rollouts re-padded for scoring: prompts LEFT-padded to width P, responses RIGHT-padded to width T.
-
-    Attributes:
-        sequences: [R, P + T] int64.
-        attention_mask: [R, P + T] int64 (prompt padding and response padding after EOS are 0).
-        action_mask: [R, T] int64, 1 on real response tokens (up to and including the first EOS).
-        prompt_len: P.
-        texts: the R decoded responses (for the gold oracle on PUBLIC prompts only).
-    """
-
-    sequences: Tensor
-    attention_mask: Tensor
-    action_mask: Tensor
-    prompt_len: int
-    texts: list[str]
-
-    @property
-    def num_records(self) -> int:
-        return int(self.sequences.shape[0])
-
-    def select(self, rows: Tensor) -> RolloutTensors:
-        """The rollouts at ``rows`` ([M] int64), keeping the padded widths (a learner rank's shard)."""
-        idx = rows.tolist()
-        return RolloutTensors(
-            self.sequences[rows], self.attention_mask[rows], self.action_mask[rows], self.prompt_len,
-            [self.texts[i] for i in idx],
-        )
-
-    def to(self, device: str | torch.device) -> RolloutTensors:
-        return RolloutTensors(
-            self.sequences.to(device), self.attention_mask.to(device), self.action_mask.to(device), self.prompt_len,
-            self.texts,
-        )
-
-
-def pad_rollouts(rollouts: Sequence[Any], *, pad_id: int, eos_id: int) -> RolloutTensors:
-    """Left-pad the prompts and right-pad the responses of ``trainers.rollout.Rollout`` records.
-
-    The padding width may differ from the one ``generate`` used (rollouts come from several generate calls);
-    positions are recomputed from the mask (``position_ids_from_attention_mask``) in every forward, so the
-    log-probs do not depend on it.
-    """
-    if not rollouts:
-        raise ValueError("pad_rollouts needs at least one rollout")
-    P = max(len(r.prompt_ids) for r in rollouts)
-    T = max(len(r.response_ids) for r in rollouts)
-    R = len(rollouts)
-    sequences = torch.full((R, P + T), pad_id, dtype=torch.long)  # [R, S]
-    prompt_mask = torch.zeros((R, P), dtype=torch.long)  # [R, P]
-    for i, r in enumerate(rollouts):
-        if not r.prompt_ids or not r.response_ids:
-            raise ValueError(f"rollout {i} has an empty prompt or response; generation always yields both")
-        p = len(r.prompt_ids)
-        sequences[i, P - p : P] = torch.tensor(r.prompt_ids, dtype=torch.long)
-        prompt_mask[i, P - p :] = 1
-        sequences[i, P : P + len(r.response_ids)] = torch.tensor(r.response_ids, dtype=torch.long)
-    attention_mask, action_mask = rollout_masks(sequences, prompt_mask, eos_token_id=eos_id)
-    return RolloutTensors(sequences, attention_mask, action_mask, P, [r.text for r in rollouts])
-
-
-def _chunks(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-@torch.no_grad()
-def reference_logits(reference: nn.Module, sequences: Tensor, attention_mask: Tensor) -> Tensor:
-    """[R, S, V] reference logits with mask-derived positions (the same positions the policy sees)."""
-    return reference(
-        input_ids=sequences,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_attention_mask(attention_mask),
-    ).logits
-
-
-def with_eos(sequences: Tensor, attention_mask: Tensor, *, eos_id: int, pad_id: int) -> tuple[Tensor, Tensor]:
-    """Terminate every row with EOS: one extra column, EOS right after the last real token where it is missing.
-
-    Why: the reward model is trained on ``BOS + prompt + completion + EOS`` and reads its score at the last token
-    (``trainers.stages.rm.rm_texts``), so its head only ever saw EOS hidden states. A rollout cut by
-    ``max_new_tokens`` ends mid-sentence; scored there, the head reads a state it was never trained on (on the
-    demo task the scores of SFT samples then correlate 0.03 with the gold reward, against 0.46 with EOS).
-    Rows that already end with their generated EOS are left as they are (OpenRLHF appends EOS the same way).
-
-    Args:
-        sequences: [R, S] int64, prompt left-padded, response right-padded.
-        attention_mask: [R, S] 0/1.
-
-    Returns:
-        ([R, S + 1] sequences, [R, S + 1] attention mask).
-    """
-    R = sequences.shape[0]
-    seq = torch.cat([sequences, sequences.new_full((R, 1), pad_id)], dim=1)  # [R, S + 1]
-    am = torch.cat([attention_mask, attention_mask.new_zeros((R, 1))], dim=1)  # [R, S + 1]
-    last = last_token_index(attention_mask, validate=False)  # [R]
-    rows = torch.arange(R, device=sequences.device)
-    open_rows = sequences[rows, last] != eos_id  # [R] rows whose last real token is not EOS
-    seq[rows[open_rows], last[open_rows] + 1] = eos_id
-    am[rows[open_rows], last[open_rows] + 1] = 1
-    return seq, am
-
-
-@torch.no_grad()
-def reward_scores(models: PPOModels, sequences: Tensor, attention_mask: Tensor) -> Tensor:
-    """[R] private-RM scores of rollouts in the layout it was trained on (EOS-terminated, see :func:`with_eos`)."""
-    tok = models.tokenizer
-    seq, am = with_eos(sequences, attention_mask, eos_id=int(tok.eos_token_id), pad_id=int(tok.pad_token_id))
-    return models.reward(seq, am)
-
-
-def build_experience(
-    models: PPOModels,
-    rollouts: RolloutTensors,
-    user_index: Tensor,
-    *,
-    beta: float,
-    objective: Any,
-    chunk_records: int,
-) -> Experience:
-    """Score a sample of rollouts and build its PPO targets, ``chunk_records`` rows at a time (memory bound).
-
-    ``make_experience`` is per record, so the chunked result equals the whole-batch one row for row.
-
-    Args:
-        user_index: [R] int64 user of each rollout (the engine's privacy unit).
-        objective: ``PPOObjectiveConfig``.
-    """
-    parts: list[Experience] = []
-    with torch.no_grad():
-        for sl in _chunks(rollouts.num_records, chunk_records):
-            seq, am = rollouts.sequences[sl], rollouts.attention_mask[sl]
-            logits, values = models.actor(seq, am)  # [r, S, V], [r, S]
-            parts.append(
-                make_experience(
-                    sequences=seq,
-                    attention_mask=am,
-                    action_mask=rollouts.action_mask[sl],
-                    prompt_len=rollouts.prompt_len,
-                    user_index=user_index[sl],
-                    policy_logits=logits,
-                    ref_logits=reference_logits(models.reference, seq, am),
-                    values=values,
-                    scores=reward_scores(models, seq, am),  # [r]: post-processing of the DP reward model
-                    beta=beta,
-                    gamma=objective.gamma,
-                    lam=objective.lam,
-                    advantage_normalization=objective.advantage_normalization,
-                    advantage_scale=objective.advantage_scale,
-                    kl_estimator=objective.kl_estimator,
-                )
-            )
-    return concat_experience(parts)
-
-
-def concat_experience(parts: Sequence[Experience]) -> Experience:
-    """One Experience from chunks that share the padded widths (rows in order)."""
-    if not parts:
-        raise ValueError("concat_experience needs at least one part")
-    widths = {(p.prompt_len, p.sequences.shape[1]) for p in parts}
-    if len(widths) != 1:
-        raise ValueError(f"chunks were padded differently: {sorted(widths)}")
-    values: dict[str, Any] = {}
-    for f in fields(Experience):
-        first = getattr(parts[0], f.name)
-        values[f.name] = torch.cat([getattr(p, f.name) for p in parts]) if isinstance(first, Tensor) else first
-    return Experience(**values)
-
-
-def ppo_loss_fn(actor: PolicyValueModel, objective: Any) -> Any:
-    """The per-record loss the engine differentiates: clipped policy loss + vf_coef * clipped value loss.
-
-    One forward of the shared actor-critic per micro-batch, so one per-user gradient covers the LoRA and the value
-    head. Returns [R]; nothing is reduced across records.
-    """
-    from trainers.rlhf.experience import ppo_loss_on_experience
-
-    def loss_fn(exp: Experience) -> Tensor:
-        logits, values = actor(exp.sequences, exp.attention_mask)  # [r, S, V], [r, S]
-        loss, _ = ppo_loss_on_experience(
-            exp,
-            logits,
-            values,
-            clip_eps=objective.clip_eps,
-            value_clip=objective.value_clip_or_none,
-            vf_coef=objective.vf_coef,
-        )
-        return loss  # [r]
-
-    return loss_fn
-
-
-# ---------------------------------------------------------------------------------------- public evaluation
-
-
-@dataclass(frozen=True)
-class PublicEval:
-    """Generations of the current policy on the fixed PUBLIC evaluation prompts, and what they cost nothing to log.
-
-    Attributes:
-        rollouts: the padded generations.
-        logprobs: [R, T] the generating policy's log-probs of the generated tokens (0 on padding).
-        reward: mean private-RM score (post-processing of the DP reward model on public prompts).
-        kl: mean over prompts of the per-sequence KL to the reference: the exact KL of each next-token
-            distribution, summed over the generated tokens (nats per sequence, the unit of ``kl_target``).
-        gold_reward: mean gold (VADER) reward of the responses.
-    """
-
-    rollouts: RolloutTensors
-    logprobs: Tensor
-    reward: float
-    kl: float
-    gold_reward: float
-
-
-def _response_logprobs(model_logits: Tensor, rollouts: RolloutTensors, sl: slice) -> Tensor:
-    T = rollouts.action_mask.shape[1]
-    resp = rollouts.sequences[sl, rollouts.prompt_len :]  # [r, T]
-    lp = logprobs_from_logits(response_slice(model_logits, rollouts.prompt_len, T), resp)  # [r, T]
-    return masked_fill_zero(lp, rollouts.action_mask[sl])
-
-
-@torch.no_grad()
-def policy_logprobs(models: PPOModels, rollouts: RolloutTensors, *, chunk_records: int) -> Tensor:
-    """[R, T] current policy log-probs of the rollouts' tokens (0 on padding)."""
-    out = []
-    for sl in _chunks(rollouts.num_records, chunk_records):
-        logits, _ = models.actor(rollouts.sequences[sl], rollouts.attention_mask[sl])
-        out.append(_response_logprobs(logits, rollouts, sl))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def public_eval(
-    models: PPOModels, prompts: Sequence[str], *, cfg: Any, seed: int, chunk_records: int
-) -> PublicEval:
-    """Generate from the current policy on PUBLIC prompts and measure reward, KL to the reference, gold reward.
-
-    The same seed every iteration (common random numbers): differences between iterations come from the policy,
-    not from the sampling noise.
-    """
-    from trainers.data.oracle import gold_reward
-    from trainers.rollout import generate_rollouts
-
-    tok = models.tokenizer
-    gen = generate_rollouts(
-        models.policy,
-        tok,
-        list(prompts),
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        seed=seed,
-        batch_size=cfg.rollout_batch_size,
-    )
-    rollouts = pad_rollouts(gen, pad_id=int(tok.pad_token_id), eos_id=int(tok.eos_token_id)).to(models.device)
-    logprobs, kls, scores = [], [], []
-    T = rollouts.action_mask.shape[1]
-    for sl in _chunks(rollouts.num_records, chunk_records):
-        seq, am = rollouts.sequences[sl], rollouts.attention_mask[sl]
-        logits, _ = models.actor(seq, am)  # [r, S, V]
-        ref_logits = reference_logits(models.reference, seq, am)  # [r, S, V]
-        logp = torch.log_softmax(response_slice(logits, rollouts.prompt_len, T).float(), -1)  # [r, T, V]
-        ref_logp = torch.log_softmax(response_slice(ref_logits, rollouts.prompt_len, T).float(), -1)
-        # exact KL(pi || pi_ref) of each next-token distribution along the generated path: non-negative and far
-        # less noisy than the sampled-token k1 estimate on a few prompts (it steers an adaptive beta)
-        token_kl = (logp.exp() * (logp - ref_logp)).sum(-1)  # [r, T]
-        kls.append(masked_fill_zero(token_kl, rollouts.action_mask[sl]).sum(1))  # [r] nats per sequence
-        scores.append(reward_scores(models, seq, am))
-        logprobs.append(_response_logprobs(logits, rollouts, sl))
-    return PublicEval(
-        rollouts=rollouts,
-        logprobs=torch.cat(logprobs),
-        reward=float(torch.cat(scores).mean()),
-        kl=float(torch.cat(kls).mean()),
-        gold_reward=float(sum(gold_reward(rollouts.texts)) / rollouts.num_records),
-    )
-
-
-@torch.no_grad()
-def public_reward_norm(
-    models: PPOModels, prompts: Sequence[str], *, cfg: Any, seed: int, seeds: int, chunk_records: int
-) -> dict[str, float]:
-    """Mean and standard deviation of the reward model's scores of the current (SFT) policy's samples on PUBLIC
-    prompts, ``seeds`` samples per prompt: the constants of ``reward_normalization=public``.
-
-    Public prompts and the DP reward model only (post-processing): nothing here depends on D3.
-
-    Returns:
-        {"shift": mean, "scale": std (floored at 1e-6), "samples": how many scores}.
-    """
-    from trainers.rollout import generate_rollouts
-
-    tok = models.tokenizer
-    scores = []
-    for i in range(seeds):
-        gen = generate_rollouts(
-            models.policy, tok, list(prompts), max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            top_k=cfg.top_k, seed=seed + i, batch_size=cfg.rollout_batch_size,
-        )
-        rollouts = pad_rollouts(gen, pad_id=int(tok.pad_token_id), eos_id=int(tok.eos_token_id)).to(models.device)
-        for sl in _chunks(rollouts.num_records, chunk_records):
-            scores.append(reward_scores(models, rollouts.sequences[sl], rollouts.attention_mask[sl]))
-    flat = torch.cat(scores).double()
-    return {"shift": float(flat.mean()), "scale": max(float(flat.std()), 1e-6), "samples": int(flat.numel())}
-
-
-@torch.no_grad()
-def normalize_score_head(head: nn.Linear, *, shift: float, scale: float) -> None:
-    """Fold ``(score - shift) / scale`` into the reward model's linear head (every later score is normalized)."""
-    head.bias.sub_(shift).div_(scale)
-    head.weight.div_(scale)
-
-
-def policy_change(models: PPOModels, before: PublicEval, *, clip_eps: float, chunk_records: int) -> tuple[float, float]:
-    """(clip fraction, approx KL) of the policy update on PUBLIC rollouts generated before it.
-
-    clipfrac: share of generated tokens whose ratio pi_new / pi_old is outside [1 - clip_eps, 1 + clip_eps], i.e.
-    where PPO's clipped surrogate would be flat; approx KL: cleanrl's mean of (ratio - 1) - log ratio. Both are
-    computed on public prompts, so they are free to log (the private batch's clip fraction is not released).
-    """
-    new = policy_logprobs(models, before.rollouts, chunk_records=chunk_records)  # [R, T]
-    mask = before.rollouts.action_mask.bool()
-    log_ratio = masked_fill_zero(new - before.logprobs, mask)  # [R, T]
-    ratio = torch.exp(log_ratio)
-    n = mask.sum().clamp(min=1)
-    clipped = ((ratio - 1.0).abs() > clip_eps) & mask
-    approx_kl = masked_fill_zero((ratio - 1.0) - log_ratio, mask).sum() / n
-    return float(clipped.sum() / n), float(approx_kl)
-
-
-# ------------------------------------------------------------------------------------------------ rollouts
 
 
 class _Rollouts:
@@ -584,9 +161,6 @@ class _Rollouts:
 
             shutdown_ray()
             self._started_ray = False
-
-
-# --------------------------------------------------------------------------------------------------- recipe
 
 
 def check_supported(cfg: Any) -> None:
@@ -818,7 +392,7 @@ def learn_ppo(ctx: StageContext, plan: PPOPlan, learner: Learner) -> dict[str, A
     results (other ranks return the same keys with their local, unused values).
     """
     from accounting.ledger import BudgetExceededError
-    from trainers.distributed import SharedAdmission, broadcast_object, object_group
+    from trainers.distributed import broadcast_object, object_group
     from trainers.engine.sampling import PoissonUserSampler
 
     pcfg, objective = ctx.cfg.ppo, ctx.cfg.ppo.objective
@@ -826,7 +400,8 @@ def learn_ppo(ctx: StageContext, plan: PPOPlan, learner: Learner) -> dict[str, A
     main, many = learner.is_main_process, learner.world_size > 1
     chunk = ctx.cfg.engine.max_physical_batch_records
 
-    models = load_ppo_models(ctx, sft_dir=Path(plan.sft_dir), rm_dir=Path(plan.rm_dir)).to(learner.device)
+    models = load_ppo_models(sft_dir=Path(plan.sft_dir), rm_dir=Path(plan.rm_dir), lora=pcfg.lora, seed=ctx.seed)
+    models = models.to(learner.device)
     ds_engine, optimizer, apply_fn, restored_step = make_learner_optimizer(
         learner, models.actor, lambda ps: torch.optim.Adam(ps, lr=pcfg.lr)
     )
@@ -861,13 +436,13 @@ def learn_ppo(ctx: StageContext, plan: PPOPlan, learner: Learner) -> dict[str, A
             reward_norm = broadcast_object(reward_norm, group=group)
     if reward_norm is not None:
         normalize_score_head(models.reward.head, shift=reward_norm["shift"], scale=reward_norm["scale"])
-    gate = SharedAdmission(enabled=many and ctx.private, is_main_process=main, group=group)
     noise = stage_noise_seed(ctx, learner)  # secret (collective: rank 0 draws, every rank receives)
     engine = build_engine(
-        ctx, models.actor, q=plan.q, users=users, noise_seed=noise, optimizer=optimizer, sigma=plan.sigma, steps=T, repeats=K,
-        start_step=start, validation_loss=validation_objective if eval_prompts else None,
-        learner=replace(learner, hooks=gate.wrap(learner.hooks)), apply_fn=apply_fn,
+        ctx, models.actor, q=plan.q, users=users, noise_seed=noise, optimizer=optimizer, sigma=plan.sigma, steps=T,
+        repeats=K, start_step=start, validation_loss=validation_objective if eval_prompts else None,
+        learner=learner, apply_fn=apply_fn,
     )
+    gate = share_admission(ctx, learner, engine)  # rank 0's filter answer reaches every rank before the all-reduce
     restore_policy(engine, restored)
     sampler = PoissonUserSampler(users.num_users, sampling_rate=plan.q, seed=noise)
     loss_fn = ppo_loss_fn(models.actor, objective)
@@ -923,16 +498,10 @@ def learn_ppo(ctx: StageContext, plan: PPOPlan, learner: Learner) -> dict[str, A
                 models, gen, sampled=sampled, records=records, users=users, rank=learner.rank,
                 world_size=learner.world_size, beta=beta, objective=objective, chunk_records=chunk,
             )
-            try:
-                for k in range(K):
-                    if k == 0 and not gate.admitted():
-                        raise BudgetExceededError(f"stage {STAGE!r} step {t} not taken: rank 0's privacy filter refused it")
-                    result = engine.step(batch, loss_fn, repeats=K, release=k)
-                    if optimizer is not None:
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    if result.event is not None:
-                        sigma_eff = result.event.noise_multiplier
+            try:  # K epochs over the one sample: one event (repeats=K), fresh noise per release
+                result = admitted_step(ctx, gate, engine, optimizer, batch, loss_fn, step=t, repeats=K)
+                if result.event is not None:
+                    sigma_eff = result.event.noise_multiplier
             except BudgetExceededError as err:
                 status, reason = "refused", str(err)
                 break
@@ -956,7 +525,7 @@ def learn_ppo(ctx: StageContext, plan: PPOPlan, learner: Learner) -> dict[str, A
             rollout.shutdown()
         engine.close()  # remove the per-user hooks before the model is copied for export
     save_outputs(learner, models.actor, ds_engine, models.tokenizer, exporter=_export_ppo,
-                 init=lambda: build_actor(ctx, sft_dir=Path(plan.sft_dir)))
+                 init=lambda: build_actor(sft_dir=Path(plan.sft_dir), lora=pcfg.lora, seed=ctx.seed))
     return {
         "status": status,
         "reason": reason,
@@ -1078,21 +647,4 @@ def _log_eval(ctx: StageContext, ev: PublicEval, *, step: int) -> None:
     ctx.log("eval/gold_reward", ev.gold_reward, step=step)
 
 
-__all__ = [
-    "PPOModels",
-    "PublicEval",
-    "RolloutTensors",
-    "UnsupportedPPOConfig",
-    "build_experience",
-    "check_supported",
-    "concat_experience",
-    "load_ppo_models",
-    "pad_rollouts",
-    "policy_change",
-    "normalize_score_head",
-    "public_eval",
-    "public_reward_norm",
-    "reward_scores",
-    "run_ppo",
-    "with_eos",
-]
+__all__ = ["PPOPlan", "UnsupportedPPOConfig", "check_supported", "learn_ppo", "rollout_seed", "run_ppo", "shard_batch"]
