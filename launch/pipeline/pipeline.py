@@ -18,6 +18,7 @@ from typing import Any
 
 from dpalign.logs import quiet_libraries
 from trainers.stages.plan import STAGE_ORDER, PrivacyPlan, prepare_run
+from trainers.stages.summary import StageSummary
 
 __all__ = ["run_pipeline", "preflight_cluster", "quiet_libraries", "prepare_run", "PrivacyPlan", "STAGE_ORDER",
            "LEARNER_STAGES"]
@@ -108,7 +109,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
         )
 
     # --- the three stages ------------------------------------------------------------------------------------
-    summaries: dict[str, dict[str, Any]] = {}
+    summaries: dict[str, StageSummary] = {}
     entries: dict[str, dict[str, Any]] = {}
     try:
         for i, name in enumerate(STAGE_ORDER):
@@ -116,7 +117,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
             if run.is_done(name):
                 run.drop_checkpoint(name)  # a crash between the commit and the checkpoint's removal
                 info = run.done_info(name) or {}
-                summaries[name] = info.get("summary", {})
+                summaries[name] = StageSummary.from_dict(info["summary"])
                 wall[name] = float(info.get("wall_time_s", 0.0))
             else:
                 ended = (ledger.report()["stages"].get(name) or {}).get("status") if ledger is not None else None
@@ -145,7 +146,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
                 try:
                     with run.stage(name) as out:
                         summary = _run_stage(name, ctx, run, out.path, task, base_dir, windows, public_valid)
-                        out.summary.update(summary)
+                        out.summary.update(summary.to_dict())
                 finally:
                     if ctx.ledger is not None:  # a learner stage hands the ledger to Ray and reopens it
                         ledger = ctx.ledger
@@ -154,21 +155,21 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
             summary = summaries[name]
             sp = None
             if stage_plan.private and ledger is not None:
-                sigma_eff = float(summary.get("noise_multiplier") or summary.get("sigma_eff") or 0.0)
-                mech = summary.get("mechanism") or {}
+                sigma_eff = float(summary.noise_multiplier or 0.0)
+                mech = summary.mechanism or {}
                 sp = StagePrivacy(
                     target_epsilon=stage_plan.target_epsilon, delta=stage_plan.delta,
                     epsilon_spent=float(ledger.report()["stages"][name]["epsilon"]),
                     accountant=ledger.run.accountant, composition=plan.composition,
                     noise_multiplier=sigma_eff, sampling_rate=stage_plan.sampling_rate,
-                    steps=int(summary.get("steps", summary.get("iterations_done", 0))), repeats=stage_plan.repeats,
+                    steps=summary.steps, repeats=stage_plan.repeats,
                     num_users=stage_plan.num_users, expected_batch_users=stage_plan.expected_batch_users,
                     grad_noise_multiplier=float(mech.get("grad_noise_multiplier", sigma_eff)),
                     count_noise_std=mech.get("count_noise_std"), num_groups=int(mech.get("num_groups", 0)),
                 )
             timed = not stage_plan.private or cfg.run.report_wall_time
             entries[name] = stage_entry(
-                private=stage_plan.private, reason=stage_plan.reason, status=summary.get("status", "completed"),
+                private=stage_plan.private, reason=stage_plan.reason, status=summary.status,
                 wall_time_s=wall[name] if timed else None, privacy=sp, metrics=_public_metrics(summary),
             )
 
@@ -259,7 +260,7 @@ def _start_ray(cfg: Any) -> bool:
     return init_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus or None).started_here
 
 
-def _public_metrics(summary: dict[str, Any]) -> dict[str, float]:
+def _public_metrics(summary: StageSummary) -> dict[str, float]:
     """Numbers from a stage summary that are public (public held-out data) -- never private-batch statistics."""
     keys = ("public_valid_loss", "public_valid_loss_start", "accuracy", "accuracy_start", "final_public_reward",
             "final_public_kl", "final_gold_reward", "sync_bytes", "sync_seconds")
@@ -267,7 +268,7 @@ def _public_metrics(summary: dict[str, Any]) -> dict[str, float]:
 
 
 def _run_stage(name: str, ctx: Any, run: Any, out_dir: Path, task: Any, base_dir: Path, windows: Any,
-               public_valid: list[str]) -> dict[str, Any]:
+               public_valid: list[str]) -> StageSummary:
     if name == "sft":
         from trainers.stages.sft import run_sft
 
@@ -285,7 +286,7 @@ def _run_stage(name: str, ctx: Any, run: Any, out_dir: Path, task: Any, base_dir
 
 
 def _evaluate(cfg: Any, run: Any, base_dir: Path, prompts: list[str], windows: Any,
-              summaries: dict[str, dict[str, Any]], progress: bool) -> dict[str, Any]:
+              summaries: dict[str, StageSummary], progress: bool) -> dict[str, Any]:
     from trainers.models.base import load_base_model
     from trainers.stages.evaluate import evaluate_policy
 

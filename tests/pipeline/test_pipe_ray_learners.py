@@ -29,5 +29,5 @@ def test_one_ray_worker_runs_all_three_learner_stages(tmp_path):
         sp = report["stages"][name]["privacy"]
         assert 0 < sp["epsilon_spent"] <= sp["target_epsilon"], name
     ppo = json.loads((run_dir / "stages" / "ppo" / "summary.json").read_text())
-    assert ppo["iterations_done"] == 2 and ppo["rollout"]["ray_actors"] == 0
+    assert ppo["steps"] == 2 and ppo["rollout"]["ray_actors"] == 0
     assert main(["privacy", "verify", str(run_dir)]) == 0  # the ledger, written through the sink actor, verifies

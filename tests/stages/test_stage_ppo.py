@@ -137,7 +137,7 @@ def test_private_run_accounts_epochs_as_repeats(private_run):
     import dp_accounting
 
     s, root = private_run["summary"], private_run["root"]
-    assert s["status"] == "completed" and s["iterations_done"] == 2 and s["ppo_epochs"] == 2
+    assert s["status"] == "completed" and s["steps"] == 2 and s["ppo_epochs"] == 2
     assert s["num_users"] == NUM_USERS and s["sampling_rate"] == pytest.approx(4 / NUM_USERS)
     contents = read_ledger(root / "ledger.jsonl")
     events = [e for e in contents.events if e.stage == "ppo"]
@@ -145,17 +145,17 @@ def test_private_run_accounts_epochs_as_repeats(private_run):
     for step, e in enumerate(events):
         assert (e.step, e.purpose, e.repeats) == (step, "gradient", 2)
         assert e.sampling_rate == pytest.approx(4 / NUM_USERS)
-        assert e.noise_multiplier == pytest.approx(s["sigma"], rel=1e-9)
+        assert e.noise_multiplier == pytest.approx(s["noise_multiplier"], rel=1e-9)
     assert contents.stage_end["ppo"]["status"] == "completed"
     # recompute with dp-accounting alone: 2 x PoissonSampled(q, Gaussian(sigma / sqrt(K)))
     acc = dp_accounting.pld.PLDAccountant()
-    acc.compose(dp_accounting.PoissonSampledDpEvent(4 / NUM_USERS, dp_accounting.GaussianDpEvent(s["sigma"] / 2**0.5)), 2)
+    acc.compose(dp_accounting.PoissonSampledDpEvent(4 / NUM_USERS, dp_accounting.GaussianDpEvent(s["noise_multiplier"] / 2**0.5)), 2)
     reference = acc.get_epsilon(TARGET_DELTA)
     assert private_run["eps"] == pytest.approx(reference, rel=0.01)
     assert s["epsilon"] == pytest.approx(private_run["eps"]) and s["epsilon"] <= TARGET_EPS
     # counting the epochs as fresh steps would have cost less: the repeats really are in the ledger
     fresh = dp_accounting.pld.PLDAccountant()
-    fresh.compose(dp_accounting.PoissonSampledDpEvent(4 / NUM_USERS, dp_accounting.GaussianDpEvent(s["sigma"])), 4)
+    fresh.compose(dp_accounting.PoissonSampledDpEvent(4 / NUM_USERS, dp_accounting.GaussianDpEvent(s["noise_multiplier"])), 4)
     assert fresh.get_epsilon(TARGET_DELTA) < 0.95 * reference
 
     rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
@@ -254,8 +254,8 @@ def test_nonprivate_writes_no_events(dirs, tmp_path):
         ledger.close()
     contents = read_ledger(tmp_path / "ledger.jsonl")
     assert contents.events == [] and "ppo" not in contents.stages
-    assert s["status"] == "completed" and s["iterations_done"] == 3
-    assert s["epsilon"] is None and s["sigma"] is None
+    assert s["status"] == "completed" and s["steps"] == 3
+    assert s["epsilon"] is None and s["noise_multiplier"] is None
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     public_kl = [r["value"] for r in rows if r["key"] == "ppo/kl" and r["step"] >= 1]
     assert len(public_kl) == 3 and all(k >= 0 for k in public_kl)
@@ -290,7 +290,7 @@ def test_spent_budget_stops_the_stage_as_refused(dirs, tmp_path):
     finally:
         ledger.close()
     contents = read_ledger(tmp_path / "ledger.jsonl")
-    assert s["status"] == "refused" and s["iterations_done"] == 0 and "budget" in s["reason"]
+    assert s["status"] == "refused" and s["steps"] == 0 and "budget" in s["reason"]
     assert [e.stage for e in contents.events] == ["sft"]
     assert contents.stage_end["ppo"]["status"] == "refused"
 

@@ -72,7 +72,7 @@ def assert_same_training(ref, got, *, atol: float) -> None:
     ref_summary, ref_tensors, ref_events = ref
     summary, tensors, events = got
     assert summary["status"] == ref_summary["status"] == "completed"
-    assert summary["iterations_done"] == ref_summary["iterations_done"] == 2
+    assert summary["steps"] == ref_summary["steps"] == 2
     assert set(tensors) == set(ref_tensors) and any(k.startswith("value_head.") for k in tensors)
     for name, want in ref_tensors.items():
         torch.testing.assert_close(tensors[name], want, rtol=0, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
@@ -81,7 +81,8 @@ def assert_same_training(ref, got, *, atol: float) -> None:
     assert [(e.step, e.sampling_rate, e.noise_multiplier, e.repeats) for e in events] == [
         (e.step, e.sampling_rate, e.noise_multiplier, e.repeats) for e in ref_events
     ]
-    assert summary["sigma_eff"] == ref_summary["sigma_eff"] and summary["epsilon"] == ref_summary["epsilon"]
+    assert summary["last_event_noise_multiplier"] == ref_summary["last_event_noise_multiplier"]
+    assert summary["noise_multiplier"] == ref_summary["noise_multiplier"] and summary["epsilon"] == ref_summary["epsilon"]
     assert [h["iteration"] for h in summary["history"]] == [0, 1, 2]
     assert [h.get("beta") for h in summary["history"]] == [h.get("beta") for h in ref_summary["history"]]
 
@@ -128,7 +129,7 @@ def test_refusal_on_rank_0_stops_every_rank_cleanly(dirs, ray_up):
     root = dirs["root"] / "ppo-refused"
     summary, _, events = run_stage(dirs, root, "ray.num_workers=2", "ppo.rollout_actors=0",
                                    "ray.collective_timeout_s=60", distributed=True, spent_before=True)
-    assert summary["status"] == "refused" and summary["iterations_done"] == 0 and "budget" in summary["reason"]
+    assert summary["status"] == "refused" and summary["steps"] == 0 and "budget" in summary["reason"]
     assert events == []
     assert read_ledger(root / "ledger.jsonl").stage_end["ppo"]["status"] == "refused"
 

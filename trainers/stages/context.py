@@ -135,8 +135,8 @@ def noise_disclosure(cfg: Any, *, private: bool = True) -> dict[str, Any]:
     }
 
 
-def released_timing(ctx: StageContext, t0: float) -> dict[str, float]:
-    """``{"wall_time_s": ...}`` where the stage's wall time may be published, else {}.
+def released_wall_time(ctx: StageContext, t0: float) -> float | None:
+    """The stage's wall time since ``t0`` where it may be published, else None.
 
     A private stage's time depends on its realized (private) batch sizes and is not accounted, so it is published
     only with ``run.report_wall_time`` (documented as an unaccounted release); a non-private stage's always."""
@@ -144,8 +144,8 @@ def released_timing(ctx: StageContext, t0: float) -> dict[str, float]:
 
     run = getattr(ctx.cfg, "run", None)
     if ctx.private and not bool(getattr(run, "report_wall_time", False)):
-        return {}
-    return {"wall_time_s": time.time() - t0}
+        return None
+    return time.time() - t0
 
 
 def spent_epsilon(ctx: StageContext) -> float:

@@ -79,9 +79,8 @@ from trainers.stages.context import (
     noise_disclosure,
     progress_bar,
     public_lm_loss,
-    released_timing,
+    released_wall_time,
     save_json,
-    spent_epsilon,
 )
 from trainers.stages.learner import (
     Learner,
@@ -97,6 +96,7 @@ from trainers.stages.learner import (
 )
 from trainers.stages.plan import stage_plan
 from trainers.stages.ray_learner import check_distributable, run_stage_learner
+from trainers.stages.summary import summarize
 
 STAGE = "ppo"
 
@@ -340,44 +340,24 @@ def run_ppo(
 
     history = result["history"]
     final = history[-1] if history else {}
-    summary: dict[str, Any] = {
-        "stage": STAGE,
-        "private": ctx.private,
-        "status": result["status"],
-        "reason": result["reason"],
-        "iterations": T,
-        "iterations_done": result["iterations_done"],
-        "num_users": N,
-        "sampling_rate": q,
-        "expected_users_per_iteration": q * N,
-        "ppo_epochs": K,
-        "sigma": sigma,
-        "sigma_eff": result["sigma_eff"],
-        "epsilon": spent_epsilon(ctx) if ctx.private else None,
-        "target_epsilon": stage.target_epsilon,
-        "target_delta": stage.delta,
-        "kl_controller": objective.kl_controller,
-        "beta_final": result["beta_final"],
-        "advantage_normalization": objective.advantage_normalization,
-        "reward_normalization": {"mode": objective.reward_normalization, **(result.get("reward_norm") or {})},
-        "clipfrac_source": "public eval prompts (policy change over each iteration)",
-        "public_eval_prompts": len(eval_prompts),
-        "final_reward": final.get("reward"),
-        "final_kl": final.get("kl"),
-        "final_gold_reward": final.get("gold_reward"),
-        "history": history,
-        "rollout": {
-            "ray_actors": pcfg.rollout_actors if rollout_used_ray(use_ray, pcfg) else 0,
-            **result["sync"],
-        },
-        "learner_workers": cfg.ray.num_workers if ctx.distributed else 0,
-        "resumed_at_step": result["resumed_at_step"],
-        "steps_lost_in_crash": result["steps_lost_in_crash"],
-        "mechanism": result.get("mechanism"),
-        "noise": noise_disclosure(ctx.cfg, private=ctx.private),
-        **released_timing(ctx, start),
-    }
-    save_json(out_dir / "summary.json", summary)
+    learned = {k: v for k, v in result.items()
+               if k not in ("iterations_done", "sigma_eff", "sync", "reward_norm", "history")}
+    summary = summarize(
+        ctx, learned, steps=result["iterations_done"], planned_steps=T, noise_multiplier=sigma,
+        wall_time_s=released_wall_time(ctx, start),
+        last_event_noise_multiplier=result["sigma_eff"],  # the controller may move it; fixed policies: = sigma
+        num_users=N, sampling_rate=q, expected_users_per_iteration=q * N, ppo_epochs=K,
+        target_epsilon=stage.target_epsilon, target_delta=stage.delta, kl_controller=objective.kl_controller,
+        advantage_normalization=objective.advantage_normalization,
+        reward_normalization={"mode": objective.reward_normalization, **(result.get("reward_norm") or {})},
+        clipfrac_source="public eval prompts (policy change over each iteration)",
+        public_eval_prompts=len(eval_prompts), final_reward=final.get("reward"), final_kl=final.get("kl"),
+        final_gold_reward=final.get("gold_reward"), history=history,
+        rollout={"ray_actors": pcfg.rollout_actors if rollout_used_ray(use_ray, pcfg) else 0, **result["sync"]},
+        learner_workers=cfg.ray.num_workers if ctx.distributed else 0,
+        noise=noise_disclosure(ctx.cfg, private=ctx.private),
+    )
+    save_json(out_dir / "summary.json", summary.to_dict())
     return summary
 
 

@@ -22,7 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainers.stages.context import StageContext, UserIndex, noise_disclosure, released_timing, spent_epsilon
+from trainers.stages.context import (
+    StageContext,
+    UserIndex,
+    noise_disclosure,
+    released_wall_time,
+)
 from trainers.stages.learner import (
     Learner,
     build_engine,
@@ -36,6 +41,7 @@ from trainers.stages.learner import (
 )
 from trainers.stages.plan import stage_plan
 from trainers.stages.ray_learner import check_distributable, run_stage_learner
+from trainers.stages.summary import summarize
 
 
 def tokenize_texts(tokenizer: Any, texts: list[str], *, max_len: int) -> tuple[Tensor, Tensor]:
@@ -217,20 +223,13 @@ def run_rm(
     result = run_stage_learner(ctx, learn_rm, plan, fingerprint=users.fingerprint, out_dir=Path(out_dir))
     if ctx.private:
         ctx.ledger.end_stage(ctx.stage, status=result["status"], reason=result["reason"])
-    return {
-        **result,
-        "planned_steps": steps,
-        "sampling_rate": q,
-        "noise_multiplier": sigma,
-        "num_users": n,
-        "per_record_users": data.per_record_users,
-        "expected_batch_users": q * n,
-        "epsilon": spent_epsilon(ctx),
-        "gold_pairs": len(pairs),
-        "learner_workers": ctx.cfg.ray.num_workers if ctx.distributed else 0,
-        "noise": noise_disclosure(ctx.cfg, private=ctx.private),
-        **released_timing(ctx, t0),
-    }
+    return summarize(
+        ctx, result, steps=result["steps"], planned_steps=steps, noise_multiplier=sigma,
+        wall_time_s=released_wall_time(ctx, t0), sampling_rate=q, num_users=n,
+        per_record_users=data.per_record_users, expected_batch_users=q * n, gold_pairs=len(pairs),
+        learner_workers=ctx.cfg.ray.num_workers if ctx.distributed else 0,
+        noise=noise_disclosure(ctx.cfg, private=ctx.private),
+    )
 
 
 def _reward_model(ctx: StageContext, sft_dir: str) -> tuple[torch.nn.Module, Any]:

@@ -24,8 +24,7 @@ from trainers.stages.context import (
     UserIndex,
     noise_disclosure,
     public_lm_loss,
-    released_timing,
-    spent_epsilon,
+    released_wall_time,
 )
 from trainers.stages.learner import (
     Learner,
@@ -40,6 +39,7 @@ from trainers.stages.learner import (
 )
 from trainers.stages.plan import stage_plan
 from trainers.stages.ray_learner import check_distributable, run_stage_learner
+from trainers.stages.summary import StageSummary, summarize
 
 
 def sft_loss_fn(model: torch.nn.Module):
@@ -86,7 +86,7 @@ def run_sft(
     out_dir: str | Path,
     public_windows: Tensor | None = None,
     eval_every: int = 10,
-) -> dict[str, Any]:
+) -> StageSummary:
     """Train the SFT adapter with the DP engine (or non-privately, same code path) and export the model.
 
     Driver side: data, users, schedule, sigma and the ledger's stage header; the training itself is
@@ -140,19 +140,13 @@ def run_sft(
     result = run_stage_learner(ctx, learn_sft, plan, fingerprint=users.fingerprint, out_dir=Path(out_dir))
     if ctx.private:
         ctx.ledger.end_stage(ctx.stage, status=result["status"], reason=result["reason"])
-    return {
-        **result,
-        "planned_steps": steps,
-        "sampling_rate": q,
-        "noise_multiplier": sigma,
-        "num_users": n,
-        "per_record_users": data.per_record_users,
-        "expected_batch_users": q * n,
-        "epsilon": spent_epsilon(ctx),
-        "learner_workers": ctx.cfg.ray.num_workers if ctx.distributed else 0,
-        "noise": noise_disclosure(ctx.cfg, private=ctx.private),
-        **released_timing(ctx, t0),
-    }
+    return summarize(
+        ctx, result, steps=result["steps"], planned_steps=steps, noise_multiplier=sigma,
+        wall_time_s=released_wall_time(ctx, t0), sampling_rate=q, num_users=n,
+        per_record_users=data.per_record_users, expected_batch_users=q * n,
+        learner_workers=ctx.cfg.ray.num_workers if ctx.distributed else 0,
+        noise=noise_disclosure(ctx.cfg, private=ctx.private),
+    )
 
 
 def learn_sft(ctx: StageContext, plan: SFTPlan, learner: Learner) -> dict[str, Any]:
