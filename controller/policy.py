@@ -301,9 +301,9 @@ def controller_policy_factory(config: ControllerConfig) -> Callable[..., Learned
     """A ``StageContext.policy_factory`` (trainers/stages/learner.py ``make_policy``) building the controller.
 
     The stage passes ``ctx, sigma, groups, expected_batch_size``; the controller also needs the stage's planned
-    ``steps``, its rate ``q`` and a PUBLIC ``validation_loss`` callable, taken from keyword arguments or from
-    ``ctx.extras`` (keys "steps", "sampling_rate", "validation_loss"). The ledger's filter and RDP order come from
-    ``ctx.ledger``; the reference thresholds are the stage's fixed ones (``group_thresholds``).
+    ``steps``, its rate ``q`` and ``repeats`` (keyword arguments, else the stage's frozen ``ctx.plan``) and a PUBLIC
+    ``validation_loss`` callable (keyword argument). The ledger's filter and RDP order come from ``ctx.ledger``; the
+    target from the plan; the reference thresholds are the stage's fixed ones (``group_thresholds``).
     """
 
     def factory(
@@ -311,12 +311,15 @@ def controller_policy_factory(config: ControllerConfig) -> Callable[..., Learned
     ) -> LearnedController:
         from trainers.engine.policy import group_thresholds
 
+        plan = getattr(ctx, "plan", None)
+        planned = {"steps": plan.steps, "sampling_rate": plan.sampling_rate, "repeats": plan.repeats} if plan else {}
+
         def need(key: str) -> Any:
-            value = kw.get(key, ctx.extras.get(key))
+            value = kw.get(key, planned.get(key))
             if value is None:
                 raise ValueError(
-                    f"the learned controller needs {key!r} from the stage recipe (pass it to the policy factory "
-                    f"or put it in StageContext.extras)"
+                    f"the learned controller needs {key!r} from the stage recipe (pass it to the policy factory, "
+                    "or give the stage its StageContext.plan)"
                 )
             return value
 
@@ -329,11 +332,11 @@ def controller_policy_factory(config: ControllerConfig) -> Callable[..., Learned
             )
         return LearnedController(
             config=config,
-            target_epsilon=ctx.target_epsilon,
-            delta=ctx.target_delta,
+            target_epsilon=plan.target_epsilon if plan is not None else ctx.target_epsilon,
+            delta=plan.delta if plan is not None else ctx.target_delta,
             sampling_rate=float(need("sampling_rate")),
             steps=int(need("steps")),
-            repeats=int(kw.get("repeats", ctx.extras.get("repeats", 1))),
+            repeats=int(kw.get("repeats", planned.get("repeats", 1))),
             validation_loss=need("validation_loss"),
             admit=ledger.admit if ledger is not None else None,
             rdp_order=order,

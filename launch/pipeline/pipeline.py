@@ -138,7 +138,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
                     metrics=metrics, plan=stage_plan, target_epsilon=stage_plan.target_epsilon,
                     target_delta=stage_plan.delta,
                     seed=cfg.run.seed * 1000 + i, progress=progress, policy_factory=policy_factory,
-                    extras={"eval_prompts": eval_prompts, "ray_storage": run.path / "ray_train"},
+                    eval_prompts=eval_prompts, ray_storage=run.path / "ray_train",
                     distributed=distributed, checkpoint_dir=run.checkpoint_dir(name),
                 )
                 t = time.time()
@@ -281,7 +281,7 @@ def _run_stage(name: str, ctx: Any, run: Any, out_dir: Path, task: Any, base_dir
     from trainers.stages.ppo import run_ppo
 
     return run_ppo(ctx, sft_dir=run.stage_dir("sft") / "model", rm_dir=run.stage_dir("rm"), prompts_path=task.ppo,
-                   out_dir=out_dir, public_windows=windows, eval_prompts=ctx.extras.get("eval_prompts"),
+                   out_dir=out_dir, public_windows=windows, eval_prompts=ctx.eval_prompts,
                    use_ray=ctx.cfg.ppo.rollout_actors > 0)
 
 

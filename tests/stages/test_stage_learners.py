@@ -107,7 +107,7 @@ def run_stage(dirs, root: Path, *extra: str, stage: str = "sft", distributed: bo
     ledger = ledger if ledger is not None else open_ledger(root, spent_before=spent_before)
     ctx = StageContext(stage=stage, cfg=cfg, private=True, ledger=ledger, target_epsilon=TARGET_EPS,
                        target_delta=TARGET_DELTA, seed=5, progress=False, distributed=distributed,
-                       extras={"ray_storage": root / "ray_train"}, checkpoint_dir=checkpoint_dir)
+                       ray_storage=root / "ray_train", checkpoint_dir=checkpoint_dir)
     try:
         if stage == "sft":
             from trainers.stages.sft import run_sft

@@ -100,7 +100,7 @@ def make_ctx(cfg: RunConfig, *, private: bool, ledger: Ledger | None, metrics=No
         target_delta=TARGET_DELTA if private else None,
         seed=SEED,
         progress=False,
-        extras={"eval_prompts": EVAL_PROMPTS},
+        eval_prompts=EVAL_PROMPTS,
     )
 
 
@@ -271,7 +271,7 @@ def test_nonprivate_writes_no_events(dirs, tmp_path):
 
 def test_adaptive_beta_without_public_prompts_is_refused(dirs, tmp_path):
     ctx = make_ctx(make_cfg("ppo.objective.kl_controller=adaptive"), private=False, ledger=None)
-    ctx.extras.clear()
+    ctx.eval_prompts = None
     with pytest.raises(ValueError, match="kl_controller=adaptive needs a released or public KL"):
         run(dirs, ctx, tmp_path / "out", use_ray=False)
 
@@ -416,6 +416,6 @@ def test_public_reward_normalization_is_folded_into_the_head_and_kept(dirs, tmp_
     assert torch.allclose(reward_scores(raw, seq, torch.ones_like(seq)), expected, atol=1e-5)
 
     ctx = make_ctx(cfg, private=False, ledger=None)
-    ctx.extras.clear()
+    ctx.eval_prompts = None
     with pytest.raises(ValueError, match="reward_normalization=public"):
         run(dirs, ctx, tmp_path / "refused", use_ray=False)

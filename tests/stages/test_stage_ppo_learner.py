@@ -52,7 +52,7 @@ def run_stage(dirs, root: Path, *extra: str, distributed: bool = False, use_ray:
         ledger.record(PrivacyEvent("sft", 0, "gradient", 1.0, 0.3), enforce=False)
     ctx = StageContext(stage="ppo", cfg=cfg, private=True, ledger=ledger, target_epsilon=TARGET_EPS,
                        target_delta=TARGET_DELTA, seed=3, progress=False, distributed=distributed,
-                       extras={"eval_prompts": EVAL_PROMPTS, "ray_storage": root / "ray_train"})
+                       eval_prompts=EVAL_PROMPTS, ray_storage=root / "ray_train")
     try:
         summary = run_ppo(ctx, sft_dir=dirs["sft"], rm_dir=dirs["rm"], prompts_path=str(dirs["d3"]),
                           out_dir=root / "out", use_ray=use_ray)
@@ -141,7 +141,7 @@ def _refused_before_anything(dirs, tmp_path, *extra: str, match: str) -> None:
     ledger = Ledger.open(tmp_path / "ledger.jsonl", run_id="r", target_epsilon=TARGET_EPS, target_delta=TARGET_DELTA)
     ctx = StageContext(stage="ppo", cfg=cfg, private=True, ledger=ledger, target_epsilon=TARGET_EPS,
                        target_delta=TARGET_DELTA, seed=3, progress=False, distributed=True,
-                       extras={"eval_prompts": EVAL_PROMPTS})
+                       eval_prompts=EVAL_PROMPTS)
     try:
         with pytest.raises(ValueError, match=match):
             run_ppo(ctx, sft_dir=dirs["sft"], rm_dir=dirs["rm"], prompts_path=str(dirs["d3"]),
@@ -221,7 +221,7 @@ def test_crash_then_resume_from_checkpoint_equals_uninterrupted(dirs, reference,
     def attempt():
         ctx = StageContext(stage="ppo", cfg=cfg, private=True, ledger=ledger, target_epsilon=TARGET_EPS,
                            target_delta=TARGET_DELTA, seed=3, progress=False, checkpoint_dir=root / "ck",
-                           extras={"eval_prompts": EVAL_PROMPTS})
+                           eval_prompts=EVAL_PROMPTS)
         return ppo.run_ppo(ctx, sft_dir=dirs["sft"], rm_dir=dirs["rm"], prompts_path=str(dirs["d3"]),
                            out_dir=root / "out", use_ray=False)
 

@@ -425,6 +425,9 @@ class PPOConfig:
     rollout_actors: int = 2
     """Ray actors generating rollouts; only the LoRA weights are synced to them after each iteration. 0 generates
     in the learner's process without Ray (same seeds, same samples; for debugging and fast tests)."""
+    rollout_cpus_per_actor: int = 1
+    """Ray CPUs reserved by each rollout actor, and its torch threads. The actors run inside the run's Ray (started
+    or joined from ``ray.*``), next to the Ray Train learners (``ray.cpus_per_worker`` each)."""
     rollout_batch_size: int = 16
     """Prompts per generate call on an actor; batch i uses seed + i, so results do not depend on the actor count."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -451,6 +454,7 @@ class PPOConfig:
         require(self.top_k >= 0, "top_k", "must be >= 0 (0: off)")
         require(self.rollout_actors >= 0, "rollout_actors", "must be >= 0 (0: generate in-process, no Ray)")
         require(self.rollout_batch_size >= 1, "rollout_batch_size", "must be >= 1")
+        require(self.rollout_cpus_per_actor >= 1, "rollout_cpus_per_actor", "must be >= 1")
 
     def sampling_rate(self, num_users: int) -> float:
         """q = expected_users_per_iteration / N (ValueError when q > 1)."""

@@ -9,7 +9,7 @@ statistic of private data and never reaches a log or a progress bar.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,9 @@ class StageContext:
         seed: seed of this stage's sampling, noise and initialization.
         progress: show progress bars.
         policy_factory: builds the clip/noise policy instead of the ``engine`` config (the learned controller).
-        extras: recipe-specific inputs (e.g. "eval_prompts", "ray_storage").
+        eval_prompts: PUBLIC held-out prompts (PPO's public evaluation and reward normalization); None: none.
+        ray_storage: Ray Train's storage for this run's learners when ``ray.storage_path`` is unset (the pipeline
+            passes RUN_DIR/ray_train); None: next to the stage's output directory.
         distributed: run the learner on ``ray.num_workers`` Ray Train workers (set by the pipeline when
             ``ray.num_workers >= 1``; Ray must be up). The ledger is handed to a sink actor for the stage and
             reopened into ``ctx.ledger`` afterwards, so callers must read ``ctx.ledger`` back after the stage.
@@ -56,7 +58,8 @@ class StageContext:
     seed: int = 0
     progress: bool = True
     policy_factory: Callable[..., Any] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    eval_prompts: Sequence[str] | None = None
+    ray_storage: Path | None = None
     distributed: bool = False
     checkpoint_dir: Path | None = None
     plan: Any = None

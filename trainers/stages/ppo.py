@@ -127,7 +127,8 @@ class _Rollouts:
                 address=getattr(ray_cfg, "address", "") or None, num_cpus=getattr(ray_cfg, "num_cpus", 0) or None,
                 log_to_driver=False,
             ).started_here
-            self.group = RolloutGroup(sft_dir, lora=cfg.lora, num_actors=cfg.rollout_actors, threads=1)
+            self.group = RolloutGroup(sft_dir, lora=cfg.lora, num_actors=cfg.rollout_actors,
+                                      threads=cfg.rollout_cpus_per_actor)
 
     def generate(self, prompts: Sequence[str], *, seed: int) -> list[Any]:
         from trainers.rollout import generate_rollouts
@@ -210,10 +211,11 @@ def check_distributed(ctx: StageContext, *, use_ray: bool) -> None:
     if not ray.is_initialized():
         return  # run_stage_learner says that Ray must be up
     have = float(ray.cluster_resources().get("CPU", 0.0))
-    need = cfg.ray.num_workers * cfg.ray.cpus_per_worker + cfg.ppo.rollout_actors
+    need = cfg.ray.num_workers * cfg.ray.cpus_per_worker + cfg.ppo.rollout_actors * cfg.ppo.rollout_cpus_per_actor
     if need > have:
         raise ValueError(
-            f"ppo.rollout_actors={cfg.ppo.rollout_actors} next to ray.num_workers={cfg.ray.num_workers} learners "
+            f"ppo.rollout_actors={cfg.ppo.rollout_actors} (ppo.rollout_cpus_per_actor="
+            f"{cfg.ppo.rollout_cpus_per_actor}) next to ray.num_workers={cfg.ray.num_workers} learners "
             f"(ray.cpus_per_worker={cfg.ray.cpus_per_worker}) need {need:g} CPUs and the Ray cluster has {have:g}: "
             "the actors would never start. Raise ray.num_cpus (embedded Ray), lower ray.cpus_per_worker or "
             "ppo.rollout_actors, or set ppo.rollout_actors=0 (rank 0 generates in its own process)"
@@ -275,7 +277,7 @@ def run_ppo(
         public_windows: optional PUBLIC token windows [W, L]; their LM loss is logged as ``eval/public_lm_loss``.
         eval_prompts: PUBLIC held-out prompts; the first ``PUBLIC_EVAL_PROMPTS`` are generated from the policy
             after every iteration for ``ppo/reward``, ``ppo/kl``, ``ppo/clipfrac`` and ``eval/gold_reward``.
-            Default ``ctx.extras["eval_prompts"]``; without any, nothing is evaluated (and an adaptive beta,
+            Default ``ctx.eval_prompts``; without any, nothing is evaluated (and an adaptive beta,
             which must be fed a public KL, is refused).
         use_ray: generate rollouts with ``ppo.rollout_actors`` Ray actors (LoRA-only sync after each iteration);
             False generates in process with the same seeds and the same results.
@@ -297,7 +299,7 @@ def run_ppo(
         raise ValueError(f"run_ppo needs a context for stage {STAGE!r}, got {ctx.stage!r}")
     check_supported(cfg)
     if eval_prompts is None:
-        eval_prompts = ctx.extras.get("eval_prompts")
+        eval_prompts = ctx.eval_prompts
     norm_prompts = list(eval_prompts or [])
     eval_prompts = norm_prompts[:PUBLIC_EVAL_PROMPTS]
     if objective.reward_normalization == "public" and len(norm_prompts) < 2:

@@ -95,7 +95,7 @@ def learner_storage(ctx: StageContext, out_dir: Path) -> str:
     configured = ctx.cfg.ray.storage_path
     if configured:
         return configured
-    default = ctx.extras.get("ray_storage") or (Path(out_dir).resolve().parent / "ray_train")
+    default = ctx.ray_storage or (Path(out_dir).resolve().parent / "ray_train")
     return str(Path(default).resolve())
 
 
