@@ -317,15 +317,22 @@ def controller_policy_factory(config: ControllerConfig) -> Callable[..., Learned
         def need(key: str) -> Any:
             value = kw.get(key, planned.get(key))
             if value is None:
+                where = "its StageContext.plan" if key != "validation_loss" else "public evaluation data"
                 raise ValueError(
-                    f"the learned controller needs {key!r} from the stage recipe (pass it to the policy factory, "
-                    "or give the stage its StageContext.plan)"
+                    f"the learned controller needs {key!r} from the stage recipe (pass it to the policy factory, or "
+                    f"give the stage {where})"
                 )
             return value
 
         ledger = ctx.ledger
-        order = ledger.run.rdp_order if ledger is not None and ledger.run.accountant == "rdp" else None
-        if ledger is not None and ledger.run.accountant != "rdp":
+        accountant = plan.accountant if plan is not None else (ledger.run.accountant if ledger is not None else None)
+        if plan is not None:
+            order = plan.rdp_order
+        else:
+            order = ledger.run.rdp_order if ledger is not None and ledger.run.accountant == "rdp" else None
+        # the filter: the stage's admit hook (the ledger here, or the driver's sink actor on a Ray Train rank 0)
+        admit = kw.get("admit") or (ledger.admit if ledger is not None else None)
+        if accountant is not None and accountant != "rdp":
             raise ValueError(
                 "controller.enabled needs privacy.accountant=rdp: sigma is chosen from earlier releases, which is "
                 "only accounted correctly by the RDP privacy filter"
@@ -338,7 +345,7 @@ def controller_policy_factory(config: ControllerConfig) -> Callable[..., Learned
             steps=int(need("steps")),
             repeats=int(kw.get("repeats", planned.get("repeats", 1))),
             validation_loss=need("validation_loss"),
-            admit=ledger.admit if ledger is not None else None,
+            admit=admit,
             rdp_order=order,
             stage=ctx.stage,
             reference_clips=group_thresholds(ctx.cfg.engine, groups),

@@ -179,10 +179,17 @@ class SharedAdmission:
     construct it with the same arguments.
     """
 
-    def __init__(self, *, enabled: bool, is_main_process: bool, group: Any = None) -> None:
+    def __init__(
+        self, *, enabled: bool, is_main_process: bool, group: Any = None,
+        payload: Callable[[], Any] | None = None, on_payload: Callable[[Any], None] | None = None,
+    ) -> None:
+        """``payload`` (rank 0) is sent with every admitted answer and handed to ``on_payload`` on the other ranks:
+        the step's clip/noise plan, so the plan the event accounts for is the one every rank releases with."""
         self.enabled = enabled
         self.is_main_process = is_main_process
         self.group = group
+        self.payload = payload
+        self.on_payload = on_payload
 
     def wrap(self, hooks: Mapping[str, Any]) -> dict[str, Any]:
         """Rank 0's engine hooks with the broadcast added after the answer; other ranks' hooks unchanged."""
@@ -223,10 +230,58 @@ class SharedAdmission:
         """
         if not self.enabled or self.is_main_process:
             return True
-        return bool(broadcast_object(None, group=self.group))
+        answer, payload = broadcast_object(None, group=self.group)
+        if answer and self.on_payload is not None:
+            self.on_payload(payload)
+        return bool(answer)
 
     def _send(self, answer: bool) -> None:
-        broadcast_object(bool(answer), group=self.group)
+        payload = self.payload() if answer and self.payload is not None else None
+        broadcast_object((bool(answer), payload), group=self.group)
+
+
+class RankZeroPolicy:
+    """A clip/noise policy that decides on rank 0 only; the other ranks release with rank 0's plan.
+
+    Why: a policy may depend on what only rank 0 sees or does (the learned controller evaluates on public data on
+    rank 0, trains its SAC with its own randomness, asks the driver's filter), so the ranks cannot each run a copy
+    and stay in step. Rank 0's plan for each step travels with its admission answer (:class:`SharedAdmission`
+    ``payload``): it is the plan of the event on the ledger, and every rank clips and noises with it. Only rank 0
+    observes releases (they are identical on every rank) and holds the policy's state.
+    """
+
+    def __init__(self, inner: Any, *, is_main_process: bool) -> None:
+        if is_main_process and inner is None:
+            raise ValueError("RankZeroPolicy: rank 0 needs the policy that decides the plans")
+        self.inner = inner if is_main_process else None
+        self.is_main_process = is_main_process
+        self.last: tuple[int, Any] | None = None
+        self._received: tuple[int, Any] | None = None
+
+    def plan(self, step: int, groups: Any) -> Any:
+        if self.is_main_process:
+            plan = self.inner.plan(step, groups)
+            self.last = (step, plan)
+            return plan
+        if self._received is None or self._received[0] != step:
+            got = None if self._received is None else self._received[0]
+            raise RuntimeError(f"rank 0's plan for step {step} did not arrive (last received: step {got})")
+        return self._received[1]
+
+    def observe(self, released: Any) -> None:
+        if self.is_main_process:
+            self.inner.observe(released)
+
+    def receive(self, payload: tuple[int, Any]) -> None:
+        """On other ranks: rank 0's (step, plan), delivered by the admission gate before the step."""
+        self._received = payload
+
+    def state_dict(self) -> Any:
+        return self.inner.state_dict() if self.inner is not None and hasattr(self.inner, "state_dict") else None
+
+    def load_state_dict(self, state: Any) -> None:
+        if self.inner is not None and hasattr(self.inner, "load_state_dict"):
+            self.inner.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------------------------------------------

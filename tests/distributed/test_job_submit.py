@@ -66,3 +66,117 @@ def test_job_with_outputs_in_rays_temporary_copy_is_refused_before_anything_runs
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert "inside Ray's temporary copy of the job's working directory" in text and "run.out_dir" in text
+
+
+def _ledger_steps(run_dir: Path, stage: str) -> list[int]:
+    path = run_dir / "ledger.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["step"] for r in rows if r.get("stage") == stage and "step" in r and "sampling_rate" in r]
+
+
+def _wait_for_run_dir(out: Path, proc_or_none, *, timeout: float = 600) -> Path:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        dirs = [d for d in out.iterdir() if d.is_dir()] if out.is_dir() else []
+        if dirs:
+            return dirs[0]
+        if proc_or_none is not None and proc_or_none.poll() is not None:
+            raise AssertionError(f"the job ended before making its run directory: {proc_or_none.stdout.read()}")
+        time.sleep(0.5)
+    raise AssertionError("no run directory appeared")
+
+
+def _wait_for_steps(run_dir: Path, stage: str, n: int, *, timeout: float = 900) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while len(_ledger_steps(run_dir, stage)) < n:
+        assert time.time() < deadline, f"stage {stage!r} did not record {n} steps in time"
+        time.sleep(0.2)
+
+
+def _verify(run_dir: Path) -> None:
+    verify = subprocess.run([sys.executable, "-m", "launch.cli", "privacy", "verify", str(run_dir)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+SFT_STEPS = 40  # long enough to strike mid-stage on a loaded machine
+
+
+@pytest.mark.timeout(1800)
+def test_a_killed_ray_train_worker_restarts_and_the_stage_resumes_at_the_ledgers_count(head, tmp_path):
+    """SIGKILL of the Ray Train worker (its pid from the head's state API) mid-SFT: ray.max_failures=1 restarts
+    the group, which resumes after the last step on the ledger. The job succeeds, no step is on the ledger twice,
+    none is missing, and the ledger verifies."""
+    import os
+    import signal
+
+    address, env, _ = head
+    out = tmp_path / "runs"
+    cmd = [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--", "python", "-m",
+           "launch.cli", "run", "--config", "launch/configs/tiny.yaml", "--no-progress", f"run.out_dir={out}",
+           f"run.cache_dir={tmp_path / 'cache'}", "ray.num_workers=1", "ray.max_failures=1",
+           "run.checkpoint_every=2", f"sft.steps={SFT_STEPS}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        run_dir = _wait_for_run_dir(out, proc)
+        _wait_for_steps(run_dir, "sft", 3)
+        listed = subprocess.run([RAY, "list", "actors", "--address", address, "--filter", "class_name=RayTrainWorker",
+                                 "--filter", "state=ALIVE", "--format", "json"], env=env, capture_output=True,
+                                text=True, timeout=120)
+        workers = json.loads(listed.stdout)
+        assert len(workers) == 1, listed.stdout + listed.stderr
+        os.kill(int(workers[0]["pid"]), signal.SIGKILL)  # the learner, mid-stage
+        killed_after = len(_ledger_steps(run_dir, "sft"))
+        stdout, _ = proc.communicate(timeout=1500)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stdout[-4000:]
+    assert killed_after < SFT_STEPS, "the kill came after the stage: nothing was tested"
+    steps = _ledger_steps(run_dir, "sft")
+    assert steps == list(range(SFT_STEPS)), steps  # every planned step once: none retaken, none lost from the ledger
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "completed"
+    _verify(run_dir)
+
+
+@pytest.mark.timeout(1800)
+def test_a_stopped_job_driver_is_resumed_by_a_new_job_with_run_resume(head, tmp_path):
+    """The job's driver is stopped mid-SFT (``ray job stop``); ``dpalign run --resume RUN_DIR`` submitted as a new
+    job finishes the run in the same directory: the ledger keeps every step the first job recorded, never records
+    a step twice, and verifies."""
+    import time
+
+    address, env, _ = head
+    out = tmp_path / "runs"
+    job_id = f"dpalign-driver-kill-{int(time.time())}"
+    submit = [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--submission-id", job_id,
+              "--no-wait", "--", "python", "-m", "launch.cli", "run", "--config", "launch/configs/tiny.yaml",
+              "--no-progress", f"run.out_dir={out}", f"run.cache_dir={tmp_path / 'cache'}", "ray.num_workers=1",
+              "run.checkpoint_every=2", f"sft.steps={SFT_STEPS}"]
+    first = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    run_dir = _wait_for_run_dir(out, None)
+    _wait_for_steps(run_dir, "sft", 3)
+    stop = subprocess.run([RAY, "job", "stop", "--address", address, job_id], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    before = _ledger_steps(run_dir, "sft")
+    assert len(before) < SFT_STEPS, "the driver was stopped after the stage: nothing was tested"
+    assert not (run_dir / "report.json").exists()
+
+    resume = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                             "python", "-m", "launch.cli", "run", "--resume", str(run_dir), "--no-progress"],
+                            env=env, capture_output=True, text=True, timeout=1500)
+    assert resume.returncode == 0, (resume.stdout + resume.stderr)[-4000:]
+    assert _run_dir_from(resume.stdout) == run_dir
+    steps = _ledger_steps(run_dir, "sft")
+    assert steps[: len(before)] == before and len(set(steps)) == len(steps) == SFT_STEPS, steps
+    assert json.loads((run_dir / "report.json").read_text())["status"] == "completed"
+    _verify(run_dir)

@@ -98,7 +98,7 @@ def open_ledger(root: Path, *, spent_before: float | None = None) -> Ledger:
 
 def run_stage(dirs, root: Path, *extra: str, stage: str = "sft", distributed: bool = False,
               spent_before: float | None = None, checkpoint_dir: Path | None = None, ledger: Ledger | None = None,
-              **kw):
+              policy_factory=None, **kw):
     """One private stage with a real ledger (``ledger``, else a new one; closed afterwards); returns (summary,
     trained tensors, ledger events, ledger path)."""
     from safetensors.torch import load_file
@@ -107,7 +107,7 @@ def run_stage(dirs, root: Path, *extra: str, stage: str = "sft", distributed: bo
     ledger = ledger if ledger is not None else open_ledger(root, spent_before=spent_before)
     ctx = StageContext(stage=stage, cfg=cfg, private=True, ledger=ledger, target_epsilon=TARGET_EPS,
                        target_delta=TARGET_DELTA, seed=5, progress=False, distributed=distributed,
-                       ray_storage=root / "ray_train", checkpoint_dir=checkpoint_dir)
+                       ray_storage=root / "ray_train", checkpoint_dir=checkpoint_dir, policy_factory=policy_factory)
     try:
         if stage == "sft":
             from trainers.stages.sft import run_sft
@@ -204,14 +204,57 @@ def test_two_gloo_workers_share_rank_0s_secret_noise(dirs, ray_up, sft_reference
     assert any(not torch.allclose(v, sft_reference[1][k]) for k, v in tensors.items() if "lora_B" in k)
 
 
-def test_distributed_learner_refuses_the_learned_controller(dirs):
-    cfg = load_config(RunConfig, None, [*OVERRIDES, "ray.num_workers=2", "controller.enabled=true",
-                                        "privacy.accountant=rdp"])
-    ctx = StageContext(stage="sft", cfg=cfg, private=False, distributed=True, progress=False)
+def test_learned_controller_on_two_gloo_workers_equals_in_process(dirs, ray_up, tmp_path):
+    """The controller decides on rank 0 and its plan travels with the admission answer: 2 Ray Train workers give
+    the in-process run's events (the plans the ledger accounts for) and, to float tolerance, its weights."""
+    from controller.policy import controller_policy_factory
+
+    extra = ("controller.enabled=true", "controller.interval=1", "privacy.accountant=rdp")
+    cfg = load_config(RunConfig, None, [*OVERRIDES, *extra])
+    factory = controller_policy_factory(cfg.controller)
+
+    def rdp_ledger(root: Path) -> Ledger:  # the controller needs the RDP filter (order fixed before the run)
+        root.mkdir(parents=True, exist_ok=True)
+        return Ledger.open(root / "ledger.jsonl", run_id="t", target_epsilon=TARGET_EPS, target_delta=TARGET_DELTA,
+                           accountant="rdp", rdp_order=8.0)
+
+    from trainers.models.base import eval_windows, pack
+    from trainers.models.tokenizer import load_tokenizer
+
+    # the controller's objective: the loss on PUBLIC text (rank 0 evaluates it)
+    windows = eval_windows(pack(load_tokenizer(dirs["base"]), SENTENCES * 3), seq_len=16, max_tokens=64)
+    ref = run_stage(dirs, tmp_path / "local", *extra, policy_factory=factory, ledger=rdp_ledger(tmp_path / "local"),
+                    public_windows=windows)
+    got = run_stage(dirs, tmp_path / "ray2", *extra, "ray.num_workers=2", distributed=True, policy_factory=factory,
+                    ledger=rdp_ledger(tmp_path / "ray2"), public_windows=windows)
+    assert got[0]["status"] == ref[0]["status"] == "completed" and got[0]["steps"] == 2
+    assert [(e.step, e.sampling_rate) for e in got[2]] == [(e.step, e.sampling_rate) for e in ref[2]]
+    for a, b in zip(got[2], ref[2], strict=True):
+        assert a.noise_multiplier == pytest.approx(b.noise_multiplier, rel=1e-4)
+    assert_same_training(ref, got, atol=1e-4)
+
+
+def test_a_policy_factory_that_cannot_travel_is_refused_before_the_ledger_hears_of_the_stage(dirs, tmp_path):
+    import threading
+
+    lock = threading.Lock()
+
+    def factory(**kw):  # closes over a lock: cannot be pickled to the workers
+        with lock:
+            raise AssertionError("never built")
+
+    cfg = load_config(RunConfig, None, [*OVERRIDES, "ray.num_workers=2"])
+    ledger = open_ledger(tmp_path)
+    ctx = StageContext(stage="sft", cfg=cfg, private=True, ledger=ledger, target_epsilon=TARGET_EPS,
+                       target_delta=TARGET_DELTA, distributed=True, progress=False, policy_factory=factory)
     from trainers.stages.sft import run_sft
 
-    with pytest.raises(ValueError, match="ray.num_workers=0"):
-        run_sft(ctx, base_dir=dirs["base"], data_path=str(dirs["d1"]), out_dir=dirs["root"] / "refused")
+    try:
+        with pytest.raises(ValueError, match="cannot be sent to the Ray Train learners"):
+            run_sft(ctx, base_dir=dirs["base"], data_path=str(dirs["d1"]), out_dir=tmp_path / "refused")
+    finally:
+        ledger.close()
+    assert read_ledger(tmp_path / "ledger.jsonl").events == []
 
 
 @pytest.mark.slow  # ~40 s on 2 cores: DeepSpeed import and engine set-up in each worker

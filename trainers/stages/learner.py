@@ -128,6 +128,7 @@ def build_engine(
     filter (local ledger or the driver's sink actor), the all-reduce before noise, ``is_main_process``.
     ``apply_fn`` applies the final gradient (DeepSpeed's optimizer); None writes ``.grad`` for ``optimizer``.
     """
+    from trainers.distributed import RankZeroPolicy
     from trainers.engine.engine import DPEngine, clipping_groups, trainable_named_parameters
 
     grouping = ENGINE_GROUPING[ctx.cfg.engine.clipping]
@@ -142,10 +143,6 @@ def build_engine(
             GroupSpec(name=n, numel=sum(params[i][1].numel() for i in idx), param_names=tuple(params[i][0] for i in idx))
             for n, idx in clipping_groups(model, params, grouping)
         ]
-        policy = make_policy(
-            ctx, sigma=sigma, groups=specs, expected_batch_size=q * users.num_users,
-            steps=steps, sampling_rate=q, repeats=repeats, validation_loss=validation_loss,
-        )
     hooks: dict[str, Any]
     if learner is not None:
         hooks = {k: v for k, v in learner.hooks.items() if ctx.private or k not in ("event_sink", "admit")}
@@ -159,6 +156,19 @@ def build_engine(
         hooks = {"event_sink": sink, "admit": ledger.admit}
     else:
         hooks = {}
+    if ctx.private:
+        many = learner is not None and learner.world_size > 1
+        main = learner is None or learner.is_main_process
+
+        def decide() -> Any:
+            return make_policy(
+                ctx, sigma=sigma, groups=specs, expected_batch_size=q * users.num_users, steps=steps,
+                sampling_rate=q, repeats=repeats, validation_loss=validation_loss, admit=hooks.get("admit"),
+            )
+
+        # On several ranks rank 0 alone decides each step's plan; it travels with the admission answer
+        # (share_admission), so the plan the ledger accounts for is the one every rank releases with.
+        policy = RankZeroPolicy(decide() if main else None, is_main_process=main) if many else decide()
     return DPEngine(
         model,
         stage=ctx.stage,
@@ -471,11 +481,15 @@ def share_admission(ctx: StageContext, learner: Any, engine: Any) -> Any:
     ``gate.admitted()`` right before ``engine.step``. Disabled (nothing sent or awaited) for one rank or a
     non-private stage. Collective under NCCL (a gloo group for the objects is created): every rank calls it.
     """
-    from trainers.distributed import SharedAdmission, object_group
+    from trainers.distributed import RankZeroPolicy, SharedAdmission, object_group
 
     many = learner.world_size > 1 and ctx.private
-    gate = SharedAdmission(enabled=many, is_main_process=learner.is_main_process,
-                           group=object_group() if many else None)
+    shares_plan = many and isinstance(engine.policy, RankZeroPolicy)
+    gate = SharedAdmission(
+        enabled=many, is_main_process=learner.is_main_process, group=object_group() if many else None,
+        payload=(lambda: engine.policy.last) if shares_plan else None,
+        on_payload=engine.policy.receive if shares_plan else None,
+    )
     if many and learner.is_main_process:
         hooks = gate.wrap({"event_sink": engine.event_sink, "admit": engine.admit})
         engine.event_sink, engine.admit = hooks["event_sink"], hooks["admit"]

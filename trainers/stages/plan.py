@@ -174,7 +174,8 @@ def prepare_run(cfg: Any, stage_users: Mapping[str, set[str]]) -> PrivacyPlan:
 
 def stage_plan(ctx: Any, *, num_users: int, sampling_rate: float, steps: int, repeats: int = 1) -> StagePlan:
     """The plan a recipe runs under: ``ctx.plan`` checked against the stage's data and schedule, or, for a recipe
-    called directly without one, this stage planned from the context's target and ledger.
+    called directly without one, this stage planned from the context's target and ledger (and set as ``ctx.plan``,
+    so the learners -- in this process or on Ray Train workers, where there is no ledger -- see the same plan).
 
     Raises:
         ValueError: the plan was made for other data or another schedule; a private context without a target;
@@ -190,6 +191,7 @@ def stage_plan(ctx: Any, *, num_users: int, sampling_rate: float, steps: int, re
             repeats=repeats, target_epsilon=ctx.target_epsilon, delta=ctx.target_delta, accountant=accountant,
             rdp_order=order, composition=ledger.run.composition if ledger is not None else None,
         )
+        ctx.plan = plan
     if plan.stage != ctx.stage or plan.private != ctx.private:
         raise ValueError(f"stage {ctx.stage!r} (private={ctx.private}) was given the plan of {plan.stage!r} "
                          f"(private={plan.private})")

@@ -34,22 +34,29 @@ from trainers.stages.learner import (
 def worker_context(ctx: StageContext) -> StageContext:
     """The picklable part of ``ctx`` that travels to the workers (no ledger file, no TensorBoard writer).
 
-    ``checkpoint_dir`` is made absolute: a worker's working directory need not be the driver's.
+    ``checkpoint_dir`` is made absolute: a worker's working directory need not be the driver's. The policy
+    factory (the learned controller) travels: rank 0 builds the policy, the other ranks release with its plans.
     """
     from dataclasses import replace
 
     ck = Path(ctx.checkpoint_dir).resolve() if ctx.checkpoint_dir is not None else None
-    return replace(ctx, ledger=None, metrics=None, policy_factory=None, checkpoint_dir=ck)
+    return replace(ctx, ledger=None, metrics=None, checkpoint_dir=ck)
 
 
 def check_distributable(ctx: StageContext) -> None:
-    """Refuse, before any privacy is spent, what the Ray Train learners cannot run with the same guarantees."""
-    controller_cfg = getattr(ctx.cfg, "controller", None)
-    if ctx.policy_factory is not None or (controller_cfg is not None and controller_cfg.enabled):
+    """Refuse, before any privacy is spent, what cannot travel to the Ray Train learners: a policy factory that
+    does not pickle (it is built again on rank 0 of the workers)."""
+    if ctx.policy_factory is None:
+        return
+    import ray.cloudpickle
+
+    try:
+        ray.cloudpickle.dumps(ctx.policy_factory)
+    except Exception as err:  # noqa: BLE001 - any pickling failure is the same refusal
         raise ValueError(
-            f"stage {ctx.stage!r}: the learned controller (controller.enabled or a policy_factory) runs only with "
-            "the learner in the driver process, where it reads the ledger's filter; set ray.num_workers=0"
-        )
+            f"stage {ctx.stage!r}: StageContext.policy_factory cannot be sent to the Ray Train learners ({err}); "
+            "use a module-level factory (controller.policy.controller_policy_factory) or set ray.num_workers=0"
+        ) from None
 
 
 @contextmanager
