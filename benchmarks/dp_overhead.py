@@ -15,8 +15,11 @@ Variants:
   * ``engine``: ``DPEngine.step`` (per-user grads or norms, per-module clipping, isotropic noise, event) +
     ``opt.step()``, noise keyed by a fresh OS secret (the default of every run; torch's generator); the engine
     picks ghost norms or materialised per-user gradients per module (``per_user_mode="auto"``).
-  * ``engine_ref``: the same engine forced to materialise every per-user gradient (``per_user_mode="materialize"``,
-    the engine before ghost norms) -- the speed-up of the fast path, measured in the same run.
+  * ``engine_ref``: the same engine forced to materialise every per-user gradient (``per_user_mode="materialize"``).
+    For LoRA the ``auto`` rule already materialises every module (ghost norms cost more there, see
+    ``trainers.engine.per_user``), so ``engine`` and ``engine_ref`` run the same code and differ by noise only.
+  * ``engine_ghost`` (not in the default set): the engine forced to ghost norms for every Linear weight
+    (``per_user_mode="ghost"``): what the ``auto`` rule avoids for LoRA.
   * ``engine_secure`` (``--secure-rng``): ``engine`` with ``privacy.secure_rng`` (noise from SHAKE-256).
   * ``opacus``: ``PrivacyEngine.make_private(grad_sample_mode="hooks")`` on the same peft model; flat clipping.
   * ``opacus_ghost``: ``make_private(grad_sample_mode="ghost")`` (Opacus' fast gradient / ghost clipping: two
@@ -55,7 +58,7 @@ SETTINGS = {
     "attn1": {"targets": ("c_attn",), "records_per_user": 1},
     "all4": {"targets": ("c_attn", "c_proj", "c_fc"), "records_per_user": 4},
 }
-VARIANTS = ("nonprivate", "engine", "engine_ref", "opacus", "opacus_ghost", "engine_secure")
+VARIANTS = ("nonprivate", "engine", "engine_ref", "engine_ghost", "opacus", "opacus_ghost", "engine_secure")
 DEFAULT_VARIANTS = ("nonprivate", "engine", "engine_ref", "opacus", "opacus_ghost")
 BATCH, SEQ, LORA_R = 32, 128, 4
 
@@ -118,12 +121,12 @@ def _worker(size: str, setting: str, variant: str, steps: int, batch: int, seq: 
             per_record_loss(records).mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-    elif variant in ("engine", "engine_ref", "engine_secure"):
+    elif variant in ("engine", "engine_ref", "engine_ghost", "engine_secure"):
         from trainers.engine import DPEngine, FixedPolicy, UserBatch
         from trainers.engine.sampling import NoiseSeed
 
         secret = NoiseSeed.draw(secure_rng=variant == "engine_secure")
-        mode = {"engine_ref": "materialize"}.get(variant, "auto")
+        mode = {"engine_ref": "materialize", "engine_ghost": "ghost"}.get(variant, "auto")
         engine = DPEngine(model, stage="bench", sampling_rate=0.01, num_users=batch * 100, seed=secret,
                           policy=FixedPolicy(noise_multiplier=1.0, clip_norm=1.0), event_sink=lambda e: None,
                           optimizer=opt, check_record_independence=False, per_user_mode=mode)
