@@ -7,7 +7,7 @@ export RAY_AUTH_MODE ?= disabled
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test test-slow mutate bench bench-utility lint clean
+.PHONY: venv run test test-slow mutate bench bench-gpu bench-utility lint clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/accounting.py --json
 	$(PY) benchmarks/dp_overhead.py --json
 	$(PY) benchmarks/controller.py --json
+	$(PY) benchmarks/ppo_iteration.py --json
+
+# The overhead and PPO benchmarks at GPT-2-small scale on a CUDA device, bf16, JSON under benchmarks/results/.
+bench-gpu: $(STAMP)
+	PY=$(PY) benchmarks/gpu.sh
 
 # The privacy-utility table (Wu et al. Table 1 style): many full pipeline runs; hours on 2 CPU cores.
 bench-utility: $(STAMP)

@@ -43,9 +43,11 @@ class Mutation:
 
 
 ENGINE = "trainers/engine/engine.py"
+PER_USER = "trainers/engine/per_user.py"
 LEDGER = "accounting/ledger.py"
 T_PRIV = "tests/engine/test_engine_privacy.py"
 T_SOUND = "tests/engine/test_engine_soundness.py"
+T_FAST = "tests/engine/test_engine_fast_path.py"
 T_LEDGER = "tests/accounting/test_acct_ledger.py"
 T_LEARN = "tests/stages/test_stage_learners.py"
 
@@ -93,9 +95,24 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "clip_over_one_tensor_of_a_group",
         "a group (LoRA A and B) is clipped by the norm of its first tensor only",
-        ((ENGINE, "sq = sum(per_user[i].flatten(1).pow(2).sum(1) for i in members)  # [U]",
-          "sq = per_user[members[0]].flatten(1).pow(2).sum(1)  # [U]"),),
+        ((ENGINE, "sq = sum(sq_norms(per_user[i]) for i in members)  # [U]",
+          "sq = sq_norms(per_user[members[0]])  # [U]"),),
         (f"{T_SOUND}::test_adding_one_user_moves_every_release_by_at_most_its_accounted_sensitivity",),
+    ),
+    Mutation(
+        "ghost_norm_drops_cross_token_terms",
+        "ghost norms sum each token's ||x|| ||g|| squared and drop the pairs of a user's tokens and records",
+        ((PER_USER, "return (torch.bmm(xp, xp.transpose(1, 2)) * torch.bmm(gp, gp.transpose(1, 2))).sum((1, 2))  # [U]",
+          "return (torch.bmm(xp, xp.transpose(1, 2)) * torch.bmm(gp, gp.transpose(1, 2)))"
+          ".diagonal(dim1=1, dim2=2).sum(1)  # [U]"),),
+        (f"{T_FAST}::test_fast_release_equals_reference_release_for_users_with_several_records",),
+    ),
+    Mutation(
+        "ghost_clipped_sum_unscaled",
+        "the book-kept clipped sum of a ghost tensor ignores the users' clip factors (clipping disabled)",
+        ((PER_USER, "w = scales.to(g.device, torch.float32)[rows].reshape(-1, *([1] * (g.dim() - 1)))  # [n, 1, ...]",
+          "w = torch.ones_like(scales.to(g.device, torch.float32)[rows]).reshape(-1, *([1] * (g.dim() - 1)))"),),
+        (f"{T_FAST}::test_fast_release_equals_reference_release_for_users_with_several_records",),
     ),
     Mutation(
         "event_q_halved",

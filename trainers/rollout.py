@@ -105,12 +105,14 @@ def generate_rollouts(
     """Sample a response for each prompt; micro-batch j of this call uses ``seed + first_batch + j``.
 
     Prompts are encoded as ``BOS + prompt`` (the context of pretraining) and LEFT-padded so every row's last
-    prompt token sits at the last column and generation continues right after it. ``temperature == 0`` decodes
-    greedily. The caller's global RNG is untouched (forked).
+    prompt token sits at the last column and generation continues right after it. ``model.generate`` keeps the KV
+    cache (each new token costs one position, not the whole prefix) and runs under bf16 autocast on CUDA
+    (``trainers.precision``). ``temperature == 0`` decodes greedily. The caller's global RNG is untouched (forked).
     """
     import torch
 
     from trainers.models.tokenizer import padding_side
+    from trainers.precision import autocast
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
@@ -132,7 +134,8 @@ def generate_rollouts(
             chunk = [bos + p for p in prompts[start : start + batch_size]]
             with padding_side(tokenizer, "left"):
                 enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad(), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            with torch.no_grad(), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]), \
+                    autocast(device):  # bf16 on CUDA (trainers.precision); nothing on CPU
                 torch.manual_seed(seed + first_batch + j)
                 ids = model.generate(
                     **enc, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_id, **kwargs

@@ -44,9 +44,17 @@ from torch import Tensor, nn
 from accounting.events import PrivacyEvent
 from accounting.ledger import BudgetExceededError
 from accounting.mechanisms import effective_noise_multiplier
-from trainers.engine.per_user import PerUserGradCollector, check_no_cross_example_modules
+from trainers.engine.per_user import (
+    PerUserGrad,
+    PerUserGradCollector,
+    PerUserMode,
+    check_no_cross_example_modules,
+    sq_norms,
+    weighted_sum,
+)
 from trainers.engine.policy import ClipNoisePolicy, GroupSpec, ReleasedStep, StepPlan
 from trainers.engine.sampling import NoiseSeed, release_generator
+from trainers.precision import autocast, full_precision
 
 ReduceFn = Callable[[list[Tensor]], None]
 ApplyFn = Callable[[Sequence[Tensor]], None]
@@ -195,6 +203,8 @@ class DPEngine:
         check_record_independence: bool = True,
         check_weights_move: bool = True,
         start_step: int = 0,
+        per_user_mode: PerUserMode = "auto",
+        mixed_precision: bool = True,
     ) -> None:
         """Args:
         stage: ledger stage name ("sft", "rm", "ppo", ...).
@@ -219,6 +229,11 @@ class DPEngine:
             other records of its micro-batch.
         check_weights_move: at the second step, fail if the first non-zero update did not change the weights.
         start_step: first logical step index (resume).
+        per_user_mode: how per-user gradient norms are computed (``trainers.engine.per_user``): ``auto`` picks per
+            module ghost norms or materialised per-user gradients, whichever costs less; ``materialize`` and
+            ``ghost`` force one (tests and benchmarks). The release is the same up to float rounding.
+        mixed_precision: run the loss's forward under bf16 autocast when the model is on a CUDA device with bf16
+            (``trainers.precision``); per-user gradients, norms, clipping and noise stay fp32. No effect on CPU.
         """
         if not 0.0 < sampling_rate <= 1.0:
             raise ValueError(f"sampling_rate={sampling_rate}: must be in (0, 1]")
@@ -264,6 +279,8 @@ class DPEngine:
         self.reduce_fn = reduce_fn
         self.apply_fn = apply_fn or self._write_grads
         self.is_main_process = is_main_process
+        self.mixed_precision = bool(mixed_precision)
+        self._device = self.params[0][1].device
         self._check_independence = check_record_independence
         self._check_move = check_weights_move
         raw_groups = clipping_groups(model, self.params, grouping)
@@ -280,7 +297,7 @@ class DPEngine:
         for k, idx in enumerate(self.group_members):
             for i in idx:
                 self.group_of_param[i] = k
-        self._collector = PerUserGradCollector(model, self.params) if policy is not None else None
+        self._collector = PerUserGradCollector(model, self.params, per_user_mode) if policy is not None else None
         self.next_step = int(start_step)
         self.last_plan: StepPlan | None = None  # the plan of the latest private step (public: chosen before it)
         self._open: tuple[int, int, int, StepPlan | None, PrivacyEvent | None, Tensor] | None = None
@@ -392,21 +409,24 @@ class DPEngine:
         finally:
             self.model.train(was_training)
 
-    def per_user_gradients(self, batch: UserBatch, loss_fn: LossFn) -> tuple[Tensor, list[Tensor]]:
-        """Raw per-user gradients: (user ids [U] sorted, per trainable tensor [U, *shape] float32).
+    def per_user_gradients(self, batch: UserBatch, loss_fn: LossFn) -> tuple[Tensor, list[PerUserGrad]]:
+        """Raw per-user gradients: (user ids [U] sorted, per trainable tensor [U, *shape] float32 or a ``GhostGrad``
+        holding its factors; ``trainers.engine.per_user.as_tensor`` materialises either).
 
-        PRIVATE data: for tests and audits only, never log or release these.
+        PRIVATE data: the engine reads their norms and clipped sum; tests and audits may compare them; never log
+        or release these.
         """
         if self._collector is None:
             raise ValueError("per_user_gradients needs an engine built with a policy")
         users, slots = torch.unique(batch.user_ids, sorted=True, return_inverse=True)  # [U], [R]
-        self._collector.begin(int(users.numel()))
+        self._collector.begin(int(users.numel()), torch.bincount(slots.cpu(), minlength=int(users.numel())))
         saved = [p.grad for _, p in self.params]
         try:
             for index in self.microbatches(batch):
                 records = _select(batch.records, index, batch.num_records)
-                with self._collector.capturing(slots[index].to(self.params[0][1].device)):
-                    loss = self._loss(loss_fn, records, index.numel())
+                with self._collector.capturing(slots[index].to(self._device)):
+                    with autocast(self._device, enabled=self.mixed_precision):
+                        loss = self._loss(loss_fn, records, index.numel())
                     # Differentiate w.r.t. the hooked modules' OUTPUTS only: their hooks build the per-record
                     # gradients, and no parameter .grad is touched -- so DeepSpeed's ZeRO-2/3 gradient hooks never
                     # see (and never reduce) the unclipped sum, and frozen weights cost no gradient at all.
@@ -416,7 +436,7 @@ class DPEngine:
         finally:
             for (_, p), g in zip(self.params, saved, strict=True):
                 p.grad = g
-        return users, self._collector.buffers
+        return users, self._collector.grads()
 
     def _summed_gradients(self, batch: UserBatch, loss_fn: LossFn) -> list[Tensor]:
         """Non-private: the sum over records of each record's gradient, per trainable tensor (plain autograd)."""
@@ -424,34 +444,38 @@ class DPEngine:
         sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
         for index in self.microbatches(batch):
             records = _select(batch.records, index, batch.num_records)
-            loss = self._loss(loss_fn, records, index.numel())
+            with autocast(self._device, enabled=self.mixed_precision):
+                loss = self._loss(loss_fn, records, index.numel())
             grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
             for s, g in zip(sums, grads, strict=True):
                 if g is not None:
                     s += g.float()
         return sums
 
-    def clip_and_sum(self, per_user: list[Tensor], clip_norms: Sequence[float]) -> tuple[list[Tensor], Tensor, Tensor]:
+    def clip_and_sum(
+        self, per_user: list[PerUserGrad], clip_norms: Sequence[float]
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
         """Clip each user's group-k gradient to C_k and sum over users.
+
+        Only the clipped sums are materialised: a ghost tensor's norms come from its Gram matrices and its sum
+        from one matmul with the rows scaled by their user's factor (``trainers.engine.per_user``).
 
         Returns:
             (sums per tensor [*shape], unclipped counts per group [K] float32, scale factors [K, U]).
             A count is the number of users whose group norm was <= C_k (private until noised).
         """
         num_users = per_user[0].shape[0]
-        device = per_user[0].device
+        device = self.params[0][1].device
         scales = torch.ones(len(self.groups), num_users, device=device)  # [K, U]
         counts = torch.zeros(len(self.groups), device=device)  # [K]
         for k, members in enumerate(self.group_members):
             c = clip_norms[k]
-            sq = sum(per_user[i].flatten(1).pow(2).sum(1) for i in members)  # [U]
+            sq = sum(sq_norms(per_user[i]) for i in members)  # [U]
             norms = torch.sqrt(sq)  # [U]
             if not math.isinf(c):
                 scales[k] = torch.clamp(c / (norms + _EPS), max=1.0)
             counts[k] = (norms <= c).sum()
-        sums = [
-            torch.tensordot(scales[self.group_of_param[i]], g, dims=1) for i, g in enumerate(per_user)
-        ]  # each [*shape]
+        sums = [weighted_sum(g, scales[self.group_of_param[i]]) for i, g in enumerate(per_user)]  # each [*shape]
         return sums, counts, scales
 
     @staticmethod
@@ -548,6 +572,12 @@ class DPEngine:
         self, batch: UserBatch, loss_fn: LossFn, step: int, release: int, plan: StepPlan
     ) -> tuple[list[Tensor], ReleasedStep]:
         _, per_user = self.per_user_gradients(batch, loss_fn)
+        with full_precision(self._device):  # norms, clip factors, sums and noise in fp32 under any autocast
+            return self._clip_and_noise(per_user, step, release, plan)
+
+    def _clip_and_noise(
+        self, per_user: list[PerUserGrad], step: int, release: int, plan: StepPlan
+    ) -> tuple[list[Tensor], ReleasedStep]:
         sums, counts, _ = self.clip_and_sum(per_user, plan.clip_norms)
         centred = self.centred_counts(counts, per_user[0].shape[0])  # [K]
         if self.reduce_fn is not None:
