@@ -1,4 +1,5 @@
-"""Shared test setup: no Ray auth token, quiet tokenizers, one torch thread (CI has 2 cores).
+"""Shared test setup: no Ray auth token, quiet tokenizers, one torch thread (CI has 2 cores), one Ray session,
+and the shared tiny tokenizer (the tiny models themselves are built by tests/tiny_models.py).
 
 One intra-op thread for the whole session: the models are tiny, so thread start-up and contention cost more than
 they save (measured on the 2-core machine: tests/engine/test_engine_grads.py 28.7 s with default threads, 4.5 s
@@ -13,6 +14,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Ray Train in tests: its controller polls the workers every 2 s, so a run of a few seconds idles up to 2 s more
+# before its end is noticed; and each run starts a preemption-watcher actor (one more Python process) and metrics
+# callbacks that no test reads (node drains and Prometheus metrics are cluster operations, not dpalign's logic).
+# Measured on the loaded 2-core machine, two no-op one-worker runs: 34 s of CPU with Ray's defaults, 28 s with
+# these. Set before Ray starts, so its processes inherit them.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -36,11 +45,58 @@ def _thread_count_is_restored():
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One embedded Ray for every test module that needs one (starting Ray costs ~3 s and stopping it ~1 s, once
-    per module before). 4 logical CPUs: 2 learner workers next to 2 rollout actors fit. Stopped at the end of the
-    session, and only if this fixture started it (a stale Ray in the process is never stopped by name)."""
+    per module before). 4 logical CPUs: 2 learner workers next to 2 rollout actors fit. Its own temporary
+    directory (RAY_TMPDIR, removed afterwards; ports are Ray's free ones), so test sessions running side by side
+    never share Ray's session files. Stopped at the end of the session, and only if this fixture started it (a
+    stale Ray in the process is never stopped by name)."""
+    import shutil
+    import tempfile
+
     from cluster.runtime import init_ray, shutdown_ray
 
-    runtime = init_ray(num_cpus=4, address="local")
-    yield runtime
-    if runtime.started_here:
-        shutdown_ray()
+    before = os.environ.get("RAY_TMPDIR")
+    temp_dir = tempfile.mkdtemp(prefix="dpalign-ray-", dir="/tmp")  # short: Ray's socket paths live below it
+    os.environ["RAY_TMPDIR"] = temp_dir
+    try:
+        runtime = init_ray(num_cpus=4, address="local")
+        yield runtime
+        if runtime.started_here:
+            shutdown_ray()
+    finally:
+        if before is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = before
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_module(request, ray_cluster):
+    """The session's Ray for one test module, with that module and tests/tiny_models.py pickled by value: Ray
+    workers import no test module by name (tests/ is not a package on their path)."""
+    import ray
+    import ray.cloudpickle
+
+    from tests import tiny_models
+
+    for module in (request.module, tiny_models):
+        ray.cloudpickle.register_pickle_by_value(module)
+    yield ray
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> str:
+    """One ``run.cache_dir`` for the tests that run launch/configs/tiny.yaml: its public data, tokenizer and
+    pretrained base model are built once per session instead of once per module. Entries are keyed by their
+    config, so a test with other data or model settings builds its own; a test that checks a fresh build (the
+    ``built`` flag) uses its own tmp_path instead."""
+    return str(tmp_path_factory.mktemp("tiny_cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The project's BPE tokenizer trained on tests/tiny_models.SENTENCES (300 symbols), trained once per session.
+    Read-only: tests save it next to their models, never change it."""
+    from tests.tiny_models import tiny_tokenizer
+
+    return tiny_tokenizer()

@@ -181,10 +181,14 @@ def test_filter_refuses_and_stage_stops_cleanly_pld(tmp_path):
             ledger.record(ev("sft", step, sigma=2.0, q=0.05))
         ledger.end_stage("sft", status="refused", reason=refusal.reason)
         report = ledger.report()
-    # The filter stopped exactly at the budget: one more release would exceed it (checked independently).
-    direct = PLDAccountant()
-    direct.compose(dp_accounting.SelfComposedDpEvent(ev("sft", 0, sigma=2.0, q=0.05).to_dp_event(), step))
-    assert direct.get_epsilon(DELTA) <= 1.0 * 1.01 and report["epsilon"] <= 1.0
+    # The filter stopped exactly at the budget, checked independently by dp-accounting's own PLD accountant with
+    # no slack: the admitted releases fit the target and one more would exceed it (measured 0.9944 vs 1.0004).
+    def direct(count: int) -> float:
+        acc = PLDAccountant()
+        acc.compose(dp_accounting.SelfComposedDpEvent(ev("sft", 0, sigma=2.0, q=0.05).to_dp_event(), count))
+        return acc.get_epsilon(DELTA)
+
+    assert direct(step) <= 1.0 < direct(step + 1) and report["epsilon"] <= 1.0
     assert report["stages"]["sft"]["status"] == "refused" and "budget" in report["stages"]["sft"]["reason"]
     assert step > 10
 

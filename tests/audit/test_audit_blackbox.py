@@ -22,8 +22,8 @@ TINY = "launch/configs/tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("cache"))
+def cache(tiny_cache: str) -> str:
+    return tiny_cache
 
 
 def _cfg(cache: str, *overrides: str) -> RunConfig:

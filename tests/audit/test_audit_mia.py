@@ -4,9 +4,10 @@ untrained model shows chance-level AUC and little exposure."""
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from accounting.audit.mia import auc_with_ci
+from tests.tiny_models import tiny_gpt2
 from trainers.audit.mia import log_perplexity, loss_scores, reference_scores, secret_exposure
 from trainers.rlhf.sft import causal_lm_loss_per_record
 
@@ -14,18 +15,7 @@ VOCAB, LEN = 64, 10
 
 
 def _model(seed: int) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=32,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(cfg)
+    return tiny_gpt2(vocab_size=VOCAB, seed=seed)
 
 
 def _train(model: GPT2LMHeadModel, ids: torch.Tensor, steps: int) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from accounting.ledger import Ledger
+from tests import tiny_models as T
 from trainers.rlhf.sft import causal_lm_loss_per_record
 
 VOCAB = 64
@@ -16,31 +17,9 @@ SEQ = 10
 
 
 def tiny_lora_lm(n_layer: int, seed: int = 0) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from trainers.models.lora import add_lora
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        n_layer=n_layer,
-        n_embd=16,
-        n_head=2,
-        vocab_size=VOCAB,
-        n_positions=32,
-        tie_word_embeddings=False,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = add_lora(GPT2LMHeadModel(cfg), r=2, alpha=4)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    return model
+    """Hidden 16, no dropout, untied embeddings, LoRA r=2 with random A and B."""
+    return T.tiny_lora_gpt2(seed=seed, r=2, alpha=4, scale=0.1, vocab_size=VOCAB, n_layer=n_layer, n_embd=16,
+                            tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
 
 
 def records(num_users: int, seed: int = 0) -> tuple[dict[str, Tensor], Tensor]:

@@ -3,7 +3,8 @@
 The DP step here is the textbook computation (per-user autograd, per-module clipping, sum, reduce, noise from a
 (seed, step) generator, divide by q*N), written independently of the engine so that the distributed mechanism
 (sharding, all-reduce before noise, same noise on every rank, DeepSpeed apply) is tested against it.
-Workers import this module by value (ray.cloudpickle.register_pickle_by_value), so it needs no path setup.
+Workers import this module and tests/tiny_models.py by value (ray.cloudpickle.register_pickle_by_value), so they
+need no path setup.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tests import tiny_models as T
 from trainers.distributed import ReduceFn, param_shape, trainable_named_parameters
 from trainers.engine.sampling import step_seed
 
@@ -27,29 +29,7 @@ CLIP = 0.05
 def tiny_lora_gpt2(seed: int = 0) -> torch.nn.Module:
     """GPT-2 with 2 layers, hidden 32, vocab 100, no dropout (per-user gradients must be deterministic), LoRA r=4
     on c_attn; B starts non-zero so A gets gradients."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from trainers.models.lora import add_lora
-
-    torch.manual_seed(seed)
-    base = GPT2LMHeadModel(
-        GPT2Config(
-            n_layer=2,
-            n_embd=32,
-            n_head=2,
-            vocab_size=VOCAB,
-            n_positions=32,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-    )
-    model = add_lora(base, r=4, alpha=8)
-    gen = torch.Generator().manual_seed(seed + 1)
-    for _, p in trainable_named_parameters(model):
-        with torch.no_grad():
-            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    return model
+    return T.tiny_lora_gpt2(seed=seed, r=4, alpha=8, scale=0.1, vocab_size=VOCAB, n_positions=32)
 
 
 def user_records(num_users: int = NUM_USERS, seed: int = 0) -> list[Tensor]:

@@ -1,13 +1,11 @@
 """Two gloo learners in Ray Train give the single-process DP update; DeepSpeed ZeRO-2/3 apply it exactly.
 
-One Ray session per module (start-up dominates); the worker loops are pickled by value, so workers need no path
-setup. References are computed in the driver with one process and a plain torch optimizer.
+The session's one Ray (tests/conftest.py); the worker loops are pickled by value, so workers need no path setup. References are computed in the driver with one process and a plain torch optimizer.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -33,11 +31,10 @@ def _optimizer(noise: float):
 
 
 @pytest.fixture(scope="module")
-def ray_session(ray_cluster, tmp_path_factory):
-    import ray.cloudpickle
-
-    for module in (H, sys.modules[__name__]):
-        ray.cloudpickle.register_pickle_by_value(module)
+def ray_session(ray_module, tmp_path_factory):
+    """The session's Ray with dist_helpers pickled by value too (the worker loops call it); yields the storage
+    directory of this module's Ray Train runs."""
+    ray_module.cloudpickle.register_pickle_by_value(H)
     yield tmp_path_factory.mktemp("ray_train")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from tests import tiny_models as T
 from trainers.rlhf.sft import causal_lm_loss_per_record
 
 VOCAB = 128
@@ -12,39 +13,22 @@ SEQ = 12
 
 
 def tiny_gpt2(seed: int = 0) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64, tie_word_embeddings=False,
-        resid_pdrop=0.0, bos_token_id=0, eos_token_id=0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(cfg)
-
-
-def randomize_lora(model: nn.Module, seed: int = 1) -> None:
-    """B starts at zero in peft (then A gets no gradient); random A and B make every test meaningful."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    """No dropout (per-user gradients must be deterministic), untied embeddings, token 0 as BOS and EOS."""
+    return T.tiny_gpt2(vocab_size=VOCAB, n_positions=64, seed=seed, tie_word_embeddings=False, bos_token_id=0,
+                       eos_token_id=0)
 
 
 def lora_lm(seed: int = 0) -> nn.Module:
+    """LoRA r=4 on :func:`tiny_gpt2`, A and B random (0.2 N(0, 1))."""
     from trainers.models.lora import add_lora
 
-    model = add_lora(tiny_gpt2(seed), r=4, alpha=8)
-    randomize_lora(model, seed + 1)
-    return model
+    return T.randomize_lora(add_lora(tiny_gpt2(seed), r=4, alpha=8), seed=seed + 1, scale=0.2)
 
 
 def lora_score_model(seed: int = 0) -> nn.Module:
-    from trainers.models.lora import add_lora
     from trainers.rlhf.heads import ScoreModel
 
-    backbone = add_lora(tiny_gpt2(seed), r=4, alpha=8)
-    randomize_lora(backbone, seed + 1)
+    backbone = lora_lm(seed)
     torch.manual_seed(seed + 2)
     return ScoreModel(backbone)
 

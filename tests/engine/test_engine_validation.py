@@ -52,7 +52,8 @@ def test_losses_that_mix_records_are_refused():
     assert events == []  # refused before anything was recorded or released
     with pytest.raises(ValueError, match=r"one loss per record, shape \[4\]"):
         _engine(model, check_record_independence=False).step(batch, lambda rec: per_record(rec).mean())
-    _engine(model).step(batch, per_record)  # the per-record loss itself passes
+    _engine(model, event_sink=events.append).step(batch, per_record)  # the per-record loss itself passes
+    assert [(e.stage, e.step) for e in events] == [("sft", 0)]
 
 
 def test_private_engine_needs_a_ledger_sink_and_a_policy():
@@ -61,8 +62,12 @@ def test_private_engine_needs_a_ledger_sink_and_a_policy():
         DPEngine(model, stage="sft", sampling_rate=0.5, num_users=8, seed=0, policy=POLICY)
     with pytest.raises(ValueError, match="policy"):
         DPEngine(model, stage="sft", sampling_rate=0.5, num_users=8, seed=0, policy=None, event_sink=print)
-    # a non-main rank does not write events
-    DPEngine(model, stage="sft", sampling_rate=0.5, num_users=8, seed=0, policy=POLICY, is_main_process=False)
+    # a non-main rank writes no events, so it needs no sink: it still releases (the same noise as rank 0)
+    rank1 = DPEngine(model, stage="sft", sampling_rate=0.5, num_users=8, seed=0, policy=POLICY,
+                     is_main_process=False)
+    rank1.step(UserBatch.empty(), lambda rec: None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert rank1.next_step == 1 and trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
 
 
 @pytest.mark.parametrize(("sigma", "clip", "match"), [(1.0, math.inf, "inf"), (0.0, 1.0, "not private")])

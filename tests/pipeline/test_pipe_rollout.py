@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.tiny_models import SENTENCES, save_model_dir, tiny_lm_for
 from trainers.rollout import (
     Rollout,
     RolloutGroup,
@@ -15,51 +16,17 @@ from trainers.rollout import (
 )
 
 LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["c_attn"]}
-SENTENCES = [
-    "the film was great and the acting was good",
-    "a dull movie with a bad plot",
-    "i loved the music and the story",
-    "the ending was sad but the cast was fine",
-]
-PROMPTS = [f"{s.split()[0]} {s.split()[1]}" for s in SENTENCES] * 3  # 12 prompts
+PROMPTS = [f"{s.split()[0]} {s.split()[1]}" for s in SENTENCES[:4]] * 3  # 12 prompts
 GEN = dict(max_new_tokens=6, temperature=1.0, top_k=0, seed=7, batch_size=4)
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """A tiny random GPT-2 and a byte-level BPE tokenizer saved with save_pretrained."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from trainers.models.tokenizer import train_tokenizer
-
+def base_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny random GPT-2 (GPT-2's default dropout: the rollout code must generate in eval mode) and the tiny
+    byte-level BPE tokenizer, saved with save_pretrained. Actors run torch with 1 thread, as the in-process
+    reference does (tests/conftest.py), so floats are computed alike."""
     path = tmp_path_factory.mktemp("tiny_gpt2")
-    tokenizer = train_tokenizer(SENTENCES * 5, vocab_size=300, min_frequency=1)
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=64)
-    config.eos_token_id = config.bos_token_id = tokenizer.eos_token_id
-    GPT2LMHeadModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def ray_local(ray_cluster):
-    import sys
-
-    import ray
-    import ray.cloudpickle
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors import no test modules
-    yield ray
-
-
-@pytest.fixture
-def one_thread():
-    """Actors run torch with 1 thread; the in-process reference does too, so floats are computed alike."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    return save_model_dir(path, tiny_lm_for(tiny_tokenizer, n_positions=64, dropout=True), tiny_tokenizer)
 
 
 def _trained_lora(local: RolloutPolicy, seed: int) -> dict[str, torch.Tensor]:
@@ -75,7 +42,7 @@ def test_split_aligned():
     assert split_aligned(0, 2, 4) == []
 
 
-def test_local_generation_is_seeded_and_left_padded(base_dir, one_thread):
+def test_local_generation_is_seeded_and_left_padded(base_dir):
     policy = RolloutPolicy(base_dir, lora=LORA)
     a = policy.generate(PROMPTS, **GEN)
     assert a == policy.generate(PROMPTS, **GEN)
@@ -92,7 +59,7 @@ def test_local_generation_is_seeded_and_left_padded(base_dir, one_thread):
     assert alone.response_ids == batched.response_ids
 
 
-def test_actors_match_local_generation_and_lora_sync(base_dir, ray_local, one_thread):
+def test_actors_match_local_generation_and_lora_sync(base_dir, ray_module):
     local = RolloutPolicy(base_dir, lora=LORA)
     group = RolloutGroup(base_dir, lora=LORA, num_actors=2, threads=1)
     try:
@@ -140,5 +107,3 @@ def test_lora_state_dict_of_a_peft_model(base_dir):
     assert len(state) == 4 and all("lora_" in k for k in state)
     with pytest.raises(ValueError, match="no LoRA"):
         lora_state_dict(AutoModelForCausalLM.from_pretrained(base_dir))
-
-

@@ -26,8 +26,8 @@ FAST = [
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+def cache(tiny_cache):
+    return tiny_cache
 
 
 def _run(tmp_path: Path, cache: str, *extra: str, name: str = "t") -> tuple[int, Path]:

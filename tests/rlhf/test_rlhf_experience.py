@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
+from tests.tiny_models import tiny_gpt2
 from trainers.rlhf.experience import (
     Experience,
     action_mask_from_response,
@@ -23,10 +24,9 @@ SAMPLE_SEED = 3
 
 
 def tiny_lm(seed: int) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=32, bos_token_id=EOS,
-                     eos_token_id=EOS, pad_token_id=EOS)
-    return GPT2LMHeadModel(cfg).eval()
+    """GPT-2's default dropout, in eval mode: the rollout code must not depend on the mode it is handed."""
+    return tiny_gpt2(vocab_size=V, dropout=True, seed=seed, bos_token_id=EOS, eos_token_id=EOS,
+                     pad_token_id=EOS).eval()
 
 
 def test_action_mask_stops_after_first_eos_even_when_pad_is_eos() -> None:

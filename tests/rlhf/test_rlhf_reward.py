@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
+from tests.tiny_models import tiny_gpt2
 from trainers.rlhf.heads import (
     PolicyValueModel,
     ScoreModel,
@@ -23,10 +24,7 @@ V = 50
 
 
 def tiny_lm(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=32, bos_token_id=0, eos_token_id=0,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(cfg)
+    return tiny_gpt2(vocab_size=V, seed=seed, bos_token_id=0, eos_token_id=0)
 
 
 def lora(model: torch.nn.Module) -> torch.nn.Module:
@@ -142,7 +140,7 @@ def test_head_save_load_roundtrip_and_mismatch(tmp_path: Path) -> None:
     assert not torch.equal(a.head.weight, b.head.weight)
     b.load_head(tmp_path / "rm" / "head.safetensors")
     assert torch.equal(a.head.weight, b.head.weight) and torch.equal(a.head.bias, b.head.bias)
-    wide = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=V, n_positions=32))
+    wide = tiny_gpt2(vocab_size=V, n_layer=1, n_embd=16, dropout=True, seed=None)
     with pytest.raises(ValueError, match="another backbone"):
         ScoreModel(wide).load_head(tmp_path / "rm" / "head.safetensors")
     with pytest.raises(FileNotFoundError, match="save_head"):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from tests.tiny_models import tiny_gpt2
 from trainers.rlhf.sft import (
     causal_lm_loss_per_record,
     sft_token_mask,
@@ -33,12 +34,9 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def model(tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=64,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    return GPT2LMHeadModel(cfg).eval()
+    eos = tokenizer.eos_token_id
+    return tiny_gpt2(vocab_size=len(tokenizer), n_positions=64, dropout=True, bos_token_id=eos,
+                     eos_token_id=eos).eval()
 
 
 def test_tokenize_marks_exactly_the_response_and_eos(tokenizer: PreTrainedTokenizerFast) -> None:

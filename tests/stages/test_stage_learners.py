@@ -1,12 +1,14 @@
 """SFT and reward-model learners on Ray Train workers give the in-process result (same seed, same events).
 
-The default suite has ONE Ray Train run (2 gloo workers, 2 SFT steps, equal to the in-process run); DeepSpeed
-ZeRO-2, a reward-model run and a worker failure with ``ray.max_failures=1`` are slow tests.
+The default suite runs these stages in process only (the reference, Poisson samples at the ledger's q, secret noise,
+a crash between event and checkpoint); its Ray Train runs are the engine-level 2-rank test
+(tests/distributed/test_dist_ray.py) and the PPO learner on one worker (test_stage_ppo_learner.py). Every Ray Train
+run here is a slow test: 2 gloo workers, DeepSpeed ZeRO-2, a reward-model run, refusals, crashes and a worker failure
+with ``ray.max_failures=1``.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -18,16 +20,9 @@ from accounting.ledger import Ledger, read_ledger
 from launch.config import load_config
 from launch.schema import RunConfig
 from tests.stages.sampling_probe import assert_samples_follow_the_ledger, recorded_samples
+from tests.tiny_models import SENTENCES, save_model_dir, tiny_lm_for
 from trainers.stages.context import StageContext
 
-SENTENCES = [
-    "the film was great and the acting was good",
-    "a dull movie with a bad plot",
-    "i loved the music and the story",
-    "the ending was sad but the cast was fine",
-    "what a wonderful and moving picture",
-    "boring scenes and a terrible script",
-]
 NUM_USERS = 12
 TARGET_EPS, TARGET_DELTA = 4.0, 1e-3
 OVERRIDES = [
@@ -38,31 +33,14 @@ OVERRIDES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Workers compute with 1 thread; so does the in-process reference, so both sum floats the same way."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory) -> dict[str, Path]:
-    """A tiny GPT-2 + tokenizer as the base (and SFT) model, D1 and D2 files with 1-2 records per user."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+def dirs(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+    """A tiny GPT-2 (no dropout) + tokenizer as the base (and SFT) model, D1 and D2 files with 1-2 records per
+    user."""
     from trainers.data.io import write_jsonl
-    from trainers.models.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("learners")
-    tokenizer = train_tokenizer(SENTENCES * 5, vocab_size=300, min_frequency=1)
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=32,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    config.eos_token_id = config.bos_token_id = config.pad_token_id = tokenizer.eos_token_id
-    GPT2LMHeadModel(config).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
+    save_model_dir(root / "base", tiny_lm_for(tiny_tokenizer, n_positions=32, dropout=False), tiny_tokenizer)
     d1, d2 = [], []
     for u in range(NUM_USERS):
         for j in range(1 + u % 2):  # a user's records are one unit
@@ -74,14 +52,6 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
     write_jsonl(root / "d1.jsonl", d1)
     write_jsonl(root / "d2.jsonl", d2)
     return {"root": root, "base": root / "base", "d1": root / "d1.jsonl", "d2": root / "d2.jsonl"}
-
-
-@pytest.fixture(scope="module")
-def ray_up(ray_cluster):
-    import ray.cloudpickle
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield
 
 
 def open_ledger(root: Path, *, spent_before: float | None = None) -> Ledger:
@@ -180,18 +150,23 @@ def test_default_secret_noise_two_runs_of_one_config_release_different_adapters(
 
 
 @pytest.mark.slow  # ~17 s; the default suite keeps the engine-level 2-rank test (test_dist_ray) and PPO on 1 worker
-def test_two_gloo_workers_give_the_in_process_sft_update(dirs, ray_up, sft_reference):
+def test_two_gloo_workers_give_the_in_process_sft_update(dirs, ray_module, sft_reference):
     got = run_stage(dirs, dirs["root"] / "sft-ray2", "ray.num_workers=2", distributed=True)
     assert_same_training(sft_reference, got, atol=1e-6)
     assert got[0]["learner_workers"] == 2
     from trainers.models.base import load_base_model
 
-    load_base_model(dirs["root"] / "sft-ray2" / "out" / "model")  # merged export copied from the checkpoint
+    # the merged export (copied from rank 0's checkpoint) is the in-process run's export
+    exported = dict(load_base_model(dirs["root"] / "sft-ray2" / "out" / "model")[0].named_parameters())
+    reference = dict(load_base_model(dirs["root"] / "sft-local" / "out" / "model")[0].named_parameters())
+    assert set(exported) == set(reference)
+    for name, want in reference.items():
+        torch.testing.assert_close(exported[name], want, rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     assert not (dirs["root"] / "sft-ray2" / "out" / "learner_result.pt").exists()
 
 
 @pytest.mark.slow  # ~20 s: a 2-worker Ray Train run
-def test_two_gloo_workers_share_rank_0s_secret_noise(dirs, ray_up, sft_reference):
+def test_two_gloo_workers_share_rank_0s_secret_noise(dirs, ray_module, sft_reference):
     """Secret noise (the default) on 2 ranks: rank 0 draws the key and broadcasts it; the ranks end with the same
     weights (checked by every rank before the export: a rank with its own key would fail it), the ledger matches
     the reference's schedule, and the adapter differs from the reproducible reference's."""
@@ -258,14 +233,14 @@ def test_a_policy_factory_that_cannot_travel_is_refused_before_the_ledger_hears_
 
 
 @pytest.mark.slow  # ~40 s on 2 cores: DeepSpeed import and engine set-up in each worker
-def test_deepspeed_zero2_sft_learners_equal_in_process(dirs, ray_up, sft_reference):
+def test_deepspeed_zero2_sft_learners_equal_in_process(dirs, ray_module, sft_reference):
     got = run_stage(dirs, dirs["root"] / "sft-ds2", "ray.num_workers=2", "deepspeed.enabled=true",
                     "deepspeed.zero_stage=2", distributed=True)
     assert_same_training(sft_reference, got, atol=1e-5)
 
 
 @pytest.mark.slow  # ~30 s: one more Ray Train run
-def test_reward_model_on_one_ray_worker_equals_in_process(dirs, ray_up):
+def test_reward_model_on_one_ray_worker_equals_in_process(dirs, ray_module):
     ref = run_stage(dirs, dirs["root"] / "rm-local", stage="rm")
     got = run_stage(dirs, dirs["root"] / "rm-ray1", "ray.num_workers=1", stage="rm", distributed=True)
     assert_same_training(ref, got, atol=1e-6)
@@ -274,7 +249,7 @@ def test_reward_model_on_one_ray_worker_equals_in_process(dirs, ray_up):
 
 @pytest.mark.slow  # ~30 s: one more Ray Train run with 2 workers
 @pytest.mark.timeout(300)
-def test_refusal_on_rank_0_stops_every_sft_rank_cleanly(dirs, ray_up):
+def test_refusal_on_rank_0_stops_every_sft_rank_cleanly(dirs, ray_module):
     """Another stage spent part of the run's budget (sequential composition): rank 0's filter admits step 0 and
     refuses step 1. Rank 1 hears it before the all-reduce: the stage ends "refused" well before the collective
     timeout (90 s; without the shared answer rank 1 waits that long and the learner group fails)."""
@@ -341,7 +316,7 @@ def _crashing_after_checkpoint(step_to_crash: int):
 
 @pytest.mark.slow  # ~40 s: two Ray Train runs
 @pytest.mark.timeout(300)
-def test_ray_learner_crash_then_resume_from_run_dir_checkpoint_equals_uninterrupted(dirs, ray_up, sft_reference,
+def test_ray_learner_crash_then_resume_from_run_dir_checkpoint_equals_uninterrupted(dirs, ray_module, sft_reference,
                                                                                     monkeypatch):
     """A Ray Train stage (1 worker, ray.max_failures=0) dies after its checkpoint of step 1 (what a driver crash
     leaves: the ledger's event of step 0 and RUN_DIR/checkpoints/sft); the resumed stage starts a fresh learner
@@ -372,7 +347,7 @@ def test_ray_learner_crash_then_resume_from_run_dir_checkpoint_equals_uninterrup
 
 @pytest.mark.slow  # ~30 s: one more Ray Train run with 2 workers
 @pytest.mark.timeout(300)
-def test_foreign_run_dir_checkpoint_fails_every_rank_before_any_step(dirs, ray_up):
+def test_foreign_run_dir_checkpoint_fails_every_rank_before_any_step(dirs, ray_module):
     """A checkpoint of another seed in RUN_DIR/checkpoints/sft: rank 0 refuses it and every rank fails with its
     reason (no rank waits for the collective timeout), before any step is on the ledger."""
     import ray.train
@@ -412,7 +387,7 @@ def _failing_once(marker: str):
 
 @pytest.mark.slow  # ~45 s: a Ray Train run, a worker failure and a restarted group
 @pytest.mark.timeout(300)
-def test_worker_failure_recovers_from_checkpoint_and_ledger_only_over_counts(dirs, ray_up, sft_reference,
+def test_worker_failure_recovers_from_checkpoint_and_ledger_only_over_counts(dirs, ray_module, sft_reference,
                                                                                monkeypatch):
     """Rank 1 dies after the checkpoint of step 1; Ray Train restarts the group (ray.max_failures=1), which
     restores that checkpoint and resumes at the ledger's count.

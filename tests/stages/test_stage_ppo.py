@@ -15,16 +15,9 @@ from launch.config import load_config
 from launch.pipeline.metrics import MetricsLogger
 from launch.schema import RunConfig
 from tests.stages.sampling_probe import assert_samples_follow_the_ledger, recorded_samples
+from tests.tiny_models import SENTENCES, save_model_dir, tiny_lm_for
 from trainers.stages.context import StageContext
 
-SENTENCES = [
-    "the film was great and the acting was good",
-    "a dull movie with a bad plot",
-    "i loved the music and the story",
-    "the ending was sad but the cast was fine",
-    "what a wonderful and moving picture",
-    "boring scenes and a terrible script",
-]
 EVAL_PROMPTS = ["the movie was", "i think the plot", "a great cast", "the ending"]
 NUM_USERS = 12
 TARGET_EPS, TARGET_DELTA = 4.0, 1e-3
@@ -42,34 +35,16 @@ OVERRIDES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Actors generate with 1 thread; the learner does too, so both paths compute the same floats."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory) -> dict[str, Path]:
+def dirs(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
     """A tiny 'SFT' GPT-2 + tokenizer, a reward-model dir (same backbone + a ScoreModel head) and a D3 file."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from trainers.data.io import write_jsonl
-    from trainers.models.tokenizer import train_tokenizer
     from trainers.rlhf.heads import ScoreModel
 
     root = tmp_path_factory.mktemp("ppo_stage")
-    tokenizer = train_tokenizer(SENTENCES * 5, vocab_size=300, min_frequency=1)
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=64)
-    config.eos_token_id = config.bos_token_id = config.pad_token_id = tokenizer.eos_token_id
-    sft = GPT2LMHeadModel(config)  # default dropout 0.1: the recipe must run it in eval mode
-    sft.save_pretrained(root / "sft")
-    tokenizer.save_pretrained(root / "sft")
-    sft.save_pretrained(root / "rm" / "backbone")
-    tokenizer.save_pretrained(root / "rm" / "backbone")
+    sft = tiny_lm_for(tiny_tokenizer, n_positions=64, dropout=True)  # dropout 0.1: the recipe must use eval mode
+    save_model_dir(root / "sft", sft, tiny_tokenizer)
+    save_model_dir(root / "rm" / "backbone", sft, tiny_tokenizer)
     torch.manual_seed(1)
     rm = ScoreModel(sft, head_init_std=1.0)
     rm.save_head(root / "rm" / "head.safetensors")
@@ -315,15 +290,8 @@ def test_minibatches_refused_at_config_load_and_by_the_recipe(dirs, tmp_path):
     assert read_ledger(tmp_path / "ledger.jsonl").stages == {}
 
 
-@pytest.fixture
-def ray_local(ray_cluster):
-    import ray
-
-    yield ray
-
-
 @pytest.mark.slow  # ~40 s on 2 shared cores: Ray start-up plus a full Ray run
-def test_ray_rollouts_equal_in_process(dirs, private_run, ray_local, tmp_path):
+def test_ray_rollouts_equal_in_process(dirs, private_run, ray_module, tmp_path):
     """2 Ray actors (LoRA-only sync) give the same rollouts as in-process generation, so the private Ray run
     trains exactly the same policy as the in-process one."""
     from trainers.data.io import load_prompts

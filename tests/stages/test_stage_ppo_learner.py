@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_stage_ppo import (  # noqa: F401  (dirs and the autouse one_thread are module fixtures)
+from test_stage_ppo import (  # noqa: F401  (dirs is a module fixture)
     EVAL_PROMPTS,
     NUM_USERS,
     TARGET_DELTA,
     TARGET_EPS,
     dirs,
     make_cfg,
-    one_thread,
 )
 
 from accounting.events import PrivacyEvent
@@ -27,13 +26,6 @@ from accounting.ledger import Ledger, read_ledger
 from trainers.stages.context import StageContext
 
 RAY = ["ray.address=local", "ray.num_cpus=4"]
-
-
-@pytest.fixture(scope="module")
-def ray_up(ray_cluster):
-    """The session's Ray (4 logical CPUs: 2 learner workers and 2 rollout actors; the PPO check refuses a cluster
-    they overfill)."""
-    yield
 
 
 def run_stage(dirs, root: Path, *extra: str, distributed: bool = False, use_ray: bool = False,
@@ -93,7 +85,7 @@ def reference(dirs):
     return run_stage(dirs, dirs["root"] / "ppo-local")
 
 
-def test_one_ray_worker_with_in_process_generation_equals_in_process(dirs, ray_up, reference):
+def test_one_ray_worker_with_in_process_generation_equals_in_process(dirs, ray_module, reference):
     """ray.num_workers=1, ppo.rollout_actors=0: the Ray Train worker generates itself; the outputs come back."""
     got = run_stage(dirs, dirs["root"] / "ppo-ray1", "ray.num_workers=1", "ppo.rollout_actors=0",
                     distributed=True, use_ray=False)
@@ -107,7 +99,7 @@ def test_one_ray_worker_with_in_process_generation_equals_in_process(dirs, ray_u
 
 
 @pytest.mark.slow  # ~35 s on 2 shared cores: two Ray Train workers, each loading three models, plus 2 actors
-def test_two_gloo_workers_with_rollout_actors_equal_in_process(dirs, ray_up, reference):
+def test_two_gloo_workers_with_rollout_actors_equal_in_process(dirs, ray_module, reference):
     got = run_stage(dirs, dirs["root"] / "ppo-ray2", "ray.num_workers=2", distributed=True, use_ray=True)
     assert_same_training(reference, got, atol=1e-5)
     summary = got[0]
@@ -116,14 +108,14 @@ def test_two_gloo_workers_with_rollout_actors_equal_in_process(dirs, ray_up, ref
 
 
 @pytest.mark.slow  # ~45 s: DeepSpeed import and engine set-up in each worker
-def test_deepspeed_zero2_ppo_learners_equal_in_process(dirs, ray_up, reference):
+def test_deepspeed_zero2_ppo_learners_equal_in_process(dirs, ray_module, reference):
     got = run_stage(dirs, dirs["root"] / "ppo-ds2", "ray.num_workers=2", "ppo.rollout_actors=0",
                     "deepspeed.enabled=true", "deepspeed.zero_stage=2", distributed=True)
     assert_same_training(reference, got, atol=1e-5)
 
 
 @pytest.mark.slow  # ~30 s: one more Ray Train run
-def test_refusal_on_rank_0_stops_every_rank_cleanly(dirs, ray_up):
+def test_refusal_on_rank_0_stops_every_rank_cleanly(dirs, ray_module):
     """Rank 0's filter refuses the first step; rank 1 hears it before the all-reduce (no collective timeout), the
     stage ends "refused" and nothing of PPO is on the ledger."""
     root = dirs["root"] / "ppo-refused"
@@ -156,7 +148,7 @@ def test_zero3_is_refused_before_the_stage_begins(dirs, tmp_path):
                              match="deepspeed.zero_stage=3")
 
 
-def test_rollout_actors_that_cannot_fit_are_refused(dirs, ray_up, tmp_path):
+def test_rollout_actors_that_cannot_fit_are_refused(dirs, ray_module, tmp_path):
     _refused_before_anything(dirs, tmp_path, "ray.num_workers=3", "ppo.rollout_actors=2",
                              match=r"need 5 CPUs and the Ray cluster has 4")
 
