@@ -11,14 +11,24 @@ import dp_accounting
 import pytest
 import yaml
 from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
 
+from accounting.accountants import coalesce, rdp_at_order
 from accounting.events import PrivacyEvent
-from accounting.ledger import Ledger, read_ledger
+from accounting.ledger import BudgetExceededError, Ledger, LedgerError, compute_privacy, read_ledger
+from accounting.tuning import sample_num_trials
 from accounting.verify import verify_run
 from launch.cli import main
 from launch.config import ConfigError, load_config
 from launch.schema import RunConfig
-from launch.study import StudyConfig, check_study, compose_ledger
+from launch.study import (
+    StudyConfig,
+    StudySection,
+    check_study,
+    compose_ledger,
+    plan_repeat_and_select,
+    repeat_select_ledger,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TUNE_TINY = str(REPO / "launch" / "configs" / "tune-tiny.yaml")
@@ -51,6 +61,140 @@ def test_compose_ledger_is_the_composition_of_every_trial_event(tmp_path):
     assert privacy["epsilon"] == pytest.approx(acc.get_epsilon(2e-4), rel=0.02)
     (study / "report.json").write_text(json.dumps({"privacy": privacy}))
     assert verify_run(study).ok  # `dpalign privacy verify STUDY_DIR`
+
+
+ORDER, DELTA, TARGET = 8.0, 1e-3, 4.0
+
+
+def _filtered_trial(root: Path, name: str, sigma: float, q: float = 0.2) -> Path:
+    """A trial as the pipeline runs it under repeat_and_select: two user-disjoint stages under an RDP privacy filter
+    at one order, each releasing until the filter refuses (the trial exhausts its budget)."""
+    run = root / "trials" / name
+    run.mkdir(parents=True)
+    with Ledger.open(run / "ledger.jsonl", run_id=name, target_epsilon=TARGET, target_delta=DELTA,
+                     accountant="rdp", rdp_order=ORDER, composition="parallel") as ledger:
+        for stage in ("sft", "rm"):
+            ledger.begin_stage(stage, user_fingerprint=f"sha256:{stage}", num_users=50)
+            step = 0
+            while True:
+                try:
+                    ledger.record(PrivacyEvent(stage, step, "gradient", q, sigma))
+                except BudgetExceededError:
+                    break
+                step += 1
+            ledger.end_stage(stage)
+    return run
+
+
+def _rs_study(tmp_path: Path, mean: float = 3.0, distribution: str = "truncated_negative_binomial",
+              shape: float = 1.0) -> tuple[Path, dict, list[Path]]:
+    study = StudySection(mode="repeat_and_select", mean_trials=mean, trial_distribution=distribution,
+                         trial_shape=shape)
+    base = load_config(RunConfig, str(REPO / "launch" / "configs" / "tiny.yaml"),
+                       ["privacy.accountant=rdp", f"privacy.rdp_order={ORDER}", f"privacy.delta={DELTA}",
+                        f"privacy.target_epsilon={TARGET}"])
+    plan = plan_repeat_and_select(study, base)
+    trials = [_filtered_trial(tmp_path, "t000", 1.5, q=0.1), _filtered_trial(tmp_path, "t001", 3.0, q=0.3)]
+    out = tmp_path / "study"
+    out.mkdir()
+    privacy = repeat_select_ledger(plan, study, trials, out / "ledger.jsonl", run_id="study")
+    (out / "report.json").write_text(json.dumps({"privacy": privacy}))
+    return out, privacy, trials
+
+
+@pytest.mark.parametrize("distribution,shape", [("truncated_negative_binomial", 1.0),
+                                                ("truncated_negative_binomial", 0.0), ("poisson", 1.0)])
+def test_repeat_and_select_epsilon_is_dp_accountings_repeat_and_select_over_the_trials(tmp_path, distribution, shape):
+    out, privacy, trials = _rs_study(tmp_path, 3.0, distribution, shape)
+    eta = float("inf") if distribution == "poisson" else shape
+
+    def rs(event):
+        acc = RdpAccountant(orders=[ORDER])
+        acc.compose(dp_accounting.dp_event.RepeatAndSelectDpEvent(event, 3.0, eta))
+        return acc.get_epsilon(DELTA)
+
+    # The accounted mechanism is the tuning event's Gaussian: at the filter's order it is exactly the trials' budget
+    tuning = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()
+              if '"purpose":"tuning"' in line]
+    assert len(tuning) == 1 and tuning[0]["stage"] == "tuning" and tuning[0]["mean_trials"] == 3.0
+    bound = dp_accounting.GaussianDpEvent(tuning[0]["noise_multiplier"])
+    single = RdpAccountant(orders=[ORDER])
+    single.compose(bound)
+    assert single.get_epsilon(DELTA) == pytest.approx(TARGET, rel=1e-9)
+    assert privacy["epsilon"] == pytest.approx(rs(bound), rel=1e-12)
+    assert privacy["composition"] == "repeat_and_select" and privacy["tuning"]["distribution"] == distribution
+    # ... and it covers every recorded trial: each one's own RepeatAndSelectDpEvent (its realized events, the worse
+    # of its two user-disjoint stages) is below, and the filter-exhausted trials sit just under the bound.
+    for d in trials:
+        contents = read_ledger(d / "ledger.jsonl")
+        per_stage = [rs(dp_accounting.ComposedDpEvent([e.to_dp_event() for e in contents.events if e.stage == s]))
+                     for s in contents.stages]
+        assert max(per_stage) <= privacy["epsilon"] * (1 + 1e-12)
+        rdp = [rdp_at_order(coalesce(e for e in contents.events if e.stage == s), order=ORDER) for s in contents.stages]
+        assert 0.97 * privacy["tuning"]["trial_rdp_bound"] <= max(rdp) <= privacy["tuning"]["trial_rdp_bound"]
+    # more than one trial costs more than one trial
+    assert privacy["epsilon"] > TARGET
+    assert privacy["num_events"] == 1 + sum(len(read_ledger(d / "ledger.jsonl").events) for d in trials)
+    assert verify_run(out).ok
+
+
+def test_repeat_and_select_ledger_refuses_tampering_and_a_trial_above_the_bound(tmp_path):
+    out, privacy, _ = _rs_study(tmp_path)
+    ledger = out / "ledger.jsonl"
+    original = ledger.read_text()
+    ledger.write_text(original.replace('"mean_trials":3.0', '"mean_trials":2.0'))  # a smaller E[K] claimed
+    result = verify_run(out)
+    assert not result.ok and any(m.startswith("epsilon") for m in result.mismatches)
+    lines = original.splitlines(keepends=True)
+    dropped = [ln for ln in lines if not ('"stage":"t1.rm"' in ln and '"step":0,' in ln)]
+    ledger.write_text("".join(dropped))  # a trial's release removed: under-counting is caught
+    assert not verify_run(out).ok
+    extra = [ln for ln in lines if '"stage":"t0.sft"' in ln and '"type":"event"' in ln]
+    at = max(i for i, ln in enumerate(lines) if '"stage":"t0.sft"' in ln and '"type":"event"' in ln)
+    ledger.write_text("".join(lines[: at + 1] + extra * 2 + lines[at + 1:]))  # trial t0 beyond its filter
+    with pytest.raises(LedgerError, match="per-trial bound"):
+        compute_privacy(read_ledger(ledger))
+    ledger.write_text(original.replace('"purpose":"tuning"', '"purpose":"other"'))
+    with pytest.raises(LedgerError, match="exactly one tuning event"):
+        compute_privacy(read_ledger(ledger))
+
+
+def test_number_of_trials_follows_its_law_and_is_secret():
+    # inverse CDF at chosen points: geometric with mean 4 has P(K=1) = 1/4; Poisson(3) has P(K=0) = e^-3
+    geo = {"distribution": "truncated_negative_binomial", "mean_trials": 4.0, "shape": 1.0}
+    assert sample_num_trials(**geo, uniform=0.2499) == 1 and sample_num_trials(**geo, uniform=0.2501) == 2
+    assert sample_num_trials(**geo, uniform=1 - 0.75 ** 5 - 1e-9) == 5
+    pois = {"distribution": "poisson", "mean_trials": 3.0}
+    assert sample_num_trials(**pois, uniform=0.0497) == 0 and sample_num_trials(**pois, uniform=0.0499) == 1
+    # logarithmic (eta = 0) and eta = 2.5 keep their mean; OS-entropy draws (no seed) average to it
+    for shape in (0.0, 2.5):
+        draws = [sample_num_trials(distribution="truncated_negative_binomial", mean_trials=3.0, shape=shape)
+                 for _ in range(6000)]
+        assert min(draws) >= 1 and sum(draws) / len(draws) == pytest.approx(3.0, rel=0.08)
+    assert sample_num_trials(distribution="truncated_negative_binomial", mean_trials=1.0, shape=1.0) == 1
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["study.scheduler=asha"], "study.scheduler"),
+    (["study.scheduler=median_stopping"], "study.scheduler"),
+    (["study.space={sft.lr: {grid: [0.01, 0.1]}}"], "study.space.sft.lr"),
+    (["study.base_overrides=[ppo.rollout_actors=0]"], "privacy.accountant=rdp"),
+    (["study.space={privacy.target_epsilon: {choice: [2, 4]}}"], "study.space.privacy.target_epsilon"),
+    (["study.mean_trials=0.5"], "study.mean_trials"),
+])
+def test_repeat_and_select_refusals_exit_2_before_any_trial_and_leave_no_study_dir(tmp_path, capsys, overrides,
+                                                                                    field):
+    study = tmp_path / "study"
+    code = main(["tune", "--config", TUNE_TINY, "study.mode=repeat_and_select", f"study.dir={study}", *overrides])
+    assert code == 2
+    assert field in capsys.readouterr().err
+    assert not study.exists()
+
+
+def test_compose_refuses_a_scheduler_that_stops_trials_from_others_results(tmp_path, capsys):
+    assert main(["tune", "--config", TUNE_TINY, "study.mode=compose", "study.scheduler=asha",
+                 f"study.dir={tmp_path / 's'}"]) == 2
+    assert "study.scheduler" in capsys.readouterr().err and not (tmp_path / "s").exists()
 
 
 def test_unknown_search_field_and_adaptive_trials_under_compose_are_refused_before_any_trial():
