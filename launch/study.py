@@ -85,6 +85,10 @@ class StudySection:
     released)."""
     trial_shape: float = 1.0
     """repeat_and_select, truncated_negative_binomial: its shape eta >= 0 (1: geometric, 0: logarithmic)."""
+    target_epsilon: float = 0.0
+    """repeat_and_select: the whole study's epsilon (at privacy.delta). > 0: each trial's privacy.target_epsilon is
+    set, before any trial, to the largest value whose repeat-and-select cost stays within it. 0: the trials keep the
+    base config's privacy.target_epsilon and the study costs what the plan says."""
     scheduler: Literal["fifo", "asha", "median_stopping"] = "fifo"
     """Tune trial scheduler. asha/median_stopping stop a trial from other trials' results: allowed only under
     public_proxy (public data); refused for trials on private data (see launch/study.py)."""
@@ -127,6 +131,8 @@ class StudySection:
                     "must be a finite number >= 1")
             require(self.trial_shape >= 0.0 and math.isfinite(self.trial_shape), "study.trial_shape",
                     "must be a finite number >= 0")
+            require(self.target_epsilon >= 0.0 and math.isfinite(self.target_epsilon), "study.target_epsilon",
+                    "must be a finite number >= 0 (0: the trials keep privacy.target_epsilon)")
             for key, spec in self.space.items():
                 require(next(iter(spec)) != "grid", f"study.space.{key}",
                         "repeat_and_select draws each trial's configuration independently at random; a grid is "
@@ -212,16 +218,35 @@ def _check_repeat_and_select(study: StudySection, base: Any) -> None:
 
 def plan_repeat_and_select(study: StudySection, base: Any) -> dict[str, Any]:
     """The study's cost, known before any trial: every trial is (order, bound)-RDP by its filter, and releasing
-    the best of K ~ law(mean_trials) of them costs RepeatAndSelectDpEvent at that order (accounting/tuning.py)."""
+    the best of K ~ law(mean_trials) of them costs RepeatAndSelectDpEvent at that order (accounting/tuning.py).
+
+    With ``study.target_epsilon`` the trials' target is the largest (to 1e-4 relative, found by bisection) whose
+    study cost is within it; ``base`` is then updated and the caller adds it to every trial's overrides."""
     from accounting.tuning import bound_event, repeat_and_select_epsilon, trial_rdp_bound
 
     privacy = base.privacy
     order, delta = float(privacy.rdp_order), float(privacy.delta)
-    bound = trial_rdp_bound(target_epsilon=privacy.target_epsilon, delta=delta, order=order)
-    event = bound_event(rdp_bound=bound, order=order)
-    eps = repeat_and_select_epsilon(trial=event, order=order, mean_trials=study.mean_trials,
-                                    distribution=study.trial_distribution, shape=study.trial_shape, delta=delta)
-    return {"order": order, "delta": delta, "trial_target_epsilon": float(privacy.target_epsilon),
+
+    def cost(trial_target: float) -> tuple[float, float, Any]:
+        bound = trial_rdp_bound(target_epsilon=trial_target, delta=delta, order=order)
+        event = bound_event(rdp_bound=bound, order=order)
+        eps = repeat_and_select_epsilon(trial=event, order=order, mean_trials=study.mean_trials,
+                                        distribution=study.trial_distribution, shape=study.trial_shape, delta=delta)
+        return eps, bound, event
+
+    trial_target = float(privacy.target_epsilon)
+    if study.target_epsilon > 0:
+        lo, hi = 0.0, float(study.target_epsilon)  # a trial never costs more than the study that repeats it
+        while hi - lo > 1e-4 * hi:
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if cost(mid)[0] <= study.target_epsilon else (lo, mid)
+        if lo <= 0.0:
+            raise ConfigError(f"study.target_epsilon={study.target_epsilon:g}: no trial budget fits it at "
+                              f"privacy.rdp_order={order:g}, privacy.delta={delta:g}; raise it or lower "
+                              "study.mean_trials")
+        trial_target = lo
+    eps, bound, event = cost(trial_target)
+    return {"order": order, "delta": delta, "trial_target_epsilon": trial_target,
             "trial_rdp_bound": bound, "trial_bound_sigma": event.noise_multiplier, "epsilon": eps}
 
 
@@ -356,6 +381,9 @@ def run_study(cfg: StudyConfig, *, resume: str | None = None, progress: bool = T
     plan = None
     if study.mode == "repeat_and_select":
         plan = plan_repeat_and_select(study, load_trial_config(study, [], proxy=False))
+        if study.target_epsilon > 0:  # every trial (and best.yaml) runs at the budget the plan found
+            study.base_overrides = [*study.base_overrides,
+                                    f"privacy.target_epsilon={plan['trial_target_epsilon']!r}"]
     study.base_config = str(Path(study.base_config).resolve())
     out = Path(resume) if resume else study_dir_for(study)
     study.dir = str(out.resolve())
@@ -400,6 +428,7 @@ def run_study(cfg: StudyConfig, *, resume: str | None = None, progress: bool = T
                     metric=study.metric, mode="max", num_samples=samples,
                     max_concurrent_trials=study.max_concurrent, search_alg=search,
                     scheduler=_scheduler(study.scheduler),
+                    reuse_actors=True,  # one worker process runs trial after trial: no torch import per trial
                 ),
                 run_config=tune.RunConfig(name="study", storage_path=storage, verbose=1 if progress else 0),
             )

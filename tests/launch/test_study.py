@@ -214,6 +214,59 @@ def test_tune_cli_help_config_and_config_errors_exit_2(capsys):
     assert "study.num_samples" in capsys.readouterr().err
 
 
+@pytest.mark.timeout(900)
+def test_tiny_studies_in_all_three_modes_choose_release_and_account(tmp_path, ray_cluster):
+    """>= 6 tiny trials under Ray Tune, in-process on the session's Ray, two at a time: public_proxy (2 proxy trials
+    and the final private run), compose (3 private trials, all composed) and repeat_and_select (a secret K >= 1)."""
+    from launch.study import DRAW_FILE, run_study
+
+    def study(mode: str, *extra: str) -> tuple[Path, dict]:
+        cfg = load_config(StudyConfig, TUNE_TINY, [f"study.mode={mode}", f"study.dir={tmp_path / mode}",
+                                                   "study.num_samples=2", "study.max_concurrent=2", *extra])
+        return tmp_path / mode, run_study(cfg, progress=False)
+
+    # public_proxy: the trials saw only the proxy population; the study's only private events are the final run's
+    out, rep = study("public_proxy")
+    assert len(rep["trials"]) == 2 and all(r["status"] == "completed" for r in rep["trials"])
+    for r in rep["trials"]:
+        assert yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())["data"]["seed"] == 1001
+    assert (out / "ledger.jsonl").read_bytes() == (out / "final" / "ledger.jsonl").read_bytes()
+    assert yaml.safe_load((out / "final" / "config.yaml").read_text())["data"]["seed"] == 0
+    assert verify_run(out).ok and rep["best"]["rm_accuracy"] == max(r["rm_accuracy"] for r in rep["trials"])
+    assert load_config(RunConfig, str(out / "best.yaml")).data.seed == 0
+    trials = 2
+
+    # compose: every event of every trial, composed (PLD, dp-accounting's default discretization within 2%)
+    out, rep = study("compose", "study.num_samples=3")
+    events = [e for r in rep["trials"] for e in read_ledger(Path(r["run_dir"]) / "ledger.jsonl").events]
+    acc = PLDAccountant()
+    acc.compose(dp_accounting.ComposedDpEvent([e.to_dp_event() for e in events]))
+    assert rep["privacy"]["num_events"] == len(events) > 0
+    assert rep["privacy"]["epsilon"] == pytest.approx(acc.get_epsilon(rep["privacy"]["delta"]), rel=0.02)
+    assert verify_run(out).ok
+    trials += len(rep["trials"])
+
+    # repeat_and_select: K secret draws on the private data, only the winner under release/
+    out, rep = study("repeat_and_select")
+    k = json.loads((out / DRAW_FILE).read_text())["num_trials"]
+    assert k >= 1 and len(rep["trials"]) == k and verify_run(out).ok
+    contents = read_ledger(out / "ledger.jsonl")
+    assert [e.purpose for e in contents.events].count("tuning") == 1
+    assert {s.split(".")[0] for s in contents.stages} == {"tuning", *(f"t{i}" for i in range(k))}
+    plan = rep["plan"]
+    acc = RdpAccountant(orders=[plan["order"]])
+    acc.compose(dp_accounting.dp_event.RepeatAndSelectDpEvent(
+        dp_accounting.GaussianDpEvent(plan["trial_bound_sigma"]), 2.0, 1.0))
+    assert rep["privacy"]["epsilon"] == pytest.approx(acc.get_epsilon(plan["delta"]), rel=1e-12)
+    released = json.loads((out / "release" / "report.json").read_text())
+    assert released["chosen"] == rep["best"]["overrides"] and released["study_epsilon"] == rep["privacy"]["epsilon"]
+    assert "trials" not in released and (out / "release" / "run" / "stages" / "ppo").is_dir()
+    assert (out / "release" / "run" / "report.json").read_text() == (
+        Path(rep["best"]["run_dir"]) / "report.json").read_text()
+    trials += k
+    assert trials >= 6
+
+
 @pytest.mark.slow  # ~90 s: 6 public-proxy trials under Ray Tune and the final private run
 @pytest.mark.timeout(900)
 def test_public_proxy_study_runs_chooses_and_its_ledger_is_the_final_run(tmp_path):
@@ -233,3 +286,58 @@ def test_public_proxy_study_runs_chooses_and_its_ledger_is_the_final_run(tmp_pat
     best = load_config(RunConfig, str(study / "best.yaml"))
     assert best.data.seed == 0  # the chosen configuration, on the private data
     assert summary["best_rm_accuracy"] == max(r["rm_accuracy"] for r in rows)
+
+
+def _events_per_trial(study: Path) -> dict[str, int]:
+    out = {}
+    for d in sorted((study / "trials").iterdir()):
+        if (d / "ledger.jsonl").is_file():
+            out[d.name] = sum(1 for ln in (d / "ledger.jsonl").read_text().splitlines() if '"type":"event"' in ln)
+    return out
+
+
+def _group_pids(pgid: int) -> list[int]:
+    ps = subprocess.run(["ps", "-e", "-o", "pid=,pgid="], capture_output=True, text=True).stdout.split("\n")
+    return [int(a) for a, b in (ln.split() for ln in ps if ln.strip()) if int(b) == pgid]
+
+
+@pytest.mark.slow  # ~3 min: a repeat_and_select study killed mid-trial, then resumed to the end
+@pytest.mark.timeout(1200)
+def test_killed_study_resumes_and_its_ledger_never_under_counts(tmp_path):
+    import os
+    import signal
+    import time
+
+    study = tmp_path / "study"
+    cmd = [sys.executable, "-m", "launch.cli", "tune", "--config", TUNE_TINY, "study.mode=repeat_and_select",
+           "study.mean_trials=3", f"study.dir={study}", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # its own process group: Ray and Tune workers included
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:  # mid-way: a trial has released something
+            if (study / "trials").is_dir() and any(_events_per_trial(study).values()):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the study finished before it could be killed"
+        draw = (study / "tuning_draw.json").read_text()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        for pid in _group_pids(proc.pid):  # whatever of that group outlived the kill (by pid, never by name)
+            os.kill(pid, signal.SIGKILL)
+    before = _events_per_trial(study)
+    assert not (study / "report.json").exists()
+    done = subprocess.run([sys.executable, "-m", "launch.cli", "tune", "--resume", str(study), "--json",
+                           "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (study / "tuning_draw.json").read_text() == draw  # K and the configurations were never drawn again
+    k = json.loads(draw)["num_trials"]
+    assert verify_run(study).ok
+    contents = read_ledger(study / "ledger.jsonl")
+    trials = sorted({s.split(".")[0] for s in contents.stages if s != "tuning"})
+    assert len(trials) == k == len(_events_per_trial(study))
+    for i, (name, count) in enumerate(sorted(before.items())):  # every release made before the crash is counted
+        assert sum(1 for e in contents.events if e.stage.startswith(f"t{i}.")) >= count, name
+    assert json.loads((study / "release" / "report.json").read_text())["study_epsilon"] == pytest.approx(
+        contents and compute_privacy(contents)["epsilon"])
