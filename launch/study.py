@@ -16,15 +16,19 @@ Privacy modes (what the study publishes and what it costs):
   embedded task, the generator with another seed -- other users, same N and schedule; with your own data, public
   files of the same shape). Choosing among them touches no private data, so the search costs nothing; the chosen
   configuration then runs ONCE on the private data ("final/"), and the study ledger is that run's ledger.
+* ``repeat_and_select``: a secret random number K of trials (drawn once from OS entropy, kept in
+  ``tuning_draw.json`` for resume) run on the private data, each under an RDP privacy filter whose budget the base
+  config fixes; only the best is released, under ``release/``. Every configuration the search can draw is then
+  (order, bound)-RDP, and releasing the best of K costs dp-accounting's ``RepeatAndSelectDpEvent`` over that
+  bound (Papernot & Steinke 2022, Thm 2 / Thm 6), known before any trial. The study ledger holds a ``tuning`` event
+  and every trial's events. Everything outside ``release/`` is the operator's private record.
 * ``compose``: every trial runs on the private data and every trial is published (the epsilon sweep a paper
   reports). The study ledger holds every event of every trial, composed SEQUENTIALLY (an over-count: a trial's
   user-disjoint stages could compose in parallel), so the study's epsilon is at least the sum-like composition
   of all trials. Trials that adapt sigma (the learned controller, adaptive clipping) are refused here: composing
   their realized events with PLD is not valid under adaptivity.
 
-Choosing the best of several PRIVATE trials and publishing only it (Papernot & Steinke 2022, repeat-and-select
-with a random number of trials) is not offered yet: `accounting/tuning.py` has its accounting, but a study that
-releases only the winner must also withhold every other trial's outputs, which this module does not do.
+The theorems, costs and which mode to use when: docs/tuning.md.
 """
 
 from __future__ import annotations
@@ -182,6 +186,9 @@ def check_study(cfg: StudyConfig) -> None:
         except ConfigError as err:
             raise ConfigError(f"study.space.{key}: {err}") from None
     base = load_trial_config(study, [], proxy=False)
+    if base.run.reproducible_noise and base.privacy.private_stages:
+        raise ConfigError("run.reproducible_noise=true keys the noise by the public seed: no run of this study would "
+                          "be private, so the study could not claim its epsilon; drop it from study.base_overrides")
     if study.mode == "repeat_and_select":
         _check_repeat_and_select(study, base)
     if study.mode == "compose" and (base.controller.enabled or base.engine.policy == "adaptive"):

@@ -181,6 +181,8 @@ def test_number_of_trials_follows_its_law_and_is_secret():
     (["study.base_overrides=[ppo.rollout_actors=0]"], "privacy.accountant=rdp"),
     (["study.space={privacy.target_epsilon: {choice: [2, 4]}}"], "study.space.privacy.target_epsilon"),
     (["study.mean_trials=0.5"], "study.mean_trials"),
+    (["study.base_overrides=[privacy.accountant=rdp, privacy.rdp_order=8, privacy.delta=1e-3, "
+      "run.reproducible_noise=true]"], "run.reproducible_noise"),
 ])
 def test_repeat_and_select_refusals_exit_2_before_any_trial_and_leave_no_study_dir(tmp_path, capsys, overrides,
                                                                                     field):
@@ -340,4 +342,4 @@ def test_killed_study_resumes_and_its_ledger_never_under_counts(tmp_path):
     for i, (name, count) in enumerate(sorted(before.items())):  # every release made before the crash is counted
         assert sum(1 for e in contents.events if e.stage.startswith(f"t{i}.")) >= count, name
     assert json.loads((study / "release" / "report.json").read_text())["study_epsilon"] == pytest.approx(
-        contents and compute_privacy(contents)["epsilon"])
+        compute_privacy(contents)["epsilon"])
