@@ -627,11 +627,14 @@ def repeat_select_ledger(plan: dict[str, Any], study: StudySection, run_dirs: li
         return ledger.report()
 
 
-def _split_of(overrides: list[str]) -> float | None:
-    """The SFT share of the private users (data.sft_user_fraction) a trial used, if the study searched it."""
+SPLIT_FIELDS = {"data.sft_user_fraction": "D1 (SFT)", "data.rm_user_fraction": "D2 (reward model)"}
+
+
+def _value_of(overrides: list[str], field_name: str) -> float | None:
+    """The value a trial used for ``field_name`` (a user-split fraction), if the study searched it."""
     for o in overrides:
         key, _, value = o.partition("=")
-        if key == "data.sft_user_fraction":
+        if key == field_name:
             return float(value)
     return None
 
@@ -646,9 +649,8 @@ def _write_markdown(report: dict[str, Any], out: Path) -> None:
     rows = report["trials"]
     b = report["best"]
     (out / "plots").mkdir(exist_ok=True)
-    splits = [_split_of(r["overrides"]) for r in rows]
-    panels = 2 if any(x is not None for x in splits) else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.5), squeeze=False)
+    splits = [f for f in SPLIT_FIELDS if any(_value_of(r["overrides"], f) is not None for r in rows)]
+    fig, axes = plt.subplots(1, 1 + len(splits), figsize=(4.5 * (1 + len(splits)), 3.5), squeeze=False)
     ax = axes[0][0]
     ax.scatter([r["epsilon"] for r in rows], [r[metric] for r in rows], label="trials")
     if b is not None:
@@ -656,13 +658,12 @@ def _write_markdown(report: dict[str, Any], out: Path) -> None:
     ax.set_xlabel("trial epsilon" + (" (public proxy: not private)" if report["mode"] == "public_proxy" else ""))
     ax.set_ylabel(f"{metric} (public held-out)")
     ax.legend()
-    if panels == 2:
-        ax = axes[0][1]
-        pts = [(x, r[metric]) for x, r in zip(splits, rows, strict=True) if x is not None]
+    for ax, f in zip(axes[0][1:], splits, strict=True):
+        pts = [(_value_of(r["overrides"], f), r[metric]) for r in rows if _value_of(r["overrides"], f) is not None]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], label="trials")
-        if b is not None and _split_of(b["overrides"]) is not None:
-            ax.scatter([_split_of(b["overrides"])], [b[metric]], marker="*", s=200, label="chosen")
-        ax.set_xlabel("data.sft_user_fraction (share of private users in D1)")
+        if b is not None and _value_of(b["overrides"], f) is not None:
+            ax.scatter([_value_of(b["overrides"], f)], [b[metric]], marker="*", s=200, label="chosen")
+        ax.set_xlabel(f"{f}: share of private users in {SPLIT_FIELDS[f]}", fontsize=8)
         ax.legend()
     fig.suptitle(f"{report['mode']}: study epsilon {report['privacy']['epsilon']:.3g}", fontsize=9)
     fig.tight_layout()
