@@ -655,6 +655,8 @@ def _write_markdown(report: dict[str, Any], out: Path) -> None:
     ax.scatter([r["epsilon"] for r in rows], [r[metric] for r in rows], label="trials")
     if b is not None:
         ax.scatter([b["epsilon"]], [b[metric]], marker="*", s=200, label="chosen")
+    ax.set_xlim(0.0, 1.1 * max([r["epsilon"] for r in rows] + [report["privacy"]["epsilon"], 1e-9]))
+    ax.axvline(report["privacy"]["epsilon"], color="grey", linestyle="--", label="study epsilon")
     ax.set_xlabel("trial epsilon" + (" (public proxy: not private)" if report["mode"] == "public_proxy" else ""))
     ax.set_ylabel(f"{metric} (public held-out)")
     ax.legend()
