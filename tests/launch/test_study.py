@@ -26,6 +26,7 @@ from launch.study import (
     StudySection,
     check_study,
     compose_ledger,
+    load_trial_config,
     plan_repeat_and_select,
     repeat_select_ledger,
 )
@@ -157,6 +158,21 @@ def test_repeat_and_select_ledger_refuses_tampering_and_a_trial_above_the_bound(
     ledger.write_text(original.replace('"purpose":"tuning"', '"purpose":"other"'))
     with pytest.raises(LedgerError, match="exactly one tuning event"):
         compute_privacy(read_ledger(ledger))
+
+
+def test_poisson_drawing_no_trial_releases_nothing_and_still_accounts_the_plan(tmp_path):
+    from launch.study import DRAW_FILE, finish_study
+
+    cfg = load_config(StudyConfig, TUNE_TINY, ["study.mode=repeat_and_select", "study.trial_distribution=poisson"])
+    plan = plan_repeat_and_select(cfg.study, load_trial_config(cfg.study, [], proxy=False))
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / DRAW_FILE).write_text(json.dumps({"num_trials": 0, "params": []}))
+    report = finish_study(cfg, out, [], plan=plan)
+    assert report["best"] is None and report["release"] is None and not (out / "release").exists()
+    assert not (out / "best.yaml").exists() and verify_run(out).ok
+    assert report["privacy"]["epsilon"] == pytest.approx(plan["epsilon"], rel=1e-12)  # the promise made up front
+    assert [e.purpose for e in read_ledger(out / "ledger.jsonl").events] == ["tuning"]
 
 
 def test_number_of_trials_follows_its_law_and_is_secret():
