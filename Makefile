@@ -7,7 +7,7 @@ export RAY_AUTH_MODE ?= disabled
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test test-slow mutate bench bench-gpu bench-utility lint clean
+.PHONY: venv run test test-slow mutate bench bench-gpu bench-utility tune lint clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,15 @@ bench-gpu: $(STAMP)
 # The privacy-utility table (Wu et al. Table 1 style): many full pipeline runs; hours on 2 CPU cores.
 bench-utility: $(STAMP)
 	$(PY) benchmarks/privacy_utility.py --json
+
+# The demo budget-allocation study, twice: on a public proxy population (tuning costs nothing; the chosen
+# configuration then runs once on the private data), and repeat_and_select on the private data with the whole study
+# at epsilon 4. Each prints the study's best public utility and total epsilon as JSON (benchmarks/tune_study.py).
+# Many demo-size pipeline runs: hours on 2 cores (README, "Budget-allocation studies").
+TUNE_CONFIG ?= launch/configs/tune-demo.yaml
+tune: $(STAMP)
+	$(PY) benchmarks/tune_study.py --config $(TUNE_CONFIG) study.mode=public_proxy
+	$(PY) benchmarks/tune_study.py --config $(TUNE_CONFIG) study.mode=repeat_and_select
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dpalign accounting trainers controller cluster launch tests benchmarks tools

@@ -40,11 +40,16 @@ from accounting.accountants import (
 )
 from accounting.composition import COMPOSITION_MODES
 from accounting.events import PrivacyEvent
+from accounting.tuning import DISTRIBUTIONS, repeat_and_select_epsilon
 
 SCHEMA_VERSION = 1
 LINE_TYPES = ("run", "stage", "event", "stage_end", "resume")
 STAGE_STATUSES = ("completed", "refused", "failed")
 TORN_SUFFIX = ".torn"
+LEDGER_COMPOSITIONS = (*COMPOSITION_MODES, "repeat_and_select")
+"""A run is parallel or sequential; a repeat-and-select study ledger (``launch/study.py``) holds its trials' stages
+and one ``tuning`` event whose mechanism bounds every trial (docs/ledger_schema.md, "Tuning")."""
+TUNING_STAGE = "tuning"
 _CERTIFICATE_CAP = 1 << 20
 
 
@@ -143,6 +148,7 @@ class LedgerContents:
     resumes: list[dict[str, Any]] = field(default_factory=list)
     torn_tail: bytes = b""
     valid_bytes: int = 0
+    tuning: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:
@@ -217,6 +223,8 @@ def read_ledger(path: str | os.PathLike[str]) -> LedgerContents:
                 contents.events.append(PrivacyEvent.from_dict(obj))
             except (TypeError, ValueError) as err:
                 raise LedgerError(f"{where}: invalid event ({err})") from None
+            if obj["purpose"] == "tuning":
+                contents.tuning.append(_tuning_fields(obj, where))
         elif kind == "stage_end":
             _require_keys(obj, ("stage", "status", "reason"), where)
             contents.stage_end[obj["stage"]] = {"status": obj["status"], "reason": obj["reason"]}
@@ -229,6 +237,59 @@ def read_ledger(path: str | os.PathLike[str]) -> LedgerContents:
     contents.torn_tail = tail
     contents.valid_bytes = cut
     return contents
+
+
+def _tuning_fields(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    """The repeat-and-select parameters of a ``tuning`` event: how many trials on average and from which law."""
+    _require_keys(obj, ("distribution", "mean_trials", "shape"), where)
+    if obj["distribution"] not in DISTRIBUTIONS:
+        raise LedgerError(f"{where}: tuning distribution must be one of {DISTRIBUTIONS}, got {obj['distribution']!r}")
+    mean, shape = obj["mean_trials"], obj["shape"]
+    if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not mean >= 1.0:
+        raise LedgerError(f"{where}: tuning mean_trials must be a number >= 1, got {mean!r}")
+    if obj["distribution"] == "poisson":
+        shape = None
+    elif isinstance(shape, bool) or not isinstance(shape, (int, float)) or not shape >= 0.0:
+        raise LedgerError(f"{where}: tuning shape must be a number >= 0, got {shape!r}")
+    return {"stage": obj.get("stage", TUNING_STAGE), "distribution": obj["distribution"], "mean_trials": float(mean),
+            "shape": None if shape is None else float(shape)}
+
+
+def _repeat_and_select(contents: LedgerContents, stages: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """Epsilon of a repeat-and-select study ledger: dp-accounting's RepeatAndSelectDpEvent over the ``tuning``
+    event's mechanism (the per-trial bound, fixed before any trial) at the ledger's one RDP order.
+
+    Raises LedgerError when the ledger is not a well-formed study: not exactly one tuning event, not RDP, or a
+    trial stage whose recorded RDP exceeds the bound (then the bound would not cover that trial; a stage's RDP is
+    at most its trial's under either composition, so this check never rejects a sound study).
+    """
+    from accounting.accountants import rdp_at_order
+
+    run = contents.run
+    tuning = [e for e in contents.events if e.purpose == "tuning"]
+    if len(tuning) != 1 or len(contents.tuning) != 1 or tuning[0].stage != TUNING_STAGE:
+        raise LedgerError(f"{contents.path}: a repeat_and_select ledger needs exactly one tuning event in stage "
+                          f"{TUNING_STAGE!r}, found {len(tuning)}")
+    if run.accountant != "rdp" or run.rdp_order is None:
+        raise LedgerError(f"{contents.path}: a repeat_and_select ledger must use the rdp accountant at one order")
+    event, params = tuning[0], contents.tuning[0]
+    order = run.rdp_order
+    bound = rdp_at_order([(event, 1)], order=order)
+    for name in contents.stages:
+        if name == TUNING_STAGE:
+            continue
+        spent = rdp_at_order(_stage_runs(contents.events, name), order=order)
+        if spent > bound * (1.0 + 1e-9):
+            raise LedgerError(
+                f"{contents.path}: trial stage {name!r} has RDP {spent:.6g} at order {order:g}, above the per-trial "
+                f"bound {bound:.6g} of the tuning event: the repeat-and-select bound does not cover it"
+            )
+    eps = repeat_and_select_epsilon(
+        trial=event.to_dp_event(), order=order, mean_trials=params["mean_trials"],
+        distribution=params["distribution"], shape=params["shape"], delta=run.target_delta,
+    )
+    return eps, {**{k: v for k, v in params.items() if k != "stage"}, "trial_rdp_bound": bound,
+                 "trial_epsilon_bound": stages[TUNING_STAGE]["epsilon"]}
 
 
 def _stage_runs(events: list[PrivacyEvent], stage: str | None) -> list[EventRun]:
@@ -261,7 +322,10 @@ def compute_privacy(contents: LedgerContents) -> dict[str, Any]:
             "status": end["status"],
             "reason": end["reason"],
         }
-    if run.composition == "parallel":
+    tuning = None
+    if run.composition == "repeat_and_select":
+        overall, tuning = _repeat_and_select(contents, stages)
+    elif run.composition == "parallel":
         overall = max(
             (
                 epsilon(
@@ -281,7 +345,7 @@ def compute_privacy(contents: LedgerContents) -> dict[str, Any]:
             accountant=run.accountant,
             rdp_order=run.rdp_order,
         ).epsilon
-    return {
+    out = {
         "schema_version": SCHEMA_VERSION,
         "run_id": run.run_id,
         "epsilon": overall,
@@ -293,6 +357,9 @@ def compute_privacy(contents: LedgerContents) -> dict[str, Any]:
         "num_events": len(contents.events),
         "stages": stages,
     }
+    if tuning is not None:
+        out["tuning"] = tuning
+    return out
 
 
 @dataclass
@@ -368,8 +435,8 @@ class Ledger:
         check_delta(target_delta)
         if not (target_epsilon > 0.0) or math.isinf(target_epsilon):
             raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon}")
-        if composition not in COMPOSITION_MODES:
-            raise ValueError(f"composition must be one of {COMPOSITION_MODES}, got {composition!r}")
+        if composition not in LEDGER_COMPOSITIONS:
+            raise ValueError(f"composition must be one of {LEDGER_COMPOSITIONS}, got {composition!r}")
         if accountant == "rdp":
             if rdp_order is None or not (float(rdp_order) > 1.0) or math.isinf(rdp_order):
                 raise ValueError(
@@ -544,6 +611,27 @@ class Ledger:
                 cert.used += 1
             else:
                 self._certificate = None
+
+    def record_tuning(
+        self, *, trial_bound_sigma: float, distribution: str, mean_trials: float, shape: float | None
+    ) -> None:
+        """Append the ``tuning`` event of a repeat-and-select study: a Gaussian release whose RDP at the ledger's
+        order bounds every trial, repeated a random number of times (mean ``mean_trials``) with only the best
+        kept. Goes in stage ``tuning`` (begun by the caller); not filtered (the study's cost is fixed by its plan).
+        """
+        if self.run.composition != "repeat_and_select":
+            raise LedgerError(f"{self.path}: a tuning event belongs in a repeat_and_select study ledger")
+        event = PrivacyEvent(TUNING_STAGE, 0, "tuning", 1.0, float(trial_bound_sigma))
+        header = self._stage_for(event)
+        params = {"distribution": distribution, "mean_trials": float(mean_trials),
+                  "shape": None if distribution == "poisson" else shape}
+        fields = _tuning_fields(params, str(self.path))
+        self._append({"type": "event", **event.to_dict(), **params, "user_fingerprint": header.user_fingerprint,
+                      "time": _now()})
+        self._contents.events.append(event)
+        self._contents.tuning.append({**fields, "stage": TUNING_STAGE})
+        self._track(event)
+        self._certificate = None
 
     def end_stage(self, stage: str, *, status: str = "completed", reason: str = "") -> None:
         """Write the stage's end line: "completed", or "refused" (budget) / "failed" with a reason for the report."""

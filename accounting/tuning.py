@@ -108,3 +108,121 @@ def tuning_epsilon(
         accountant="rdp",
         rdp_order=float(order),
     )
+
+
+# ---- repeat-and-select studies: a per-trial bound fixed before any trial, and the secret number of trials --------
+
+
+def trial_rdp_bound(*, target_epsilon: float, delta: float, order: float) -> float:
+    """The largest RDP at ``order`` that a trial run under an RDP privacy filter with budget (target_epsilon, delta)
+    at that order can reach.
+
+    Why a bound and not the trials' realized RDP: repeat-and-select releases the best of K draws of ONE mechanism
+    Q = "draw a configuration theta from the search space, run it". Q's RDP is at most the largest RDP over every
+    theta the search could draw (Renyi divergence is jointly quasi-convex), including configurations that were
+    never run. A filter admits a release only while ``rdp_epsilon_at_order(total RDP) <= target_epsilon`` (see
+    ``Ledger.admit``), so every theta's trial is (order, bound)-RDP whatever the search space does to its q, sigma or
+    steps: the bound is fixed by the config before any trial, and the study's epsilon is known up front.
+
+    Returns the bisection's upper end, so it is never below the exact supremum.
+    """
+    check_delta(delta)
+    if not (target_epsilon > 0.0) or math.isinf(target_epsilon):
+        raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon}")
+    if not (order > 1.0) or math.isinf(order):
+        raise ValueError(f"order must be a finite number > 1, got {order}")
+    from accounting.accountants import rdp_epsilon_at_order
+
+    lo, hi = 0.0, max(1.0, target_epsilon)
+    while rdp_epsilon_at_order(hi, order=order, delta=delta) <= target_epsilon:
+        lo, hi = hi, 2.0 * hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        if rdp_epsilon_at_order(mid, order=order, delta=delta) <= target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def bound_event(*, rdp_bound: float, order: float) -> dp_accounting.DpEvent:
+    """A Gaussian whose RDP at ``order`` is exactly ``rdp_bound`` (order / (2 sigma^2)): the per-trial mechanism
+    the study accounts, as a dp-accounting event (the ledger's ``tuning`` event stores this sigma)."""
+    if not (rdp_bound > 0.0) or math.isinf(rdp_bound):
+        raise ValueError(f"rdp_bound must be a finite number > 0, got {rdp_bound}")
+    return dp_accounting.GaussianDpEvent(math.sqrt(order / (2.0 * rdp_bound)))
+
+
+def shape_of(distribution: str, shape: float | None) -> float:
+    """dp-accounting's shape parameter: eta for the truncated negative binomial, inf for Poisson."""
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    if distribution == "poisson":
+        return math.inf
+    if shape is None or not (shape >= 0.0) or math.isinf(shape):
+        raise ValueError(f"shape (eta) of the truncated negative binomial must be finite and >= 0, got {shape}")
+    return float(shape)
+
+
+def repeat_and_select_epsilon(
+    *, trial: dp_accounting.DpEvent, order: float, mean_trials: float, distribution: str, shape: float | None,
+    delta: float,
+) -> float:
+    """Epsilon at ``delta`` of releasing only the best of K runs of ``trial`` (K random, mean ``mean_trials``),
+    computed by dp-accounting's ``RepeatAndSelectDpEvent`` in an ``RdpAccountant`` at the single ``order`` of the
+    trials' privacy filter (Papernot & Steinke Thm 2 with lambda_hat = lambda, or Thm 6)."""
+    check_delta(delta)
+    if not (mean_trials >= 1.0) or math.isinf(mean_trials):
+        raise ValueError(f"mean_trials must be a finite number >= 1, got {mean_trials}")
+    acc = RdpAccountant(orders=[float(order)])
+    acc.compose(dp_accounting.dp_event.RepeatAndSelectDpEvent(trial, float(mean_trials),
+                                                              shape_of(distribution, shape)))
+    return float(acc.get_epsilon(delta))
+
+
+def sample_num_trials(*, distribution: str, mean_trials: float, shape: float | None = None,
+                      uniform: float | None = None) -> int:
+    """Draw K, the number of trials, from SECRET randomness (OS entropy), as the theorems require: K is part of the
+    mechanism, independent of the data and never published (a known K is best-of-K, which these bounds do not
+    cover).
+
+    truncated_negative_binomial: P(K = k) proportional to (1 - gamma)^k * binom(k + eta - 1, k), k >= 1 (eta = 0:
+    proportional to (1 - gamma)^k / k), with gamma from dp-accounting so that E[K] = mean_trials. Poisson: K may be
+    0, in which case nothing is released.
+
+    Args:
+        uniform: a number in [0, 1) to invert the CDF at, for tests; None draws one from OS entropy.
+    """
+    import secrets
+
+    if not (mean_trials >= 1.0) or math.isinf(mean_trials):
+        raise ValueError(f"mean_trials must be a finite number >= 1, got {mean_trials}")
+    eta = shape_of(distribution, shape)
+    u = secrets.SystemRandom().random() if uniform is None else float(uniform)
+    if not 0.0 <= u < 1.0:
+        raise ValueError(f"uniform must be in [0, 1), got {u}")
+    if distribution == "poisson":
+        k, p = 0, math.exp(-mean_trials)
+        cdf = p
+        while cdf <= u and p > 0.0:
+            k += 1
+            p *= mean_trials / k
+            cdf += p
+        return k
+    from dp_accounting.rdp.rdp_privacy_accountant import _gamma_truncated_negative_binomial
+
+    gamma = 1.0 if mean_trials == 1.0 else float(_gamma_truncated_negative_binomial(eta, mean_trials))
+    if gamma >= 1.0:
+        return 1
+    weights = [1.0]  # unnormalized P(K = 1), P(K = 2), ...: w_{k+1} / w_k = (1 - gamma) (k + eta) / (k + 1)
+    while weights[-1] > 1e-17 * sum(weights) or len(weights) < 2:
+        k = len(weights)
+        weights.append(weights[-1] * (1.0 - gamma) * (k + eta) / (k + 1))
+    total, cdf = math.fsum(weights), 0.0
+    for k, w in enumerate(weights, start=1):
+        cdf += w / total
+        if u < cdf:
+            return k
+    return len(weights)

@@ -50,6 +50,7 @@ T_SOUND = "tests/engine/test_engine_soundness.py"
 T_FAST = "tests/engine/test_engine_fast_path.py"
 T_LEDGER = "tests/accounting/test_acct_ledger.py"
 T_LEARN = "tests/stages/test_stage_learners.py"
+T_STUDY = "tests/launch/test_study.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
@@ -218,6 +219,19 @@ MUTATIONS: tuple[Mutation, ...] = (
           "                float(torch.sqrt(sum(g.double().pow(2).sum() for g in gs))) for gs in group_grads\n"
           "            ),\n", "            noisy_grad_norms=raw,\n")),
         (f"{T_PRIV}::test_what_a_policy_observes_is_the_noisy_release_itself",),
+    ),
+    Mutation(
+        "tuning_mean_ignored",
+        "a repeat-and-select study ledger is accounted as if one trial ran (E[K] = 1), whatever its law of K",
+        ((LEDGER, 'mean_trials=params["mean_trials"],', "mean_trials=1.0,"),),
+        (f"{T_STUDY}::test_repeat_and_select_epsilon_is_dp_accountings_repeat_and_select_over_the_trials",),
+    ),
+    Mutation(
+        "tuning_bound_below_the_filter",
+        "the per-trial RDP bound of a repeat-and-select study is taken below what the trials' filter admits",
+        (("launch/study.py", "bound = trial_rdp_bound(target_epsilon=trial_target,",
+          "bound = trial_rdp_bound(target_epsilon=0.5 * trial_target,"),),
+        (f"{T_STUDY}::test_repeat_and_select_epsilon_is_dp_accountings_repeat_and_select_over_the_trials",),
     ),
 )
 

@@ -1,6 +1,8 @@
 """`dpalign tune`: a Ray Tune study over full private-pipeline trials, with the study's own privacy cost on its
 ledger (launch/study.py). Modes: public_proxy (trials on a public proxy population, the chosen config run once
-on the private data; tuning costs nothing) and compose (trials on the private data, all published and composed).
+on the private data; tuning costs nothing), repeat_and_select (a secret random number of private trials, only the
+best released; Papernot & Steinke via dp-accounting's RepeatAndSelectDpEvent) and compose (trials on the private
+data, all published and composed).
 
   dpalign tune --config launch/configs/tune-tiny.yaml [study.key=value ...]
   dpalign tune --resume STUDY_DIR            finish a study whose driver died (Tuner.restore)
@@ -21,7 +23,7 @@ from launch.commands._common import add_config_args
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "tune", help="Ray Tune budget-allocation study (public proxy or composed), with its cost on a ledger",
+        "tune", help="Ray Tune budget-allocation study (public proxy, repeat-and-select or composed), cost on a ledger",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_args(parser, config_class="launch.study:StudyConfig")
@@ -55,12 +57,14 @@ def main(args: argparse.Namespace) -> int:
     summary = {
         "study_dir": str(Path(cfg.study.dir)),
         "mode": report["mode"],
-        "trials": len(report["trials"]),
-        "best": report["best"]["overrides"],
-        "best_" + report["metric"]: report["best"][report["metric"]],
+        # repeat_and_select: how many trials ran is part of the secret (STUDY_DIR's private record has it)
+        "trials": len(report["trials"]) if report["mode"] != "repeat_and_select" else "withheld",
+        "best": report["best"]["overrides"] if report["best"] else None,
+        "best_" + report["metric"]: report["best"][report["metric"]] if report["best"] else None,
         "study_epsilon": report["privacy"]["epsilon"],
         "study_delta": report["privacy"]["delta"],
         "final": report["final"],
+        "release": report.get("release"),
     }
     if args.json:
         print(json.dumps(summary))

@@ -98,6 +98,8 @@ def test_every_shipped_config_loads(path):
 
         study = load_config(StudyConfig, path)
         check_study(study)
+        # every shipped study also runs as repeat_and_select (its trials share one RDP filter budget)
+        check_study(load_config(StudyConfig, path, ["study.mode=repeat_and_select"]))
         return
     cfg = load_config(RunConfig, path)
     assert isinstance(cfg, RunConfig)
