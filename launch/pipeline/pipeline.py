@@ -49,6 +49,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     from trainers.data.io import load_eval_prompts, load_preferences, load_prompts, load_public, load_sft
     from trainers.data.task import build_task
     from trainers.models.base import ensure_base_model, load_base_model
+    from trainers.models.export import write_stage_exports
     from trainers.stages.common import StageContext, noise_disclosure
 
     quiet_libraries()
@@ -141,6 +142,14 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
                     with run.stage(name) as out:
                         summary = _run_stage(name, ctx, run, out.path, task, base_dir, windows, public_valid)
                         out.summary.update(summary)
+                        # Standard exports and model cards, committed with the stage (the ledger read now covers
+                        # exactly this stage and the ones before it: what these weights depend on).
+                        write_stage_exports(
+                            name, out.path, protection={s: p.private for s, p in plan["protection"].items()},
+                            ledger_privacy=ctx.ledger.report() if ctx.ledger is not None else (
+                                ledger.report() if ledger is not None else None),
+                            noise=noise_disclosure(cfg), preset=cfg.privacy.preset, run_id=run.run_id,
+                        )
                 finally:
                     if ctx.ledger is not None:  # a learner stage hands the ledger to Ray and reopens it
                         ledger = ctx.ledger
