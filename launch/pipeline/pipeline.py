@@ -290,6 +290,7 @@ def _run_stage(name: str, ctx: Any, run: Any, out_dir: Path, task: Any, base_dir
 
 def _evaluate(cfg: Any, run: Any, base_dir: Path, prompts: list[str], windows: Any,
               summaries: dict[str, dict[str, Any]], progress: bool) -> dict[str, Any]:
+    from trainers.data.chat import configure_chat
     from trainers.models.base import load_base_model
     from trainers.stages.evaluate import evaluate_policy
 
@@ -298,6 +299,7 @@ def _evaluate(cfg: Any, run: Any, base_dir: Path, prompts: list[str], windows: A
     for name, path in (("base", base_dir), ("sft", run.stage_dir("sft") / "model"),
                        ("final", run.stage_dir("ppo") / "model")):
         model, tok = load_base_model(path)
+        configure_chat(tok, cfg.data.chat_template)  # the base tokenizer too: every policy sees the same layout
         policies[name] = evaluate_policy(
             model, tok, prompts, eval_cfg=cfg.eval, reference=None if name == "sft" else sft_model,
             public_windows=windows,

@@ -48,8 +48,8 @@ class ColumnMap:
         return getattr(self, role) or role
 
 
-HF_FIELDS = ("hf_dataset", "hf_name", "splits", "columns")
-"""DataConfig fields that only source=hf reads (kept out of the embedded task's cache key)."""
+NOT_GENERATOR_FIELDS = ("hf_dataset", "hf_name", "splits", "columns", "chat_template")
+"""DataConfig fields the embedded generator does not read (kept out of the embedded task's cache key)."""
 
 
 @dataclass
@@ -113,6 +113,10 @@ class DataConfig:
     splits: HFSplits = field(default_factory=HFSplits)
     """source=hf: which split feeds each stage."""
     columns: ColumnMap = field(default_factory=ColumnMap)
+    """source=hf: which dataset column plays each role (user_id, prompt, response, chosen, rejected, text)."""
+    chat_template: Literal["auto", "none"] = "auto"
+    """'auto': when the tokenizer has a chat template, every stage and the evaluation format prompts and responses
+    with apply_chat_template; 'none': plain BOS + prompt (trainers/data/chat.py)."""
     """source=hf: which dataset column plays each role (user_id, prompt, response, chosen, rejected, text)."""
 
     PUBLIC_CORPUS_FIELDS = (

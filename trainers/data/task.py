@@ -305,9 +305,9 @@ def _rewrite(gen: ReviewGenerator, rng: random.Random, review: Review, *, style:
 
 def task_dir(cfg: DataConfig, *, cache_dir: str | os.PathLike) -> Path:
     """``<cache_dir>/data/<config_hash(cfg)>``: where the embedded build for ``cfg`` lives."""
-    from trainers.data.config import HF_FIELDS
+    from trainers.data.config import NOT_GENERATOR_FIELDS
 
-    embedded = {k: v for k, v in to_dict(cfg).items() if k not in HF_FIELDS}  # what the generator reads
+    embedded = {k: v for k, v in to_dict(cfg).items() if k not in NOT_GENERATOR_FIELDS}  # what the generator reads
     return Path(cache_dir) / "data" / config_hash(embedded)
 
 
