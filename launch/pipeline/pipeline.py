@@ -37,6 +37,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     import torch
 
     from accounting.ledger import Ledger
+    from launch.pipeline.loggers import make_sinks
     from launch.pipeline.metrics import MetricsLogger, read_metrics
     from launch.pipeline.report import (
         StagePrivacy,
@@ -85,7 +86,10 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     # On a cluster, every node must reach the base model and the run directory before the first release.
     ray_started = preflight_cluster(cfg, base_dir=base_dir, run_dir=Path(resumed.path) if resumed else None)
     run = resumed if resumed is not None else RunDir.for_config(cfg)
-    metrics = MetricsLogger(run.tb_dir, run.metrics_path)
+    metrics = MetricsLogger(run.tb_dir, run.metrics_path, sinks=make_sinks(
+        cfg.run.loggers, tb_dir=run.tb_dir, run_dir=run.path, run_id=run.run_id,
+        wandb_project=cfg.run.wandb_project, wandb_mode=cfg.run.wandb_mode,
+        mlflow_tracking_uri=cfg.run.mlflow_tracking_uri, mlflow_experiment=cfg.run.mlflow_experiment))
     metrics.log_config(cfg)
     _, tokenizer = load_base_model(base_dir)
     seq_len = min(64, cfg.model.n_positions) if not cfg.model.name_or_path else 64
