@@ -90,6 +90,16 @@ def test_same_rows_as_files_after_mapping(tmp_path, hf_rows):
     assert load_preferences(task.rm).rows["chosen"] == [r["good"] for r in hf_rows["rm"]]
     again = build_task(cfg, cache_dir=tmp_path / "cache", progress=False)  # reused: same fingerprints, same files
     assert again.sft == task.sft
+    assert task.counts["public_train"] == len(hf_rows["public_train"])
+
+
+def test_dpalign_data_validates_and_summarizes_a_dataset(tmp_path, hf_rows, capsys):
+    ds_dir = _save(tmp_path / "d", hf_rows)
+    assert main(["data", "--config", TINY, f"run.cache_dir={tmp_path / 'cache'}", "data.source=hf",
+                 f"data.hf_dataset={ds_dir}", *SPLIT_ARGS, *MAPPING]) == 0
+    out = capsys.readouterr().out
+    assert f"Hugging Face dataset {ds_dir}, validated" in out
+    assert f"D1 sft       {len(hf_rows['sft']):,} records from {len({r['author'] for r in hf_rows['sft']}):,} users" in out
 
 
 @pytest.mark.parametrize("breakage, fragments", [

@@ -170,6 +170,11 @@ def load_task_hf(cfg: DataConfig, *, cache_dir: str | os.PathLike) -> Any:
     ids = {"sft": user_ids(sft), "rm": user_ids(rm), "ppo": user_ids(ppo)}
     in_two = (ids["sft"] & ids["rm"]) | (ids["sft"] & ids["ppo"]) | (ids["rm"] & ids["ppo"])
     counts = {"sft": len(sft), "rm": len(rm), "ppo": len(ppo), "eval": len(evals)}
+    if "public_train" in files:
+        from trainers.data.io import load_public
+
+        counts["public_train"] = len(load_public(files["public_train"]))
+        counts["public_valid"] = len(load_public(files["public_valid"]))
     per_record = tuple(name for name, d in (("sft", sft), ("rm", rm), ("ppo", ppo)) if d.per_record_users)
     return TaskData(
         public_train=str(files["public_train"]) if "public_train" in files else "",
