@@ -61,7 +61,10 @@ class TensorBoardSink:
 
 
 class WandbSink:
-    """One W&B run (``mode`` offline by default: files under ``RUN_DIR/wandb``, ``wandb sync`` uploads them)."""
+    """One W&B run (``mode`` offline by default: files under ``RUN_DIR/wandb``, ``wandb sync`` uploads them).
+
+    Only the gate's rows and the config: console capture, code and git capture, system metrics and host metadata
+    are off."""
 
     name = "wandb"
 
@@ -74,7 +77,8 @@ class WandbSink:
                 "(or remove wandb from run.loggers)") from None
         self._wandb = wandb
         self.run = wandb.init(project=project, name=run_id, dir=str(run_dir), mode=mode, reinit="create_new",
-                              settings=wandb.Settings(silent=True, console="off", save_code=False))
+                              settings=wandb.Settings(silent=True, console="off", save_code=False, disable_code=True,
+                                                      disable_git=True, x_disable_stats=True, x_disable_meta=True))
         self._stages: set[str] = set()
 
     def scalar(self, stage: str, key: str, value: float, step: int) -> None:

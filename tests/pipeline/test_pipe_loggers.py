@@ -66,7 +66,9 @@ def wandb_rows(run_dir: Path) -> dict[tuple[str, str, int], float]:
     for raw in _wandb_records(path):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
-        if record.WhichOneof("record_type") != "history":
+        kind = record.WhichOneof("record_type")
+        assert kind not in ("stats", "output", "output_raw"), kind  # no system metrics, no console capture
+        if kind != "history":
             continue
         items = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
         user = {k: v for k, v in items.items() if not k.startswith("_")}
