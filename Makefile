@@ -2,23 +2,39 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
 CONFIG ?= launch/configs/demo.yaml
 export RAY_AUTH_MODE ?= disabled
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test test-slow mutate bench bench-gpu bench-utility tune lint clean
+.PHONY: venv lock run test test-slow mutate bench bench-gpu bench-utility tune lint clean
 
 venv: $(STAMP)
 
 # torch first, pinned: it resolves to the CPU wheel on disk; a bare `torch` may pull a multi-GB CUDA build.
-# The stamp depends on pyproject.toml, so a second `make test` installs nothing.
-$(STAMP): pyproject.toml
+# Then every other package at the version in requirements.lock (what CI tested), then the project itself
+# without resolving anything. The stamp depends on pyproject.toml and the lock, so a second `make test` installs
+# nothing and a changed lock reinstalls.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# Refresh requirements.lock after changing dependencies in pyproject.toml (then `make test` and commit both):
+# uv resolves the dev and loggers extras for CPython 3.11 on Linux x86_64, preferring the versions already in the
+# lock, with torch overridden to its CPU build (tools/lock-overrides.txt). LOCK_INDEXES names where the CPU torch
+# wheel and the packages come from (this machine's local mirrors by default; elsewhere, e.g.
+# LOCK_INDEXES='--extra-index-url https://download.pytorch.org/whl/cpu').
+LOCK_INDEXES ?= --find-links /opt/wheels --extra-index-url file:///opt/pypi/simple --extra-index-url file:///opt/pypi-more/simple
+lock: $(STAMP)
+	$(PY) -m pip install -q 'uv>=0.4'
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra loggers --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match $(LOCK_INDEXES) \
+		--override tools/lock-overrides.txt --no-emit-find-links --no-emit-index-url --custom-compile-command "make lock" -o $(LOCK)
 
 run: $(STAMP)
 	$(VENV)/bin/dpalign run --config $(CONFIG)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from dpalign import __version__
 
 # Order is the order shown by `dpalign --help`. A command whose module is not in this checkout is not listed.
 COMMANDS: tuple[str, ...] = ("run", "data", "pretrain", "privacy", "audit", "tune", "controller", "report")
@@ -20,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Differentially private RLHF on Ray: DP-SFT -> DP reward model -> DP-PPO, "
         "with per-user (epsilon, delta) accounting and a learned clip/noise controller.",
     )
+    parser.add_argument("--version", action="version", version=f"dpalign {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -33,6 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Output cut short by the reader (``dpalign run --help-config | head``) ends quietly with
+    the shell's SIGPIPE status instead of a BrokenPipeError traceback."""
+    try:
+        try:
+            return _dispatch(argv)
+        finally:
+            sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
+    except BrokenPipeError:
+        # Python's documented recipe: point stdout at devnull so the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13  # what a shell reports for a process killed by SIGPIPE
+
+
+def _dispatch(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

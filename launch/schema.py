@@ -7,6 +7,7 @@ prints every field with its docstring.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from cluster.config import DeepSpeedConfig, RayConfig
 from controller.config import ControllerConfig
@@ -55,8 +56,29 @@ class RunSection:
     checkpoint and the ledger's count of its steps; steps recorded after the checkpoint are skipped, never rerun
     (their privacy is spent). 0 disables checkpoints: a crash then loses every step before it."""
 
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where the public metrics go besides metrics.jsonl: any subset of tensorboard, wandb, mlflow (the same rows,
+    through one privacy filter). wandb and mlflow need the extra: pip install 'dpalign[loggers]'."""
+    wandb_project: str = "dpalign"
+    """W&B project of the run (run.loggers includes wandb)."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """W&B mode: offline writes RUN_DIR/wandb (upload later with `wandb sync`); online needs `wandb login`."""
+    mlflow_tracking_uri: str = ""
+    """MLflow tracking URI (run.loggers includes mlflow); empty: a file store in RUN_DIR/mlruns."""
+    mlflow_experiment: str = "dpalign"
+    """MLflow experiment the run is logged under."""
+
     def check(self) -> None:
+        import importlib.util
+
         require(bool(self.name.strip()), "run.name", "must be a non-empty string")
+        allowed = ("tensorboard", "wandb", "mlflow")
+        for name in self.loggers:
+            require(name in allowed, "run.loggers", f"unknown logger {name!r}; allowed: {', '.join(allowed)}")
+        require(len(set(self.loggers)) == len(self.loggers), "run.loggers", "lists a logger twice")
+        for name, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
+            require(name not in self.loggers or importlib.util.find_spec(module) is not None, "run.loggers",
+                    f"includes {name} but {module} is not installed: pip install 'dpalign[loggers]'")
         require(self.seed >= 0, "run.seed", "must be >= 0")
         require(self.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0 (0: no mid-stage checkpoints)")
 

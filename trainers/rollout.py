@@ -104,10 +104,11 @@ def generate_rollouts(
 ) -> list[Rollout]:
     """Sample a response for each prompt; micro-batch j of this call uses ``seed + first_batch + j``.
 
-    Prompts are encoded as ``BOS + prompt`` (the context of pretraining) and LEFT-padded so every row's last
-    prompt token sits at the last column and generation continues right after it. ``model.generate`` keeps the KV
-    cache (each new token costs one position, not the whole prefix) and runs under bf16 autocast on CUDA
-    (``trainers.precision``). ``temperature == 0`` decodes greedily. The caller's global RNG is untouched (forked).
+    Prompts are encoded as ``BOS + prompt`` (the context of pretraining), or through the tokenizer's chat template
+    (``trainers.data.chat.prompt_text``), and LEFT-padded so every row's last prompt token sits at the last column
+    and generation continues right after it. ``model.generate`` keeps the KV cache (each new token costs one
+    position, not the whole prefix) and runs under bf16 autocast on CUDA (``trainers.precision``).
+    ``temperature == 0`` decodes greedily. The caller's global RNG is untouched (forked).
     """
     import torch
 
@@ -120,7 +121,8 @@ def generate_rollouts(
         raise ValueError(f"temperature={temperature}: must be >= 0 (0: greedy)")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
-    bos = tokenizer.bos_token or tokenizer.eos_token
+    from trainers.data.chat import prompt_text
+
     eos_id = tokenizer.eos_token_id
     device = next(model.parameters()).device
     kwargs: dict[str, Any] = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens}
@@ -131,7 +133,7 @@ def generate_rollouts(
     out: list[Rollout] = []
     try:
         for j, start in enumerate(range(0, len(prompts), batch_size)):
-            chunk = [bos + p for p in prompts[start : start + batch_size]]
+            chunk = [prompt_text(tokenizer, p) for p in prompts[start : start + batch_size]]
             with padding_side(tokenizer, "left"):
                 enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             with torch.no_grad(), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]), \

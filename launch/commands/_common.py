@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import textwrap
 from typing import Any
@@ -11,26 +10,23 @@ from typing import Any
 from launch.config import ConfigError, format_help, load_config
 
 
-def add_config_args(parser: argparse.ArgumentParser, config_class: str = "launch.schema:RunConfig") -> None:
+def add_config_args(parser: argparse.ArgumentParser, config_what: str = "the run config") -> None:
     """`--config FILE`, positional `key=value` overrides, and `--help-config` (every field, documented).
 
-    ``--help`` also lists every config field (from the field docstrings, imported only when help is asked for).
+    ``--help`` stays short (the options of the command) and points to ``--help-config`` for the config's fields
+    (hundreds of lines); ``config_what`` names the config ``--help-config`` lists for this command.
     """
-    base_format = parser.format_help
-
-    def format_with_fields() -> str:
-        module, name = config_class.split(":")
-        cls = getattr(importlib.import_module(module), name)
-        fields = textwrap.indent(format_help(cls), "  ")
-        return f"{base_format()}\nconfig fields (YAML sections, or dotted KEY=VALUE overrides):\n{fields}\n"
-
-    parser.format_help = format_with_fields  # type: ignore[method-assign]
+    command = parser.prog
+    note = (f"Config fields ({config_what}: YAML sections, or dotted KEY=VALUE overrides): "
+            f"`{command} --help-config` lists every field with its type, default and meaning.")
+    note = textwrap.fill(note, width=100, break_on_hyphens=False)
+    parser.epilog = f"{parser.epilog}\n\n{note}" if parser.epilog else note
     parser.add_argument("--config", default=None, help="YAML config (see launch/configs/); defaults if omitted")
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. sft.epochs=2 data.num_users=300"
     )
     parser.add_argument(
-        "--help-config", action="store_true", help="list every config field with its type, default and meaning"
+        "--help-config", action="store_true", help=f"list every field of {config_what} with its type, default and meaning"
     )
 
 

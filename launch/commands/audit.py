@@ -41,7 +41,7 @@ def add_parser(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_args(parser)
+    add_config_args(parser, "the white-box audit's own config; with --stage, the run config")
     parser.add_argument(
         "--kind",
         choices=["one-run", "exposure", "mia"],

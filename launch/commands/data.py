@@ -61,6 +61,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     c, u, s = task.counts, task.users, task.stats
     origin = "built" if task.built else ("reused from the cache" if task.root else "your files, validated")
+    if cfg.data.source == "hf":
+        origin = f"Hugging Face dataset {cfg.data.hf_dataset}, validated"
     print(f"data         {origin}")
     if "public_train" in c:
         print(f"public       {c['public_train']:,} train / {c['public_valid']:,} valid texts", end="")

@@ -26,7 +26,7 @@ def add_parser(subparsers: Any) -> None:
         "tune", help="Ray Tune budget-allocation study (public proxy, repeat-and-select or composed), cost on a ledger",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_args(parser, config_class="launch.study:StudyConfig")
+    add_config_args(parser, "the study config")
     parser.add_argument("--resume", metavar="STUDY_DIR", default=None, help="finish a study (its study.yaml is used)")
     parser.add_argument("--json", action="store_true", help="print the study's summary as one JSON object")
     parser.add_argument("--no-progress", action="store_true", help="quieter output")

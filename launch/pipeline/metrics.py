@@ -77,26 +77,29 @@ def _drop_torn_tail(path: Path) -> None:
 
 
 class MetricsLogger:
-    """Writes scalars to ``tb/<stage>/`` (TensorBoard) and appends them to ``metrics.jsonl``.
+    """The one gate between a run and its logs: checks every scalar (:func:`check_key`, the privacy rule of
+    :func:`_check_provenance`, finiteness), appends it to ``metrics.jsonl`` and hands it to each sink of
+    ``run.loggers`` (TensorBoard under ``tb/<stage>/`` by default; W&B, MLflow: ``launch.pipeline.loggers``).
+    A sink never sees a value this class refused, so every backend receives the same public rows.
 
     Use as a context manager or call :meth:`close`. Opening an existing metrics.jsonl appends (resume).
     """
 
-    def __init__(self, tb_dir: str | os.PathLike[str], jsonl_path: str | os.PathLike[str]) -> None:
+    def __init__(self, tb_dir: str | os.PathLike[str], jsonl_path: str | os.PathLike[str],
+                 sinks: list[Any] | None = None) -> None:
+        """Args:
+        tb_dir: TensorBoard's directory (used when ``sinks`` is None: TensorBoard only).
+        jsonl_path: metrics.jsonl, always written (the report's plots read it).
+        sinks: the backends (``launch.pipeline.loggers.make_sinks``); the logger closes them.
+        """
+        from launch.pipeline.loggers import TensorBoardSink
+
         self.tb_dir = Path(tb_dir)
         self.jsonl_path = Path(jsonl_path)
         self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
         _drop_torn_tail(self.jsonl_path)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
-        self._writers: dict[str, Any] = {}
-
-    def _writer(self, stage: str) -> Any:
-        writer = self._writers.get(stage)
-        if writer is None:
-            from torch.utils.tensorboard import SummaryWriter  # heavy: only when something is logged
-
-            writer = self._writers[stage] = SummaryWriter(log_dir=str(self.tb_dir / stage))
-        return writer
+        self.sinks = list(sinks) if sinks is not None else [TensorBoardSink(self.tb_dir)]
 
     def _append(self, row: dict[str, Any]) -> None:
         self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
@@ -132,7 +135,8 @@ class MetricsLogger:
         number = float(value)
         if not math.isfinite(number):
             raise ValueError(f"{stage}/{key}: value {number} is not finite")
-        self._writer(stage).add_scalar(key, number, global_step=int(step))
+        for sink in self.sinks:
+            sink.scalar(stage, key, number, int(step))
         self._append(
             {
                 "key": key,
@@ -161,21 +165,23 @@ class MetricsLogger:
 
         data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
         text = yaml.safe_dump(data, sort_keys=False)
-        # Markdown code block: TensorBoard renders text summaries as markdown.
-        self._writer("run").add_text("config", "```\n" + text + "```", global_step=0)
+        for sink in self.sinks:
+            sink.config(data, text)
         self._append({"type": "config", "config": data, "time": time.time()})
 
     def flush(self) -> None:
-        for writer in self._writers.values():
-            writer.flush()
+        for sink in self.sinks:
+            sink.flush()
         self._jsonl.flush()
 
     def close(self) -> None:
-        for writer in self._writers.values():
-            writer.close()
-        self._writers.clear()
-        if not self._jsonl.closed:
-            self._jsonl.close()
+        try:
+            for sink in self.sinks:
+                sink.close()
+        finally:
+            self.sinks = []
+            if not self._jsonl.closed:
+                self._jsonl.close()
 
     def __enter__(self) -> MetricsLogger:
         return self

@@ -38,6 +38,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     import torch
 
     from accounting.ledger import Ledger
+    from launch.pipeline.loggers import make_sinks
     from launch.pipeline.metrics import MetricsLogger, read_metrics
     from launch.pipeline.report import (
         StagePrivacy,
@@ -50,6 +51,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     from trainers.data.io import load_eval_prompts, load_preferences, load_prompts, load_public, load_sft
     from trainers.data.task import build_task
     from trainers.models.base import ensure_base_model, load_base_model
+    from trainers.models.export import write_stage_exports
     from trainers.stages.context import StageContext, noise_disclosure
 
     quiet_libraries()
@@ -84,7 +86,10 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     # On a cluster, every node must reach the base model and the run directory before the first release.
     ray_started = preflight_cluster(cfg, base_dir=base_dir, run_dir=Path(resumed.path) if resumed else None)
     run = resumed if resumed is not None else RunDir.for_config(cfg)
-    metrics = MetricsLogger(run.tb_dir, run.metrics_path)
+    metrics = MetricsLogger(run.tb_dir, run.metrics_path, sinks=make_sinks(
+        cfg.run.loggers, tb_dir=run.tb_dir, run_dir=run.path, run_id=run.run_id,
+        wandb_project=cfg.run.wandb_project, wandb_mode=cfg.run.wandb_mode,
+        mlflow_tracking_uri=cfg.run.mlflow_tracking_uri, mlflow_experiment=cfg.run.mlflow_experiment))
     metrics.log_config(cfg)
     _, tokenizer = load_base_model(base_dir)
     seq_len = min(64, cfg.model.n_positions) if not cfg.model.name_or_path else 64
@@ -147,6 +152,14 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
                     with run.stage(name) as out:
                         summary = _run_stage(name, ctx, run, out.path, task, base_dir, windows, public_valid)
                         out.summary.update(summary.to_dict())
+                        # Standard exports and model cards, committed with the stage (the ledger read now covers
+                        # exactly this stage and the ones before it: what these weights depend on).
+                        write_stage_exports(
+                            name, out.path, protection={s.stage: s.private for s in plan.stages},
+                            ledger_privacy=ctx.ledger.report() if ctx.ledger is not None else (
+                                ledger.report() if ledger is not None else None),
+                            noise=noise_disclosure(cfg), preset=cfg.privacy.preset, run_id=run.run_id,
+                        )
                 finally:
                     if ctx.ledger is not None:  # a learner stage hands the ledger to Ray and reopens it
                         ledger = ctx.ledger
@@ -287,6 +300,7 @@ def _run_stage(name: str, ctx: Any, run: Any, out_dir: Path, task: Any, base_dir
 
 def _evaluate(cfg: Any, run: Any, base_dir: Path, prompts: list[str], windows: Any,
               summaries: dict[str, StageSummary], progress: bool) -> dict[str, Any]:
+    from trainers.data.chat import configure_chat
     from trainers.models.base import load_base_model
     from trainers.stages.evaluate import evaluate_policy
 
@@ -295,6 +309,7 @@ def _evaluate(cfg: Any, run: Any, base_dir: Path, prompts: list[str], windows: A
     for name, path in (("base", base_dir), ("sft", run.stage_dir("sft") / "model"),
                        ("final", run.stage_dir("ppo") / "model")):
         model, tok = load_base_model(path)
+        configure_chat(tok, cfg.data.chat_template)  # the base tokenizer too: every policy sees the same layout
         policies[name] = evaluate_policy(
             model, tok, prompts, eval_cfg=cfg.eval, reference=None if name == "sft" else sft_model,
             public_windows=windows,

@@ -79,6 +79,16 @@ def test_private_run_reports_within_budget_and_verifies(tmp_path, cache, capsys)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(run_dir / "stages" / "ppo" / "model")
+    # the reward model loads as a standard sequence classifier; every export carries its guarantee in a card
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(run_dir / "stages" / "rm" / "model")
+    assert rm.config.num_labels == 1
+    run_eps = summary["epsilon"]  # (report.json was tampered with above)
+    for stage in ("sft", "rm", "ppo"):
+        card = (run_dir / "stages" / stage / "model" / "README.md").read_text()
+        assert "Privacy unit: **a user**" in card and f"`{stage}` stage" in card and "NOT PRIVATE" not in card
+    assert f"ε = {run_eps:.3f}" in (run_dir / "stages" / "ppo" / "model" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("preset, private_stages", [("nonprivate", set()), ("decoupled", {"rm"})])

@@ -2,18 +2,63 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from dpalign.config import require
 
 
 @dataclass
+class HFSplits:
+    """source=hf: the split of ``data.hf_dataset`` that feeds each role ('' for the optional public corpus)."""
+
+    sft: str = "sft"
+    """Split with D1 demonstrations (user_id, prompt, response after the column mapping)."""
+    rm: str = "rm"
+    """Split with D2 preference pairs (user_id, prompt, chosen, rejected)."""
+    ppo: str = "ppo"
+    """Split with D3 PPO prompts (user_id, prompt)."""
+    eval: str = "eval"
+    """Split with public held-out evaluation prompts (prompt)."""
+    public_train: str = ""
+    """Split with a public corpus (text) to build the tokenizer and base model; '' with model.name_or_path."""
+    public_valid: str = ""
+    """Split with held-out public text (base-model perplexity); set with public_train."""
+
+
+@dataclass
+class ColumnMap:
+    """source=hf: the dataset column that plays each role, e.g. ``data.columns.user_id=author`` ('' = same name)."""
+
+    user_id: str = ""
+    """Column holding the user (the privacy unit); absent from the data: each row is its own user."""
+    prompt: str = ""
+    """Column holding the prompt."""
+    response: str = ""
+    """Column holding the SFT demonstration (D1)."""
+    chosen: str = ""
+    """Column holding the preferred completion (D2)."""
+    rejected: str = ""
+    """Column holding the dispreferred completion (D2)."""
+    text: str = ""
+    """Column holding public corpus text."""
+
+    def source(self, role: str) -> str:
+        """The dataset column read for ``role``."""
+        return getattr(self, role) or role
+
+
+NOT_GENERATOR_FIELDS = ("hf_dataset", "hf_name", "splits", "columns", "chat_template")
+"""DataConfig fields the embedded generator does not read (kept out of the embedded task's cache key)."""
+
+
+@dataclass
 class DataConfig:
     """Which data a run uses and how private users are split across the three stages."""
 
-    source: Literal["embedded", "files"] = "embedded"
-    """'embedded': generate the self-contained review task; 'files': read the JSONL/Parquet paths below."""
+    source: Literal["embedded", "files", "hf"] = "embedded"
+    """'embedded': generate the self-contained review task; 'files': read the JSONL/Parquet paths below; 'hf': a
+    Hugging Face dataset (data.hf_dataset: a hub id or a local dataset directory) with data.splits and data.columns."""
     seed: int = 0
     """Seed of the generator and of the user split (same seed, same data)."""
     public_reviews: int = 6000
@@ -61,6 +106,19 @@ class DataConfig:
     public_valid_path: str = ""
     """source=files: held-out public file with column text (base-model perplexity); required with public_path."""
 
+    hf_dataset: str = ""
+    """source=hf: a hub dataset id (datasets.load_dataset) or a local directory (save_to_disk or data files)."""
+    hf_name: str = ""
+    """source=hf: the dataset's configuration name, if it has several ('' for the default)."""
+    splits: HFSplits = field(default_factory=HFSplits)
+    """source=hf: which split feeds each stage."""
+    columns: ColumnMap = field(default_factory=ColumnMap)
+    """source=hf: which dataset column plays each role (user_id, prompt, response, chosen, rejected, text)."""
+    chat_template: Literal["auto", "none"] = "auto"
+    """'auto': when the tokenizer has a chat template, every stage and the evaluation format prompts and responses
+    with apply_chat_template; 'none': plain BOS + prompt (trainers/data/chat.py)."""
+    """source=hf: which dataset column plays each role (user_id, prompt, response, chosen, rejected, text)."""
+
     PUBLIC_CORPUS_FIELDS = (
         "source", "seed", "public_reviews", "catalogue_size", "min_sentences", "max_sentences",
         "public_valid_fraction", "public_path", "public_valid_path",
@@ -69,7 +127,11 @@ class DataConfig:
     def public_corpus_key(self) -> dict[str, object]:
         """The fields that determine the public corpus (its own random stream): what a base model built from it
         depends on. Changing the private population (users, splits, canaries) keeps the cached base model."""
-        return {name: getattr(self, name) for name in self.PUBLIC_CORPUS_FIELDS}
+        key = {name: getattr(self, name) for name in self.PUBLIC_CORPUS_FIELDS}
+        if self.source == "hf":  # only then: the cache keys of embedded and files runs stay what they were
+            key.update(hf_dataset=self.hf_dataset, hf_name=self.hf_name, public_train=self.splits.public_train,
+                       public_valid=self.splits.public_valid, text_column=self.columns.source("text"))
+        return key
 
     def check(self) -> None:
         require(self.public_reviews >= 10, "data.public_reviews", "must be >= 10")
@@ -121,4 +183,15 @@ class DataConfig:
                 "data.public_valid_path",
                 "set both data.public_path and data.public_valid_path, or neither (then model.name_or_path "
                 "must name a pretrained model)",
+            )
+        if self.source == "hf":
+            require(bool(self.hf_dataset), "data.hf_dataset",
+                    "is required when data.source=hf (a hub dataset id or a local dataset directory)")
+            for name in ("sft", "rm", "ppo", "eval"):
+                require(bool(getattr(self.splits, name)), f"data.splits.{name}", "is required when data.source=hf")
+            require(
+                bool(self.splits.public_train) == bool(self.splits.public_valid),
+                "data.splits.public_valid",
+                "set both data.splits.public_train and data.splits.public_valid, or neither (then "
+                "model.name_or_path must name a pretrained model)",
             )

@@ -305,7 +305,10 @@ def _rewrite(gen: ReviewGenerator, rng: random.Random, review: Review, *, style:
 
 def task_dir(cfg: DataConfig, *, cache_dir: str | os.PathLike) -> Path:
     """``<cache_dir>/data/<config_hash(cfg)>``: where the embedded build for ``cfg`` lives."""
-    return Path(cache_dir) / "data" / config_hash(cfg)
+    from trainers.data.config import NOT_GENERATOR_FIELDS
+
+    embedded = {k: v for k, v in to_dict(cfg).items() if k not in NOT_GENERATOR_FIELDS}  # what the generator reads
+    return Path(cache_dir) / "data" / config_hash(embedded)
 
 
 def _from_manifest(root: Path, manifest: dict[str, Any], *, built: bool) -> TaskData:
@@ -328,6 +331,10 @@ def build_task(cfg: DataConfig, *, cache_dir: str | os.PathLike, progress: bool 
     """
     if cfg.source == "files":
         return load_task_files(cfg)
+    if cfg.source == "hf":
+        from trainers.data.hf import load_task_hf
+
+        return TaskData(**load_task_hf(cfg, cache_dir=cache_dir))
     final = task_dir(cfg, cache_dir=cache_dir)
     if (final / MANIFEST).is_file():
         return _from_manifest(final, json.loads((final / MANIFEST).read_text()), built=False)

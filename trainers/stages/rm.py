@@ -60,10 +60,13 @@ def tokenize_texts(tokenizer: Any, texts: list[str], *, max_len: int) -> tuple[T
 
 
 def rm_texts(tokenizer: Any, prompts: list[str], completions: list[str]) -> list[str]:
-    """``BOS + prompt + completion + EOS``: the layout of a PPO rollout, which the reward model scores at its
-    last token (training on another layout would make PPO's scores off-distribution)."""
-    bos = tokenizer.bos_token or tokenizer.eos_token
-    return [f"{bos}{p}{c}{tokenizer.eos_token}" for p, c in zip(prompts, completions, strict=True)]
+    """``BOS + prompt + completion + EOS`` (or the chat template's turns + EOS, trainers.data.chat): the layout of a
+    PPO rollout, which the reward model scores at its last token (training on another layout would make PPO's
+    scores off-distribution)."""
+    from trainers.data.chat import prompt_text, response_text
+
+    return [f"{prompt_text(tokenizer, p)}{response_text(tokenizer, p, c)}{tokenizer.eos_token}"
+            for p, c in zip(prompts, completions, strict=True)]
 
 
 def gold_pairs(texts: list[str], *, count: int, seed: int, min_gap: float = 0.2) -> list[tuple[str, str]]:

@@ -78,6 +78,20 @@ class SFTPlan:
     eval_every: int
 
 
+def chat_mode(cfg: Any) -> str:
+    """``data.chat_template`` of a run config ('auto' for configs without a data section)."""
+    return str(getattr(getattr(cfg, "data", None), "chat_template", "auto"))
+
+
+def sft_texts(tokenizer: Any, prompts: list[str], responses: list[str]) -> tuple[list[str], list[str]]:
+    """(context, response) texts of the demonstrations (trainers.data.chat): ``BOS + prompt`` and the raw response,
+    or the chat template's user turn and assistant turn. EOS is appended at tokenization."""
+    from trainers.data.chat import prompt_text, response_text
+
+    return ([prompt_text(tokenizer, p) for p in prompts],
+            [response_text(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)])
+
+
 def run_sft(
     ctx: StageContext,
     *,
@@ -104,6 +118,7 @@ def run_sft(
     Returns:
         A plain-data summary for the report (steps, q, sigma, N, epsilon, status, losses on public data).
     """
+    from trainers.data.chat import configure_chat
     from trainers.data.io import load_sft
     from trainers.models.tokenizer import load_tokenizer
     from trainers.rlhf.sft import tokenize_sft_pairs
@@ -119,11 +134,10 @@ def run_sft(
     if ctx.distributed:
         check_distributable(ctx)
 
-    tokenizer = load_tokenizer(base_dir)
-    # BOS + prompt: the context every document had in pretraining, and the one rollouts and evaluation use.
-    bos = tokenizer.bos_token or tokenizer.eos_token
-    prompts = [bos + p for p in rows["prompt"]]
-    batch = tokenize_sft_pairs(tokenizer, prompts, list(rows["response"]), max_length=cfg.max_len)
+    # data.chat_template decides here for the whole run: the SFT export saves this tokenizer, later stages load it.
+    tokenizer = configure_chat(load_tokenizer(base_dir), chat_mode(ctx.cfg))
+    prompts, responses = sft_texts(tokenizer, list(rows["prompt"]), list(rows["response"]))
+    batch = tokenize_sft_pairs(tokenizer, prompts, responses, max_length=cfg.max_len)
     records = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "loss_mask": batch.loss_mask}
 
     stage = stage_plan(ctx, num_users=n, sampling_rate=q, steps=steps)  # frozen before any step
@@ -155,6 +169,7 @@ def learn_sft(ctx: StageContext, plan: SFTPlan, learner: Learner) -> dict[str, A
     Every rank draws the same Poisson sample and keeps its slice; the engine all-reduces the clipped sums before
     the noise (``learner.hooks``), so the update is the single-process one. Returns rank 0's results.
     """
+    from trainers.data.chat import configure_chat
     from trainers.engine.sampling import PoissonUserSampler
     from trainers.models.base import load_base_model
     from trainers.models.lora import add_lora
@@ -163,6 +178,7 @@ def learn_sft(ctx: StageContext, plan: SFTPlan, learner: Learner) -> dict[str, A
     steps, windows = plan.steps, plan.public_windows
     torch.manual_seed(ctx.seed)
     model, tokenizer = load_base_model(plan.base_dir)
+    configure_chat(tokenizer, chat_mode(ctx.cfg))  # the exported tokenizer carries the run's decision
     model = add_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                      target_modules=tuple(cfg.lora.target_modules))
     model.to(learner.device)
