@@ -34,6 +34,14 @@ class TensorBoardSink:
     def __init__(self, tb_dir: str | os.PathLike[str]) -> None:
         self.tb_dir = Path(tb_dir)
         self._writers: dict[str, Any] = {}
+        self._withheld: frozenset[str] = frozenset()
+        self._at = 0.0
+
+    def withhold_time(self, stages: frozenset[str], *, at: float) -> None:
+        """Stages whose events carry the time ``at`` instead of the clock (their files are opened now)."""
+        self._withheld, self._at = frozenset(stages), at
+        for stage in sorted(stages):
+            self._writer(stage)
 
     def _writer(self, stage: str) -> Any:
         writer = self._writers.get(stage)
@@ -44,7 +52,8 @@ class TensorBoardSink:
         return writer
 
     def scalar(self, stage: str, key: str, value: float, step: int) -> None:
-        self._writer(stage).add_scalar(key, value, global_step=step)
+        walltime = self._at if stage in self._withheld else None
+        self._writer(stage).add_scalar(key, value, global_step=step, walltime=walltime)
 
     def config(self, data: Mapping[str, Any], text: str) -> None:
         # Markdown code block: TensorBoard renders text summaries as markdown.
@@ -80,8 +89,20 @@ class WandbSink:
                               settings=wandb.Settings(silent=True, console="off", save_code=False, disable_code=True,
                                                       disable_git=True, x_disable_stats=True, x_disable_meta=True))
         self._stages: set[str] = set()
+        self._withheld: frozenset[str] = frozenset()
+        self._held: list[tuple[str, str, float, int]] = []
+
+    def withhold_time(self, stages: frozenset[str], *, at: float) -> None:
+        """W&B stamps each row with its own clock: rows of these stages are held and logged when the sink closes."""
+        self._withheld = frozenset(stages)
 
     def scalar(self, stage: str, key: str, value: float, step: int) -> None:
+        if stage in self._withheld and self.run is not None:
+            self._held.append((stage, key, value, step))
+            return
+        self._log(stage, key, value, step)
+
+    def _log(self, stage: str, key: str, value: float, step: int) -> None:
         if stage not in self._stages:
             self.run.define_metric(f"{stage}/step", hidden=True)
             self.run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
@@ -96,6 +117,9 @@ class WandbSink:
 
     def close(self) -> None:
         if self.run is not None:
+            held, self._held = self._held, []
+            for row in held:
+                self._log(*row)
             self.run.finish()
             self.run = None
 
@@ -137,9 +161,16 @@ class MlflowSink:
         found = self.client.get_experiment_by_name(experiment)
         exp_id = found.experiment_id if found is not None else self.client.create_experiment(experiment)
         self.run_id: str | None = self.client.create_run(exp_id, run_name=run_id).info.run_id
+        self._withheld: frozenset[str] = frozenset()
+        self._at = 0.0
+
+    def withhold_time(self, stages: frozenset[str], *, at: float) -> None:
+        """Rows of these stages carry the time ``at`` (the logger's start) instead of the clock."""
+        self._withheld, self._at = frozenset(stages), at
 
     def scalar(self, stage: str, key: str, value: float, step: int) -> None:
-        self.client.log_metric(self.run_id, f"{stage}/{key}", value, timestamp=int(time.time() * 1000), step=step)
+        when = self._at if stage in self._withheld else time.time()
+        self.client.log_metric(self.run_id, f"{stage}/{key}", value, timestamp=int(when * 1000), step=step)
 
     def config(self, data: Mapping[str, Any], text: str) -> None:
         from mlflow.entities import Param

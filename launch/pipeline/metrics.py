@@ -21,6 +21,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +87,16 @@ class MetricsLogger:
     """
 
     def __init__(self, tb_dir: str | os.PathLike[str], jsonl_path: str | os.PathLike[str],
-                 sinks: list[Any] | None = None) -> None:
+                 sinks: list[Any] | None = None, *, withheld_time_stages: Collection[str] = ()) -> None:
         """Args:
         tb_dir: TensorBoard's directory (used when ``sinks`` is None: TensorBoard only).
         jsonl_path: metrics.jsonl, always written (the report's plots read it).
         sinks: the backends (``launch.pipeline.loggers.make_sinks``); the logger closes them.
+        withheld_time_stages: stages whose wall-clock times may not be published (the private stages, unless
+            ``run.report_wall_time``): a row's time follows the private batch sizes, an unaccounted release. Their
+            rows carry ``time: null`` in metrics.jsonl and the logger's start time in every backend (TensorBoard's
+            walltime, MLflow's timestamp), and their TensorBoard files are opened now, so not even a file name
+            dates a step; W&B stamps its own times, so those rows reach W&B only when the logger closes.
         """
         from launch.pipeline.loggers import TensorBoardSink
 
@@ -100,6 +106,10 @@ class MetricsLogger:
         _drop_torn_tail(self.jsonl_path)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
         self.sinks = list(sinks) if sinks is not None else [TensorBoardSink(self.tb_dir)]
+        self.started = time.time()
+        self.withheld_time_stages = frozenset(withheld_time_stages)
+        for sink in self.sinks:
+            sink.withhold_time(self.withheld_time_stages, at=self.started)
 
     def _append(self, row: dict[str, Any]) -> None:
         self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
@@ -135,6 +145,7 @@ class MetricsLogger:
         number = float(value)
         if not math.isfinite(number):
             raise ValueError(f"{stage}/{key}: value {number} is not finite")
+        withheld = stage in self.withheld_time_stages
         for sink in self.sinks:
             sink.scalar(stage, key, number, int(step))
         self._append(
@@ -145,7 +156,7 @@ class MetricsLogger:
                 "stage": stage,
                 "private": private,
                 "released": released,
-                "time": time.time(),
+                "time": None if withheld else time.time(),
             }
         )
 

@@ -89,7 +89,9 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     metrics = MetricsLogger(run.tb_dir, run.metrics_path, sinks=make_sinks(
         cfg.run.loggers, tb_dir=run.tb_dir, run_dir=run.path, run_id=run.run_id,
         wandb_project=cfg.run.wandb_project, wandb_mode=cfg.run.wandb_mode,
-        mlflow_tracking_uri=cfg.run.mlflow_tracking_uri, mlflow_experiment=cfg.run.mlflow_experiment))
+        mlflow_tracking_uri=cfg.run.mlflow_tracking_uri, mlflow_experiment=cfg.run.mlflow_experiment),
+        # a private stage's step times follow its private batch sizes: not published unless asked
+        withheld_time_stages=() if cfg.run.report_wall_time else plan.private)
     metrics.log_config(cfg)
     _, tokenizer = load_base_model(base_dir)
     seq_len = min(64, cfg.model.n_positions) if not cfg.model.name_or_path else 64

@@ -113,7 +113,8 @@ def assert_same(expected: dict, got: dict, what: str, *, rel: float = 0.0) -> No
 def test_every_backend_gets_exactly_what_the_filter_let_through(tmp_path):
     run_dir = tmp_path / "run"
     sinks = make_sinks(["tensorboard", "wandb", "mlflow"], tb_dir=run_dir / "tb", run_dir=run_dir, run_id="r1")
-    logger = MetricsLogger(run_dir / "tb", run_dir / "metrics.jsonl", sinks=sinks)
+    # sft is private: its times are withheld (W&B gets its rows at close, MLflow the logger's start time)
+    logger = MetricsLogger(run_dir / "tb", run_dir / "metrics.jsonl", sinks=sinks, withheld_time_stages={"sft"})
     logger.log_config({"run": {"seed": 0}, "privacy": {"target_epsilon": 4.0}})
     for step in range(1, 4):
         logger.log("privacy/epsilon", 0.5 * step, step=step, stage="sft", private=False)
@@ -129,6 +130,12 @@ def test_every_backend_gets_exactly_what_the_filter_let_through(tmp_path):
     assert_same(expected, tensorboard_rows(run_dir / "tb"), "tensorboard", rel=1e-6)  # float32 in event files
     assert_same(expected, wandb_rows(run_dir), "wandb")
     assert_same(expected, mlflow_rows(run_dir), "mlflow")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments() if e.name == "dpalign"])
+    stamps = {m.timestamp for m in client.get_metric_history(run.info.run_id, "sft/privacy/epsilon")}
+    assert stamps == {int(logger.started * 1000)}
 
 
 def test_config_refuses_unknown_or_repeated_loggers(capsys):

@@ -79,3 +79,30 @@ def test_non_finite_refused_and_torn_tail_ignored(tmp_path):
     with MetricsLogger(tmp_path / "tb", path) as m:  # resume: the torn line is cut, rows append cleanly
         m.log("losses/sft", 0.5, step=1, stage="sft", private=False)
     assert series(read_metrics(path), "losses/sft") == [(0, 1.0), (1, 0.5)]
+
+
+def test_private_stage_rows_carry_no_clock_time_in_jsonl_or_tensorboard(tmp_path):
+    """A private stage's step times follow its private batch sizes: its rows have no time in metrics.jsonl, the
+    logger's start time in TensorBoard, and its event file is opened with the logger (its name dates no step)."""
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLogger(tmp_path / "tb", tmp_path / "m.jsonl", withheld_time_stages={"sft"}) as m:
+        started = m.started
+        files_at_start = sorted(p.name for p in (tmp_path / "tb" / "sft").glob("events.out.tfevents.*"))
+        for step in range(3):
+            time.sleep(1.1)  # so that a clock time would differ from the start by whole seconds
+            m.log("privacy/epsilon", 0.1 * step, step=step, stage="sft", private=False)
+            m.log("eval/gold_reward", 0.2, step=step, stage="eval", private=False)
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert {r["time"] for r in rows if r["stage"] == "sft"} == {None}
+    assert all(r["time"] > started + 1 for r in rows if r["stage"] == "eval")  # public stages keep their times
+    assert files_at_start and sorted(p.name for p in (tmp_path / "tb" / "sft").glob("events.out.tfevents.*")) \
+        == files_at_start
+    acc = EventAccumulator(str(tmp_path / "tb" / "sft"))
+    acc.Reload()
+    assert all(e.wall_time == pytest.approx(started) for e in acc.Scalars("privacy/epsilon"))
+    acc = EventAccumulator(str(tmp_path / "tb" / "eval"))
+    acc.Reload()
+    assert all(e.wall_time > started + 1 for e in acc.Scalars("eval/gold_reward"))
