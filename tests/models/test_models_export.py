@@ -15,8 +15,9 @@ from trainers.models.export import (
     model_card,
     write_stage_exports,
 )
-from trainers.models.lora import add_lora, generate_continuations, lora_groups, merge_and_save
+from trainers.models.lora import add_lora, lora_groups, merge_and_save
 from trainers.models.tokenizer import train_tokenizer
+from trainers.rollout import generate_continuations
 
 CFG = BaseModelConfig(vocab_size=300, n_layer=2, n_embd=32, n_head=2, n_positions=64)
 PROMPTS = ["The film was", "This movie", "The acting felt brilliant and", "Overall"]
