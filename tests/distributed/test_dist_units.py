@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+import dpalign
 from cluster.config import DeepSpeedConfig, RayConfig
 from cluster.runtime import resolve_address
 from launch.config import ConfigError, load_config
@@ -167,8 +168,6 @@ def test_kuberay_rayjob_runs_the_pinned_image_with_everything_on_the_shared_volu
     structure, that every entrypoint override is a valid dpalign config, that the cache, the run directory and
     Ray Train's storage are under the volume every pod mounts, and that the image is the one cluster/Dockerfile
     builds from this version's wheel (no placeholder install URL)."""
-    import tomllib
-
     job = yaml.safe_load((CONFIGS / "kuberay-rayjob.yaml").read_text())
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]
@@ -181,7 +180,7 @@ def test_kuberay_rayjob_runs_the_pinned_image_with_everything_on_the_shared_volu
     pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
     for group in cluster["workerGroupSpecs"]:
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-    version = tomllib.loads((CONFIGS.parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    version = dpalign.__version__  # pyproject.toml reads it from there
     dockerfile = (CONFIGS.parent / "Dockerfile").read_text()
     assert f"dpalign-{version}-py3-none-any.whl" in dockerfile and "COPY launch/configs /opt/dpalign/configs" in dockerfile
     for pod in pods:
@@ -196,10 +195,8 @@ def test_kuberay_rayjob_runs_the_pinned_image_with_everything_on_the_shared_volu
 
 
 def test_ray_cluster_launcher_installs_this_versions_wheel_and_mounts_shared_storage():
-    import tomllib
-
     config = yaml.safe_load((CONFIGS / "ray-cluster.yaml").read_text())
-    version = tomllib.loads((CONFIGS.parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    version = dpalign.__version__  # pyproject.toml reads it from there
     (target,) = [t for t, src in config["file_mounts"].items() if src == "./dist"]
     setup = " && ".join(config["setup_commands"])
     assert f"{target}/dpalign-{version}-py3-none-any.whl" in setup and "git+" not in setup
