@@ -91,8 +91,8 @@ def test_private_stage_rows_carry_no_clock_time_in_jsonl_or_tensorboard(tmp_path
     with MetricsLogger(tmp_path / "tb", tmp_path / "m.jsonl", withheld_time_stages={"sft"}) as m:
         started = m.started
         files_at_start = sorted(p.name for p in (tmp_path / "tb" / "sft").glob("events.out.tfevents.*"))
+        time.sleep(1.1)  # so that a clock time would differ from the start by more than a second
         for step in range(3):
-            time.sleep(1.1)  # so that a clock time would differ from the start by whole seconds
             m.log("privacy/epsilon", 0.1 * step, step=step, stage="sft", private=False)
             m.log("eval/gold_reward", 0.2, step=step, stage="eval", private=False)
     rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
