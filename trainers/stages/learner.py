@@ -76,6 +76,15 @@ def make_policy(
     )
 
 
+def clipping_group_names(engine_cfg: Any, model: torch.nn.Module) -> list[str]:
+    """The names of the clipping groups the stage's engine will make for ``model`` (``engine.clipping``), in
+    order: public facts of the model, known before any release (the controller's reuse check uses them)."""
+    from trainers.engine.engine import clipping_groups, trainable_named_parameters
+
+    params = trainable_named_parameters(model)
+    return [n for n, _ in clipping_groups(model, params, ENGINE_GROUPING[engine_cfg.clipping])]
+
+
 def stage_noise_seed(ctx: StageContext, learner: Learner) -> NoiseSeed:
     """The key of this stage execution's Poisson samples and noise (see ``trainers.engine.sampling``).
 
