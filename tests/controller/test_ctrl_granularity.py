@@ -105,8 +105,10 @@ def test_budget_guard_holds_for_every_granularity(granularity, tmp_path):
     steps = 6
     model = H.tiny_lora_lm(2)
     names = [g.name for g in H.group_specs(model, ENGINE_GROUPING[granularity])]
+    # with released clip counts: the clip-fraction features come from the accounted centred counts, whose cost is
+    # folded into each step's sigma_eff (and the count noise grows with sqrt(#groups))
     cfg = ControllerConfig(granularity=granularity, interval=2, learning_starts=0, batch_size=2,
-                           gradient_steps=1, hidden=[8])
+                           gradient_steps=1, hidden=[8], count_noise_std=3.0)
     ctrl = SigmaToZero(config=cfg, target_epsilon=TARGET, delta=DELTA, sampling_rate=Q, steps=steps,
                        validation_loss=H.public_validation(model), rdp_order=_order(steps), stage="sft",
                        group_names=names)
@@ -115,6 +117,7 @@ def test_budget_guard_holds_for_every_granularity(granularity, tmp_path):
     assert len(events) == steps and ctrl.guard.steps_left == 0
     assert ledger.epsilon("sft") <= TARGET
     assert all(e.noise_multiplier >= 0.5 for e in events)  # never near the proposed 1e-9
+    assert ctrl._obs[ctrl.spec.slots * 4 + 6] == 1.0  # has_clip_counts: the features used the released counts
     assert verify_run(tmp_path).ok
 
 
