@@ -108,6 +108,9 @@ class Provenance:
     """A run's export: the controller.mode it ran in (online, finetune, frozen)."""
     parent: str = ""
     """A run's export in finetune/frozen mode: the artifact it started from."""
+    model_groups: list[str] = field(default_factory=list)
+    """A run's export: the engine's clipping-group names of the model it controlled (public; at bucket
+    granularity the spaces do not record them)."""
 
 
 @dataclass

@@ -354,6 +354,7 @@ class LearnedController:
             source_run=self.source_run,
             mode=self.config.mode,
             parent=str(self.artifact.path) if self.artifact is not None and self.artifact.path else "",
+            model_groups=list(self.group_names or ()),
         )
 
     def export_artifact(self, path: str | Path, *, provenance: Provenance) -> Path:

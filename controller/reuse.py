@@ -35,8 +35,9 @@ def check_reuse(
     Args:
         config: the ``controller`` section (nothing to check unless enabled with ``load``).
         stages: the private stages the controller will run.
-        group_names: per stage, the engine's clipping-group names when they are known before the run (the
-            pipeline knows SFT's: the base model with the stage's LoRA); checked exactly at module / lora_param.
+        group_names: per stage, the engine's clipping-group names known before the run (the pipeline builds
+            them from the base model's architecture, ``trainers.stages.learner.stage_group_names``); checked
+            exactly at module / lora_param.
 
     Raises:
         ControllerReuseError: naming ``controller.load`` / ``controller.granularity`` and the fix.

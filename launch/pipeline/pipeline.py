@@ -224,8 +224,9 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
 
 def _check_controller_reuse(cfg: Any, plan: PrivacyPlan, base_dir: Path) -> None:
     """``controller.load`` with ``controller.enabled``: every private stage finds an artifact of the configured
-    granularity; at module / lora_param SFT's clipping groups (the base model with the SFT LoRA) must be the
-    artifact's. Raises controller.reuse.ControllerReuseError (exit 2) before the ledger or run directory exist."""
+    granularity; at module / lora_param each stage's clipping groups (its model built from the base model's
+    architecture) must be the artifact's. Raises controller.reuse.ControllerReuseError (exit 2) before the ledger
+    or run directory exist."""
     ctrl = cfg.controller
     if not (ctrl.enabled and ctrl.load):
         return
@@ -233,16 +234,10 @@ def _check_controller_reuse(cfg: Any, plan: PrivacyPlan, base_dir: Path) -> None
 
     stages = [name for name in STAGE_ORDER if plan[name].private]
     names: dict[str, list[str]] = {}
-    if ctrl.granularity != "bucket" and "sft" in stages:
-        from trainers.models.base import load_base_model
-        from trainers.models.lora import add_lora
-        from trainers.stages.learner import clipping_group_names
+    if ctrl.granularity != "bucket":
+        from trainers.stages.learner import stage_group_names
 
-        lora = cfg.sft.lora
-        model, _ = load_base_model(base_dir)
-        model = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                         target_modules=tuple(lora.target_modules))
-        names["sft"] = clipping_group_names(cfg.engine, model)
+        names = stage_group_names(cfg, base_dir, stages)
     check_reuse(ctrl, stages=stages, group_names=names)
 
 

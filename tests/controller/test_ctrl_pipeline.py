@@ -51,6 +51,16 @@ def test_run_exports_its_controller_and_another_run_reuses_it(tmp_path, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["sft"]["provenance"]["source_run"] == str(run1.resolve())
     assert all(shown[s]["granularity"] == "lora_param" and shown[s]["provenance"]["stage"] == s for s in shown)
+    # the pre-run check knows every stage's clipping groups exactly as its engine made them
+    from launch.config import load_config
+    from launch.schema import RunConfig
+    from trainers.stages.learner import stage_group_names
+
+    cfg = load_config(RunConfig, str(run1 / "config.yaml"), [])
+    base_dir = json.loads((run1 / "report.json").read_text())["base_model"]["path"]
+    names = stage_group_names(cfg, base_dir, ["sft", "rm", "ppo"])
+    assert {s: shown[s]["spec"]["group_names"] for s in shown} == names
+    assert any("lora_A" in n for n in names["ppo"]) and len(names["rm"]) > len(names["sft"])  # + score head
 
     # frozen reuse on another seed: every stage loads its own export and the run stays within budget
     code, run2 = _run(tmp_path, cache, "run2", "run.seed=7", "controller.mode=frozen", f"controller.load={exported}")

@@ -48,6 +48,7 @@ def test_exported_controller_drives_another_run_frozen_and_finetune(tmp_path, ca
     p = art.provenance
     assert (p.stage, p.source_run, p.mode, p.steps, p.env_steps) == ("sft", "run1", "online", STEPS, STEPS // 2)
     assert p.epsilons == [TARGET] and len(p.training_curve) == STEPS // 2
+    assert p.model_groups == list(online.spec.group_names) and len(p.model_groups) == 4
     # `dpalign controller show` prints what it is and what it was trained on (RUN_DIR/controller: by stage)
     assert main(["controller", "show", str(export)]) == 0
     shown = json.loads(capsys.readouterr().out)
