@@ -5,13 +5,16 @@ DP engine and a write-ahead ledger with the RDP filter at one fixed order) runs 
   fixed      DP-SGD, one threshold per module C/sqrt(K), sigma calibrated to spend epsilon in the planned steps
   per_layer  fixed thresholds split by public module size (trainers.engine.policy.group_thresholds)
   adaptive   Andrew et al. quantile tracking from noisy clip counts (their cost folded into the same sigma_eff)
-  online     the learned controller, SB3 SAC learning inside the run (default schedule during warm-up)
+  online     the learned controller, SB3 SAC learning inside the run (default schedule during warm-up), depth buckets
+  online_module / online_lora_param   the same at granularity module (one threshold per adapted module) or
+             lora_param (one per LoRA A and per LoRA B tensor; the engine clips per tensor)
   frozen     the learned controller pretrained on PUBLIC proxy fine-tuning (SB3 here, or --artifact PATH)
 Measured: held-out perplexity of the response tokens of TEST users' demonstrations (a quarter of D1's users,
 never trained on; the controller's reward uses public validation text only) every ``--eval-every`` steps;
 final perplexity; the first step at which each method's seed-mean curve reaches the best baseline's final
 perplexity; the controller's overhead (time in plan/observe, its validation evaluations
-included) as a share of step time. Every run's ledger epsilon is reported and must be <= the target.
+included) as a share of step time, and each method's step time over fixed DP-SGD's in the same run
+(``step_time_vs_fixed``). Every run's ledger epsilon is reported and must be <= the target.
 
   .venv/bin/python benchmarks/controller.py --json                  # defaults: eps 1 and 4, 3 seeds
   .venv/bin/python benchmarks/controller.py --seeds 1 --steps 20    # smoke
@@ -32,10 +35,12 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if sys.path[0] != str(ROOT):  # first even when PYTHONPATH has it: this file's own directory would make
+    sys.path.insert(0, str(ROOT))  # `import controller` find this script instead of the package
 
-METHODS = ("fixed", "per_layer", "adaptive", "online", "frozen")
+METHODS = ("fixed", "per_layer", "adaptive", "online", "online_module", "online_lora_param", "frozen")
+GRANULARITY = {"online": "bucket", "frozen": "bucket", "online_module": "module", "online_lora_param": "lora_param"}
+"""controller.granularity of each controller method; online_lora_param clips every LoRA A and B separately."""
 BASELINES = ("fixed", "per_layer", "adaptive")
 
 
@@ -201,11 +206,12 @@ def run_one(
     )
     model.train()
     params = trainable_named_parameters(model)
+    grouping = "per_tensor" if GRANULARITY.get(method) == "lora_param" else "module"
     groups = [
         GroupSpec(
             name=g, numel=sum(params[i][1].numel() for i in idx), param_names=tuple(params[i][0] for i in idx)
         )
-        for g, idx in clipping_groups(model, params, "module")
+        for g, idx in clipping_groups(model, params, grouping)
     ]
     k = len(groups)
     # One RDP filter order and one calibrated sigma for every method: equal epsilon by construction.
@@ -226,9 +232,10 @@ def run_one(
             target_quantile=0.5,
         )
     else:
-        mode = "online" if method == "online" else "frozen"
+        mode = "frozen" if method == "frozen" else "online"
         ccfg = ControllerConfig(
             mode=mode,
+            granularity=GRANULARITY[method],
             load=artifact if mode == "frozen" else "",
             interval=args.interval,
             learning_starts=2,
@@ -246,6 +253,7 @@ def run_one(
             rdp_order=order,
             stage="sft",
             reference_clips=[c / math.sqrt(k)] * k,
+            group_names=[g.name for g in groups],
         )
     timed = TimedPolicy(policy)
     run_dir = workdir / f"{method}-{epsilon}-{seed}"
@@ -271,6 +279,7 @@ def run_one(
         event_sink=ledger.record,
         admit=ledger.admit,
         optimizer=opt,
+        grouping=grouping,
         max_records_per_microbatch=cfg.engine.max_physical_batch_records,
     )
     sampler = PoissonUserSampler(n, sampling_rate=q, seed=seed)
@@ -300,6 +309,7 @@ def run_one(
         "final_ppl": curve[-1][1],
         "curve": curve,
         "step_seconds": step_seconds,
+        "steps": steps,
         "policy_seconds": timed.seconds,
         "sigma_reference": sigma,
     }
@@ -324,6 +334,8 @@ def summarize(runs: list[dict[str, Any]], epsilons: list[float]) -> dict[str, An
                     r["policy_seconds"] / max(r["step_seconds"], 1e-9) for r in rs
                 ),
                 "max_epsilon_spent": max(r["epsilon_spent"] for r in rs),
+                "step_seconds": statistics.fmean(r["step_seconds"] / max(r["steps"], 1)
+                                                 for r in rs),
             }
         baselines = [m for m in BASELINES if m in means]
         best = min(baselines, key=lambda m: means[m]["final_ppl"]) if baselines else None
@@ -335,6 +347,7 @@ def summarize(runs: list[dict[str, Any]], epsilons: list[float]) -> dict[str, An
                 s["step_share_to_best_baseline"] = (reached[0] / s["curve_steps"][-1]) if reached else None
             if "fixed" in means:
                 s["ppl_vs_fixed"] = s["final_ppl"] / means["fixed"]["final_ppl"]
+                s["step_time_vs_fixed"] = s["step_seconds"] / max(means["fixed"]["step_seconds"], 1e-12)
         table[str(eps)] = {"best_baseline": best, "methods": means}
     return table
 
@@ -370,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         t = time.time()
         artifact = pretrain_frozen(args, work / "artifact")
         pretrain_s = time.time() - t
+    # One untimed fixed run first: the first run in a process pays one-off costs (allocator, kernels, lazy
+    # imports) that would otherwise inflate whichever method is measured first (fixed, the baseline).
+    warm = argparse.Namespace(**{**vars(args), "steps": min(args.steps, 2), "eval_every": 1})
+    run_one(prep, method="fixed", epsilon=args.epsilons[0], seed=0, args=warm, artifact=None, workdir=work / "warm")
     runs = []
     for eps in args.epsilons:
         for seed in range(args.seeds):
@@ -381,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(r)
                 if not args.json:
                     print(
-                        f"eps={eps} seed={seed} {m:9s} final ppl {r['final_ppl']:.3f} "
+                        f"eps={eps} seed={seed} {m:17s} final ppl {r['final_ppl']:.3f} "
                         f"eps spent {r['epsilon_spent']:.3f} overhead {r['policy_seconds'] / r['step_seconds']:.3f}",
                         flush=True,
                     )
@@ -400,8 +417,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== epsilon {eps}: best baseline {t['best_baseline']}")
             for m, s in t["methods"].items():
                 print(
-                    f"  {m:9s} ppl {s['final_ppl']:.3f}±{s['final_ppl_sd']:.3f}  vs fixed {s.get('ppl_vs_fixed', float('nan')):.3f}"
+                    f"  {m:17s} ppl {s['final_ppl']:.3f}±{s['final_ppl_sd']:.3f}  vs fixed {s.get('ppl_vs_fixed', float('nan')):.3f}"
                     f"  steps to best baseline {s.get('steps_to_best_baseline')}  overhead {s['overhead_share']:.3f}"
+                    f"  step time vs fixed {s.get('step_time_vs_fixed', float('nan')):.3f}"
                 )
     return 0
 

@@ -98,8 +98,19 @@ class Provenance:
     env_steps: int = 0
     """Controller decisions (transitions) it learned from."""
     training_curve: list[float] = field(default_factory=list)
-    """Mean episode return per iteration/episode."""
+    """Mean episode return per iteration/episode (a run's export: the reward of every decision)."""
     created: float = field(default_factory=time.time)
+    stage: str = ""
+    """A run's export: the private stage it controlled (sft, rm, ppo); empty for proxy pretraining."""
+    source_run: str = ""
+    """A run's export: the run directory it was exported from."""
+    mode: str = ""
+    """A run's export: the controller.mode it ran in (online, finetune, frozen)."""
+    parent: str = ""
+    """A run's export in finetune/frozen mode: the artifact it started from."""
+    model_groups: list[str] = field(default_factory=list)
+    """A run's export: the engine's clipping-group names of the model it controlled (public; at bucket
+    granularity the spaces do not record them)."""
 
 
 @dataclass
@@ -163,6 +174,26 @@ def save_artifact(
     return out
 
 
+def resolve_artifact_dir(path: str | os.PathLike, stage: str) -> Path:
+    """The artifact directory ``controller.load=PATH`` means for ``stage``: PATH itself when it holds an artifact
+    (one controller for every stage), else PATH/<stage> (a run's export, ``RUN_DIR/controller``, holds one per
+    private stage).
+
+    Raises:
+        FileNotFoundError: neither exists.
+    """
+    p = Path(path)
+    if (p / ARTIFACT_FILE).is_file():
+        return p
+    if (p / stage / ARTIFACT_FILE).is_file():
+        return p / stage
+    raise FileNotFoundError(
+        f"controller.load={p}: neither {p / ARTIFACT_FILE} nor {p / stage / ARTIFACT_FILE} exists; point "
+        f"controller.load at an artifact written by `dpalign controller pretrain` or at RUN_DIR/controller of a run "
+        f"whose controller ran the {stage!r} stage"
+    )
+
+
 def load_artifact(path: str | os.PathLike) -> ControllerArtifact:
     """Read an artifact directory written by either trainer.
 
@@ -190,5 +221,6 @@ def load_artifact(path: str | os.PathLike) -> ControllerArtifact:
     actor.load_state_dict(torch.load(p / ACTOR_FILE, map_location="cpu", weights_only=True))
     actor.eval()
     norm = ObsNorm(**meta["obs_norm"])
-    prov = Provenance(**meta["provenance"])
+    known = {f for f in Provenance.__dataclass_fields__}
+    prov = Provenance(**{k: v for k, v in meta["provenance"].items() if k in known})
     return ControllerArtifact(spec=spec, actor=actor, obs_norm=norm, provenance=prov, path=p)

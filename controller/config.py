@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -99,8 +100,15 @@ class ControllerConfig:
     """Artifact directory to load (required by frozen and finetune; must be empty for online)."""
     interval: int = 10
     """DP steps between two controller decisions."""
+    granularity: Literal["bucket", "module", "lora_param"] = "bucket"
+    """What one threshold action sets (controller/spaces.py): ``bucket`` one multiplier per depth bucket,
+    interpolated to every group (spaces independent of the model: transfers across depths and stages); ``module``
+    one per adapted module (needs engine.clipping=per_module); ``lora_param`` one per LoRA A and per LoRA B tensor
+    (RLDP's pairwise grouping; needs engine.clipping=per_tensor). module / lora_param controllers fit only the
+    model, LoRA targets and stage they were trained on."""
     buckets: int = 4
-    """Depth buckets B of the observation/action spaces (independent of the number of LoRA modules)."""
+    """Depth buckets B of the observation/action spaces at granularity=bucket (independent of the number of LoRA
+    modules)."""
     clip_range: float = 4.0
     """Per-module thresholds stay within [reference_clip / clip_range, reference_clip * clip_range]."""
     noise_range: float = 3.0
@@ -156,6 +164,11 @@ class ControllerConfig:
                 bool(self.load), "controller.load", f"controller.mode={self.mode} needs an artifact directory"
             )
         require(self.interval >= 1, "controller.interval", "must be >= 1")
+        require(
+            self.granularity in ("bucket", "module", "lora_param"),
+            "controller.granularity",
+            "must be bucket, module or lora_param",
+        )
         require(self.buckets >= 1, "controller.buckets", "must be >= 1")
         require(self.clip_range >= 1.0, "controller.clip_range", "must be >= 1")
         require(self.noise_range >= 1.0, "controller.noise_range", "must be >= 1")
@@ -177,7 +190,14 @@ class ControllerConfig:
         require(self.pretrain_env_runners >= 0, "controller.pretrain_env_runners", "must be >= 0")
         self.env.check()
 
-    def spec(self):  # -> SpaceSpec (import kept local: config stays importable without numpy users)
+    def spec(self, group_names: Sequence[str] = ()):  # -> SpaceSpec (import kept local: config stays light)
+        """The spaces of this config; module / lora_param need the engine's clipping-group names."""
         from controller.spaces import SpaceSpec
 
-        return SpaceSpec(buckets=self.buckets, clip_range=self.clip_range, noise_range=self.noise_range)
+        return SpaceSpec(
+            buckets=self.buckets,
+            clip_range=self.clip_range,
+            noise_range=self.noise_range,
+            granularity=self.granularity,
+            group_names=tuple(group_names) if self.granularity != "bucket" else (),
+        )

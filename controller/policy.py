@@ -24,11 +24,18 @@ import torch
 
 from accounting.events import PrivacyEvent
 from accounting.mechanisms import grad_noise_for_target
-from controller.artifact import ControllerArtifact, ObsNorm, Provenance, load_artifact, save_artifact
+from controller.artifact import (
+    ControllerArtifact,
+    ObsNorm,
+    Provenance,
+    load_artifact,
+    resolve_artifact_dir,
+    save_artifact,
+)
 from controller.budget import BudgetGuard, SafeAction
 from controller.config import ControllerConfig
 from controller.records import Released, ValidationStats
-from controller.spaces import SpaceSpec, features_from_released, initial_observation
+from controller.spaces import SpaceMismatch, SpaceSpec, features_from_released, initial_observation
 
 # sigma_eff is recomputed by the engine from (C_k, s_k); a relative 1e-9 margin keeps float rounding from putting
 # it a hair under the floor.
@@ -84,8 +91,17 @@ class LearnedController:
         admit: the ledger's filter (``ledger.admit``); a refused proposal falls back to the floor.
         rdp_order: the ledger's RDP filter order (None: the optimal order for the fixed schedule).
         stage: ledger stage name.
-        artifact: a loaded artifact (frozen / finetune); default ``load_artifact(config.load)`` when set.
+        artifact: a loaded artifact (frozen / finetune); default: the artifact ``config.load`` names for this
+            stage (:func:`controller.artifact.resolve_artifact_dir`).
         reference_clips: C_ref per group (the stage's fixed thresholds); default ``config.reference_clip`` each.
+        group_names: the engine's clipping-group names in order; required by granularity module / lora_param
+            (the spaces have one slot per group), checked against a loaded artifact's before any release.
+        export_dir: when set, the controller writes its artifact there once the stage's last planned step is
+            released (``RUN_DIR/controller/<stage>`` in a pipeline run): what ``controller.load`` reuses.
+        source_run: the run directory recorded in the export's provenance.
+
+    Raises:
+        controller.spaces.SpaceMismatch: the artifact's granularity or groups do not fit (before any release).
     """
 
     def __init__(
@@ -103,6 +119,9 @@ class LearnedController:
         stage: str = "sft",
         artifact: ControllerArtifact | None = None,
         reference_clips: Sequence[float] | None = None,
+        group_names: Sequence[str] | None = None,
+        export_dir: str | Path | None = None,
+        source_run: str = "",
     ) -> None:
         config.check()
         self.config = config
@@ -119,9 +138,13 @@ class LearnedController:
             stage=stage,
         )
         if artifact is None and config.load:
-            artifact = load_artifact(config.load)
+            artifact = load_artifact(resolve_artifact_dir(config.load, stage))
         self.artifact = artifact
-        self.spec: SpaceSpec = artifact.spec if artifact is not None else config.spec()
+        self.group_names = None if group_names is None else tuple(str(n) for n in group_names)
+        self.spec: SpaceSpec = self._spaces(config, artifact)
+        self.export_dir = None if export_dir is None else Path(export_dir)
+        self.source_run = str(source_run)
+        self.exported: Path | None = None
         self.learner = None
         if config.mode in ("online", "finetune"):
             from controller.sb3 import OnlineSAC
@@ -145,10 +168,36 @@ class LearnedController:
         self.last_safe: SafeAction | None = None
         self.history: list[dict[str, float]] = []  # per decision: sigma, epsilon, validation loss, reward
 
+    def _spaces(self, config: ControllerConfig, artifact: ControllerArtifact | None) -> SpaceSpec:
+        """The spaces: the artifact's (checked against the config's granularity and the engine's groups), or the
+        config's for these groups."""
+        if artifact is None:
+            if config.granularity != "bucket" and self.group_names is None:
+                raise ValueError(
+                    f"controller.granularity={config.granularity} needs the engine's clipping-group names "
+                    "(group_names): the spaces have one slot per group"
+                )
+            return config.spec(self.group_names or ())
+        spec = artifact.spec
+        where = artifact.path or "the artifact"
+        if spec.granularity != config.granularity:
+            raise SpaceMismatch(
+                f"controller.load={where}: the artifact was trained at granularity {spec.granularity!r} but "
+                f"controller.granularity={config.granularity}; set controller.granularity={spec.granularity} (and "
+                "the engine.clipping it needs) or load an artifact trained at this granularity"
+            )
+        if self.group_names is not None:
+            try:
+                spec.check_groups(self.group_names)
+            except SpaceMismatch as err:
+                raise SpaceMismatch(f"controller.load={where}: {err}") from None
+        return spec
+
     # --- the engine's policy protocol ----------------------------------------------------------------------
     def plan(self, step: int, groups: Sequence[Any]) -> Any:
         from trainers.engine.policy import StepPlan
 
+        self.spec.check_groups([g.name for g in groups])
         if self.reference_clips is None:
             self.reference_clips = (self.config.reference_clip,) * len(groups)
         if self._initial_loss is None:
@@ -194,6 +243,8 @@ class LearnedController:
         done = self.guard.steps_left == 0
         if self.guard.steps_done % self.config.interval == 0 or done:
             self._end_interval(record, done)
+        if done and self.export_dir is not None and self.exported is None:
+            self.exported = self.export_artifact(self.export_dir, provenance=self.provenance())
 
     # --- decisions -----------------------------------------------------------------------------------------
     def _end_interval(self, record: Released, done: bool) -> None:
@@ -287,6 +338,25 @@ class LearnedController:
 
             self.learner = OnlineSAC.load(d / "sb3", spec=self.spec, config=self.config)
 
+    def provenance(self) -> Provenance:
+        """What this controller was trained on (a run's export): stage, budget, steps, decisions, rewards."""
+        learner_curve = list(self.learner.curve) if self.learner is not None else []
+        return Provenance(
+            trainer="sb3" if self.learner is not None else "frozen",
+            model_layers=[],
+            task="dpalign-run",
+            epsilons=[self.guard.target_epsilon],
+            delta=self.guard.delta,
+            steps=self.guard.steps,
+            env_steps=len(self.history),
+            training_curve=learner_curve or [h["reward"] for h in self.history],
+            stage=self.guard.stage,
+            source_run=self.source_run,
+            mode=self.config.mode,
+            parent=str(self.artifact.path) if self.artifact is not None and self.artifact.path else "",
+            model_groups=list(self.group_names or ()),
+        )
+
     def export_artifact(self, path: str | Path, *, provenance: Provenance) -> Path:
         """Write this controller (its current actor) as an artifact; online/finetune include the SB3 state."""
         if self.learner is not None:
@@ -297,13 +367,17 @@ class LearnedController:
         )
 
 
-def controller_policy_factory(config: ControllerConfig) -> Callable[..., LearnedController]:
+def controller_policy_factory(
+    config: ControllerConfig, *, export_dir: str | Path | None = None, source_run: str = ""
+) -> Callable[..., LearnedController]:
     """A ``StageContext.policy_factory`` (trainers/stages/learner.py ``make_policy``) building the controller.
 
     The stage passes ``ctx, sigma, groups, expected_batch_size``; the controller also needs the stage's planned
     ``steps``, its rate ``q`` and ``repeats`` (keyword arguments, else the stage's frozen ``ctx.plan``) and a PUBLIC
     ``validation_loss`` callable (keyword argument). The ledger's filter and RDP order come from ``ctx.ledger``; the
     target from the plan; the reference thresholds are the stage's fixed ones (``group_thresholds``).
+    ``export_dir``: each stage's controller exports itself to ``export_dir/<stage>`` when the stage's last planned
+    step is released (a pipeline run passes ``RUN_DIR/controller``).
     """
 
     def factory(
@@ -349,6 +423,9 @@ def controller_policy_factory(config: ControllerConfig) -> Callable[..., Learned
             rdp_order=order,
             stage=ctx.stage,
             reference_clips=group_thresholds(ctx.cfg.engine, groups),
+            group_names=[g.name for g in groups],
+            export_dir=Path(export_dir) / ctx.stage if export_dir is not None else None,
+            source_run=source_run,
         )
 
     return factory

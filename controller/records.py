@@ -39,7 +39,8 @@ def _floats(name: str, values: Any, n: int | None = None) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class Released:
-    """What one DP step released, per clipping group k (one LoRA module), after the noise was added.
+    """What one DP step released, per clipping group k (one LoRA module, or one LoRA A / B tensor when the engine
+    clips per tensor), after the noise was added.
 
     Every field is either public (configuration the controller chose or the engine fixed before the step) or a
     function of the noised release (post-processing, free), or a privatized statistic whose PrivacyEvent is in

@@ -1,21 +1,42 @@
-"""Observation and action spaces of the controller, independent of the number of LoRA modules (depth buckets).
+"""Observation and action spaces of the controller at three granularities (``controller.granularity``).
 
-Choice: depth buckets. Module k of K sits at relative depth x_k = (k + 1/2) / K. Per-module features are pooled
-into B fixed buckets with centres c_b = (b + 1/2) / B (mean over the modules whose depth falls in the bucket, or
-linear interpolation of the neighbouring modules' values at c_b when a bucket holds none, e.g. a 2-layer model with
-4 buckets). Actions are B clip multipliers at the bucket centres, linearly interpolated (in log space) back to each
-module's depth. A 2-layer and a 12-layer model therefore see the same Box spaces, and the policy's decision is a
-smooth function of relative depth, which is what transfers across depths of one family.
+GRANULARITY. Let the engine have K clipping groups in model order (``engine.clipping``: ``per_module`` makes one
+group per adapted LoRA module, A and B together, plus one per trainable head; ``per_tensor`` one group per tensor,
+i.e. each LoRA A and each LoRA B separately, and each head tensor). The controller acts on S "slots":
+
+| granularity | slots S                     | engine.clipping | what one action entry sets                   | transfers to   |
+|-------------|-----------------------------|-----------------|----------------------------------------------|----------------|
+| bucket      | B = controller.buckets      | any             | the threshold multiplier at a depth-bucket    | other depths,  |
+|             |                             |                 | centre, interpolated to every group's depth   | seeds, stages  |
+| module      | K (one per adapted module)  | per_module      | the threshold multiplier of that module       | same model and |
+|             |                             |                 |                                               | stage only     |
+| lora_param  | K (one per LoRA A, LoRA B)  | per_tensor      | the threshold multiplier of that tensor       | same model and |
+|             |                             |                 | (RLDP's pairwise A/B grouping)                | stage only     |
+
+Observation: S x len(MODULE_FEATURES) per-slot features (slot-major: the 4 features of slot 0, then slot 1, ...)
+followed by len(GLOBAL_FEATURES) globals: a Box of 4 S + 7. Action: a Box [-1, 1]^(S + 1) (S clip entries, then
+sigma). At ``module`` and ``lora_param`` granularity the per-group features are the feature table's rows for each
+group as released (no pooling) and the spec records the group names it was built for (``SpaceSpec.group_names``):
+an artifact applies only to an engine with exactly those groups (:meth:`SpaceSpec.check_groups`).
+
+Bucket choice: depth buckets. Module k of K sits at relative depth x_k = (k + 1/2) / K. Per-module features are
+pooled into B fixed buckets with centres c_b = (b + 1/2) / B (mean over the modules whose depth falls in the
+bucket, or linear interpolation of the neighbouring modules' values at c_b when a bucket holds none, e.g. a
+2-layer model with 4 buckets). Actions are B clip multipliers at the bucket centres, linearly interpolated (in log
+space) back to each module's depth. A 2-layer and a 12-layer model therefore see the same Box spaces, and the
+policy's decision is a smooth function of relative depth, which is what transfers across depths of one family.
 
 Why buckets rather than a shared per-module network: both SAC implementations we train with (stable-baselines3
 online, RLlib for pretraining) take fixed Box spaces and an MLP policy. Buckets plug straight into both, and the
 exported actor is a plain MLP over one fixed vector. A per-module network needs custom (and, for the twin
 critics, set-valued) models in both libraries. The cost is resolution: with B buckets the controller cannot give
-two modules in one bucket different thresholds (the interpolation does separate modules at different depths).
+two modules in one bucket different thresholds (the interpolation does separate modules at different depths);
+``module`` and ``lora_param`` give that resolution back at the price of transfer (the MLP's input and output
+sizes are the model's group count).
 
-Actions (each in [-1, 1], a Box of B + 1):
-    a_b  -> clip multiplier m_b = clip_range ** a_b, so C_k = C_ref_k * exp(interp(x_k; c, log m)) lies in
-            [C_ref / clip_range, C_ref * clip_range].
+Actions (each in [-1, 1], a Box of S + 1):
+    a_s  -> clip multiplier m_s = clip_range ** a_s. bucket: C_k = C_ref_k * exp(interp(x_k; c, log m));
+            module / lora_param: C_k = C_ref_k * m_k. Either way C_k lies in [C_ref / clip_range, C_ref * clip_range].
     a_sig -> sigma = sigma_floor * noise_range ** ((a_sig + 1) / 2), in [floor, floor * noise_range]. a_sig = -1 is
             the floor: the fixed DP-SGD schedule calibrated to spend the whole budget in the planned steps. The
             budget layer (controller/budget.py) clamps again, whatever the actor outputs.
@@ -25,16 +46,16 @@ FEATURE TABLE. Source: (a) released noisy aggregate, free post-processing; (b) p
 ledger; (c) public / non-private validation data, free; (d) ledger state and the controller's own public choices,
 free.
 
-Per bucket (pooled over the bucket's modules):
+Per slot (bucket: pooled over the bucket's groups; module / lora_param: the group's own value):
 | feature        | definition                                                                  | src | cost |
 |----------------|-----------------------------------------------------------------------------|-----|------|
 | log_snr        | log(||g~_k||^2 / (d_k s_k^2 / B^2)), clipped to [-5, 10]: the released        | (a) | free: function of
 |                | update's energy over the noise energy the public (s_k, d_k, B) predict       |     | the release  |
 | cos_prev       | cosine of g~_k with the previous step's g~_k (gradient agreement)            | (a) | free |
 | log_clip_mult  | log(C_k / C_ref_k) / log(clip_range): the threshold in use                   | (d) | free (public choice) |
-| clip_fraction  | noisy fraction of sampled users clipped in group k, clipped to [-0.5, 1.5];  | (b) | the clip-count event:
-|                | 0 when the engine releases no counts                                        |     | Andrew et al. bits, composed
-|                |                                                                             |     | into the step's event |
+| clip_fraction  | noisy fraction of sampled users clipped in group k, clipped to [-0.5, 1.5],  | (b) | the clip-count event:
+|                | from the released CENTRED count sum_u (b_uk - 1/2) + N(0, sigma_b^2) plus   |     | Andrew et al. bits, composed
+|                | the public B/2 (the accounted quantity); 0 when no counts are released      |     | into the step's event |
 Global:
 | progress             | steps_done / steps_total                                              | (d) | free |
 | eps_spent_frac       | epsilon_spent / target_epsilon                                        | (d) | free |
@@ -71,8 +92,15 @@ GLOBAL_FEATURES: tuple[str, ...] = (
     "val_improvement",
     "has_clip_counts",
 )
+GRANULARITIES: tuple[str, ...] = ("bucket", "module", "lora_param")
+ENGINE_CLIPPING = {"module": "per_module", "lora_param": "per_tensor"}
+"""The ``engine.clipping`` each per-group granularity needs (bucket works with any)."""
 OBS_BOUND = 20.0
 """Every raw feature lies in [-OBS_BOUND, OBS_BOUND] (the Box bounds)."""
+
+
+class SpaceMismatch(ValueError):
+    """Spaces (an artifact's, or a controller's) that do not fit the engine's clipping groups."""
 
 
 def relative_depths(num: int) -> np.ndarray:
@@ -107,18 +135,30 @@ class SpaceSpec:
     """The observation/action contract shared by the env, the online and frozen policies, and the artifact.
 
     Attributes:
-        buckets: number of depth buckets B.
+        buckets: number of depth buckets B (used by ``granularity="bucket"``).
         clip_range: clip thresholds range over [C_ref / clip_range, C_ref * clip_range].
         noise_range: sigma ranges over [floor, floor * noise_range].
         version: spaces version (features and their order); artifacts record it.
+        granularity: ``bucket``, ``module`` or ``lora_param`` (module docstring).
+        group_names: module / lora_param: the engine's clipping-group names in order, one slot each (empty for
+            bucket, whose spaces do not depend on the model).
     """
 
     buckets: int = 4
     clip_range: float = 4.0
     noise_range: float = 3.0
     version: int = SPACES_VERSION
+    granularity: str = "bucket"
+    group_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "group_names", tuple(str(n) for n in self.group_names))
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity {self.granularity!r}: use one of {', '.join(GRANULARITIES)}")
+        if self.granularity == "bucket" and self.group_names:
+            raise ValueError("granularity 'bucket' has model-independent spaces: group_names must be empty")
+        if self.granularity != "bucket" and not self.group_names:
+            raise ValueError(f"granularity {self.granularity!r} needs the engine's clipping-group names")
         if self.buckets < 1:
             raise ValueError(f"buckets must be >= 1, got {self.buckets}")
         if not (self.clip_range >= 1.0) or math.isinf(self.clip_range):
@@ -127,12 +167,37 @@ class SpaceSpec:
             raise ValueError(f"noise_range must be a finite number >= 1, got {self.noise_range}")
 
     @property
+    def slots(self) -> int:
+        """S: per-group entries of the spaces (B buckets, or one per clipping group)."""
+        return self.buckets if self.granularity == "bucket" else len(self.group_names)
+
+    @property
     def obs_dim(self) -> int:
-        return self.buckets * len(MODULE_FEATURES) + len(GLOBAL_FEATURES)
+        return self.slots * len(MODULE_FEATURES) + len(GLOBAL_FEATURES)
 
     @property
     def act_dim(self) -> int:
-        return self.buckets + 1
+        return self.slots + 1
+
+    def check_groups(self, names: Sequence[str]) -> None:
+        """Refuse an engine whose clipping groups are not the ones these spaces were built for.
+
+        Raises:
+            SpaceMismatch: module / lora_param spaces and different group names (count or order).
+        """
+        if self.granularity == "bucket":
+            return
+        got = tuple(str(n) for n in names)
+        if got == self.group_names:
+            return
+        missing = [n for n in self.group_names if n not in got]
+        extra = [n for n in got if n not in self.group_names]
+        raise SpaceMismatch(
+            f"the controller's {self.granularity} spaces were built for {len(self.group_names)} clipping groups "
+            f"but the engine has {len(got)} (not in the engine: {missing[:3]}; not in the controller: {extra[:3]}). "
+            f"A {self.granularity} controller only fits the model, LoRA targets, engine.clipping and stage it "
+            "was trained on; use controller.granularity=bucket to transfer across models and stages"
+        )
 
     def observation_space(self) -> Any:
         import gymnasium as gym
@@ -161,13 +226,19 @@ class SpaceSpec:
         a = np.where(np.isnan(a), self.default_action().astype(np.float64), a)
         a = np.clip(a, -1.0, 1.0)
         refs = np.asarray(reference_clips, dtype=np.float64)  # [K]
-        log_mult = spread_to_modules(a[:-1] * math.log(self.clip_range), len(refs))  # [K]
+        if self.granularity == "bucket":
+            log_mult = spread_to_modules(a[:-1] * math.log(self.clip_range), len(refs))  # [K]
+        else:
+            if refs.shape[0] != self.slots:
+                raise SpaceMismatch(f"{refs.shape[0]} reference clips for {self.slots} {self.granularity} slots")
+            log_mult = a[:-1] * math.log(self.clip_range)  # [K]: one entry per group
         clips = tuple(float(c) for c in refs * np.exp(log_mult))
         sigma = float(sigma_floor * self.noise_range ** ((a[-1] + 1.0) / 2.0))
         return clips, sigma
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["group_names"] = list(self.group_names)
         d["module_features"] = list(MODULE_FEATURES)
         d["global_features"] = list(GLOBAL_FEATURES)
         return d
@@ -189,6 +260,8 @@ class SpaceSpec:
             clip_range=float(d["clip_range"]),
             noise_range=float(d["noise_range"]),
             version=int(d["version"]),
+            granularity=str(d.get("granularity", "bucket")),  # artifacts from before granularities: buckets
+            group_names=tuple(d.get("group_names", ())),
         )
 
 
@@ -237,7 +310,11 @@ def features_from_released(
         else np.zeros(k)
     )
     per_module = [log_snr, cos_prev, np.clip(log_clip, -2.0, 2.0), fractions]
-    buckets = np.stack([pool_to_buckets(f, spec.buckets) for f in per_module], axis=1)  # [B, F]
+    if spec.granularity == "bucket":
+        slots = np.stack([pool_to_buckets(f, spec.buckets) for f in per_module], axis=1)  # [B, F]
+    else:
+        spec.check_groups(released.group_names)
+        slots = np.stack(per_module, axis=1)  # [K, F]: each group's own row, no pooling
 
     g = [
         ledger.steps_done / max(ledger.steps_total, 1),
@@ -248,14 +325,14 @@ def features_from_released(
         (validation.previous_loss - validation.loss) / validation.initial_loss,
         1.0 if has_counts else 0.0,
     ]
-    obs = np.concatenate([buckets.reshape(-1), np.asarray(g, dtype=np.float64)])
+    obs = np.concatenate([slots.reshape(-1), np.asarray(g, dtype=np.float64)])
     return np.clip(obs, -OBS_BOUND, OBS_BOUND).astype(np.float32)
 
 
 def initial_observation(ledger: LedgerState, *, spec: SpaceSpec) -> np.ndarray:
     """The observation before any release: per-bucket features at their neutral values, ledger features set."""
     obs = np.zeros(spec.obs_dim, dtype=np.float32)
-    g0 = spec.buckets * len(MODULE_FEATURES)
+    g0 = spec.slots * len(MODULE_FEATURES)
     obs[g0 + 0] = ledger.steps_done / max(ledger.steps_total, 1)
     obs[g0 + 1] = ledger.epsilon_spent / ledger.target_epsilon
     obs[g0 + 2] = math.log(ledger.sigma_current / ledger.sigma_floor)

@@ -120,3 +120,12 @@ class RunConfig:
             "the controller chooses sigma and thresholds from earlier releases; set privacy.accountant=rdp "
             "(the RDP privacy filter is valid under adaptive composition)",
         )
+        needs = {"module": "per_module", "lora_param": "per_tensor"}.get(self.controller.granularity)
+        require(
+            not self.controller.enabled or needs is None or self.engine.clipping == needs,
+            "controller.granularity",
+            f"{self.controller.granularity} sets one threshold per "
+            f"{'adapted module' if needs == 'per_module' else 'LoRA A and LoRA B tensor'}, so the engine must clip "
+            f"those groups: set engine.clipping={needs} (engine.clipping is {self.engine.clipping}), or use "
+            "controller.granularity=bucket",
+        )

@@ -4,7 +4,9 @@ an artifact.
   dpalign controller pretrain [--config FILE] [key=value ...]   train (RLlib SAC over Ray env runners by default,
                                                                 or controller.pretrain_trainer=sb3 in-process) and
                                                                 write the artifact to controller.out
-  dpalign controller show PATH                                  print an artifact's spec and provenance
+  dpalign controller show PATH                                  print an artifact's spaces (granularity, groups),
+                                                                actor and provenance (stage, budget, steps, source
+                                                                run); PATH may be a run's RUN_DIR/controller
 
 Ray: embedded by default (ray.num_cpus CPUs); inside `ray job submit` (RAY_ADDRESS set) or with ray.address=... it
 joins the cluster, and the env runners spread over it. Reuse the artifact in a run with controller.load=PATH and
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from controller.config import ControllerConfig
@@ -40,27 +44,62 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(func=main)
 
 
+def _describe(path: Path) -> dict[str, Any]:
+    from controller.artifact import load_artifact
+
+    art = load_artifact(path)
+    spec = art.spec
+    return {
+        "path": str(path),
+        "granularity": spec.granularity,
+        "slots": spec.slots,
+        "obs_dim": spec.obs_dim,
+        "act_dim": spec.act_dim,
+        "spec": spec.to_dict(),
+        "actor_hidden": art.actor.hidden,
+        "provenance": asdict(art.provenance),
+        "has_sb3_state": art.sb3_dir is not None,
+    }
+
+
+def _show(path_arg: str) -> int:
+    """One artifact, or a run's RUN_DIR/controller (one artifact per stage, printed by stage)."""
+    from controller.artifact import ARTIFACT_FILE
+
+    path = Path(path_arg)
+    if (path / ARTIFACT_FILE).is_file():
+        print(json.dumps(_describe(path), indent=2))
+        return 0
+    stages = sorted(p for p in path.iterdir() if (p / ARTIFACT_FILE).is_file()) if path.is_dir() else []
+    if not stages:
+        print(
+            f"dpalign controller show: {path}: no {ARTIFACT_FILE} there nor in a stage sub-directory; give an "
+            "artifact directory or a run's RUN_DIR/controller",
+            file=sys.stderr,
+        )
+        return 2
+    print(json.dumps({p.name: _describe(p) for p in stages}, indent=2))
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     if args.controller_command == "show":
-        from controller.artifact import load_artifact
-
-        art = load_artifact(args.path)
-        print(
-            json.dumps(
-                {
-                    "spec": art.spec.to_dict(),
-                    "actor_hidden": art.actor.hidden,
-                    "provenance": asdict(art.provenance),
-                    "has_sb3_state": art.sb3_dir is not None,
-                },
-                indent=2,
-            )
-        )
-        return 0
+        return _show(args.path)
 
     cfg = load_run_config(args)
     ctrl: ControllerConfig = cfg.controller
     ctrl.check()
+    if ctrl.granularity != "bucket":
+        # a module / lora_param actor has one slot per clipping group of the model it runs on: the proxy model's
+        # groups are no real run's, so such an artifact could never be loaded; learn those online instead
+        print(
+            f"dpalign controller pretrain: controller.granularity={ctrl.granularity}: pretraining on the proxy "
+            "task writes bucket artifacts only (module / lora_param spaces fit one model's groups); set "
+            "controller.granularity=bucket, or learn a per-group controller online in a run and reuse its "
+            "RUN_DIR/controller",
+            file=sys.stderr,
+        )
+        return 2
     import time
 
     start = time.time()

@@ -53,6 +53,7 @@ def main(args: argparse.Namespace) -> int:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     from cluster.preflight import PreflightError
+    from controller.reuse import ControllerReuseError
     from launch.pipeline.pipeline import run_pipeline
     from launch.pipeline.rundir import RunDirError
     from trainers.data.io import DataError
@@ -60,7 +61,8 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         report = run_pipeline(cfg, resume=args.resume, progress=not args.no_progress)
-    except (DataError, CompositionError, PlanError, PreflightError, RunDirError) as err:  # before any privacy
+    except (DataError, CompositionError, PlanError, PreflightError, RunDirError,
+            ControllerReuseError) as err:  # before any privacy
         print(f"dpalign run: {err}", file=sys.stderr)
         return 2
     summary = summarize(report)

@@ -83,6 +83,8 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     )
     base_dir = Path(base.path)
     wall["base_model"] = time.time() - t
+    # A controller to reuse must fit this run before anything is spent or made (controller/reuse.py).
+    _check_controller_reuse(cfg, plan, base_dir)
     # On a cluster, every node must reach the base model and the run directory before the first release.
     ray_started = preflight_cluster(cfg, base_dir=base_dir, run_dir=Path(resumed.path) if resumed else None)
     run = resumed if resumed is not None else RunDir.for_config(cfg)
@@ -105,7 +107,10 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     if cfg.controller.enabled:  # the learned clip/noise controller, handed to the stages (they never import it)
         from controller.policy import controller_policy_factory
 
-        policy_factory = controller_policy_factory(cfg.controller)
+        # each stage's controller exports itself to RUN_DIR/controller/<stage> when the stage's steps are done
+        policy_factory = controller_policy_factory(
+            cfg.controller, export_dir=Path(run.path) / "controller", source_run=str(Path(run.path).resolve())
+        )
 
     run.write_plan(plan.to_dict())
     ledger = None
@@ -230,6 +235,25 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     write_report(report, report_json=run.report_json, report_md=run.report_md, plots_dir=run.plots_dir)
     report["_run_dir"] = str(Path(run.path).resolve())  # the job prints where its outputs are, absolute
     return report
+
+
+def _check_controller_reuse(cfg: Any, plan: PrivacyPlan, base_dir: Path) -> None:
+    """``controller.load`` with ``controller.enabled``: every private stage finds an artifact of the configured
+    granularity; at module / lora_param each stage's clipping groups (its model built from the base model's
+    architecture) must be the artifact's. Raises controller.reuse.ControllerReuseError (exit 2) before the ledger
+    or run directory exist."""
+    ctrl = cfg.controller
+    if not (ctrl.enabled and ctrl.load):
+        return
+    from controller.reuse import check_reuse
+
+    stages = [name for name in STAGE_ORDER if plan[name].private]
+    names: dict[str, list[str]] = {}
+    if ctrl.granularity != "bucket":
+        from trainers.stages.learner import stage_group_names
+
+        names = stage_group_names(cfg, base_dir, stages)
+    check_reuse(ctrl, stages=stages, group_names=names)
 
 
 def preflight_cluster(cfg: Any, *, base_dir: Path, run_dir: Path | None) -> bool:

@@ -47,6 +47,7 @@ def run_sft(
     num_users: int,
     rdp_order: float,
     seed: int = 0,
+    grouping: str = "module",
 ) -> Ledger:
     """A DP-SFT-like loop on the real engine and ledger; writes report.json so `privacy verify` can check it."""
     from accounting.composition import user_set_fingerprint
@@ -76,6 +77,7 @@ def run_sft(
         event_sink=ledger.record,
         admit=ledger.admit,
         optimizer=opt,
+        grouping=grouping,
     )
     sampler = PoissonUserSampler(num_users, sampling_rate=q, seed=seed)
 
@@ -109,3 +111,31 @@ def public_validation(model: nn.Module, seed: int = 99):
         return float(causal_lm_loss_per_record(logits, recs["input_ids"], recs["loss_mask"]).mean())
 
     return loss
+
+
+def group_specs(model: nn.Module, grouping: str) -> list:
+    """The engine's public clipping groups of ``model`` (what ``DPEngine(grouping=...)`` will make)."""
+    from trainers.engine.engine import clipping_groups, trainable_named_parameters
+    from trainers.engine.policy import GroupSpec
+
+    params = trainable_named_parameters(model)
+    return [
+        GroupSpec(name=n, numel=sum(params[i][1].numel() for i in idx), param_names=tuple(params[i][0] for i in idx))
+        for n, idx in clipping_groups(model, params, grouping)
+    ]
+
+
+class RecordingPolicy:
+    """Passes plan/observe through to a policy and keeps every plan and released group list (what the engine used)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.plans, self.released_groups = inner, [], []
+
+    def plan(self, step, groups):
+        p = self.inner.plan(step, groups)
+        self.plans.append(p)
+        return p
+
+    def observe(self, released) -> None:
+        self.released_groups.append(tuple(g.name for g in released.groups))
+        self.inner.observe(released)

@@ -43,3 +43,11 @@ def test_frozen_without_artifact_is_a_config_error(capsys):
         main(["controller", "pretrain", "controller.mode=frozen"])
     assert err.value.code == 2
     assert "controller.load" in capsys.readouterr().err
+
+
+def test_pretrain_refuses_per_group_granularity_and_show_refuses_a_non_artifact(tmp_path, capsys):
+    assert main(["controller", "pretrain", "controller.granularity=lora_param"]) == 2
+    err = capsys.readouterr().err
+    assert "controller.granularity=bucket" in err and "RUN_DIR/controller" in err
+    assert main(["controller", "show", str(tmp_path)]) == 2
+    assert "artifact.json" in capsys.readouterr().err

@@ -76,6 +76,36 @@ def make_policy(
     )
 
 
+def clipping_group_names(engine_cfg: Any, model: torch.nn.Module) -> list[str]:
+    """The names of the clipping groups the stage's engine will make for ``model`` (``engine.clipping``), in
+    order: public facts of the model, known before any release (the controller's reuse check uses them)."""
+    from trainers.engine.engine import clipping_groups, trainable_named_parameters
+
+    params = trainable_named_parameters(model)
+    return [n for n, _ in clipping_groups(model, params, ENGINE_GROUPING[engine_cfg.clipping])]
+
+
+def stage_group_names(cfg: Any, base_dir: Path | str, stages: Sequence[str]) -> dict[str, list[str]]:
+    """Before any release: the clipping-group names each learner stage's engine will have, from the base model's
+    architecture (the SFT output the reward model and PPO start from is the same architecture, merged): SFT is the
+    base with the SFT LoRA, the reward model the base with its LoRA and a score head, PPO the base with its LoRA
+    and a value head, built as the stages build them. Public facts; the global torch RNG is left as it was."""
+    from trainers.models.base import load_base_model
+    from trainers.models.lora import add_lora
+    from trainers.rlhf.heads import PolicyValueModel, ScoreModel
+
+    wrap = {"sft": lambda m: m, "rm": ScoreModel, "ppo": PolicyValueModel}
+    out: dict[str, list[str]] = {}
+    with torch.random.fork_rng(devices=[]):
+        for stage in stages:
+            lora = getattr(cfg, stage).lora
+            model, _ = load_base_model(base_dir)
+            model = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                             target_modules=tuple(lora.target_modules))
+            out[stage] = clipping_group_names(cfg.engine, wrap[stage](model))
+    return out
+
+
 def stage_noise_seed(ctx: StageContext, learner: Learner) -> NoiseSeed:
     """The key of this stage execution's Poisson samples and noise (see ``trainers.engine.sampling``).
 
