@@ -223,7 +223,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "tuning_mean_ignored",
         "a repeat-and-select study ledger is accounted as if one trial ran (E[K] = 1), whatever its law of K",
-        ((LEDGER, 'mean_trials=params["mean_trials"],', "mean_trials=1.0,"),),
+        (("accounting/ledger_file.py", 'mean_trials=params["mean_trials"],', "mean_trials=1.0,"),),
         (f"{T_STUDY}::test_repeat_and_select_epsilon_is_dp_accountings_repeat_and_select_over_the_trials",),
     ),
     Mutation(
