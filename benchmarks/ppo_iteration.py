@@ -1,7 +1,7 @@
 """Where a DP-PPO iteration goes: generation, scoring, the DP learner, the LoRA sync, the public evaluation.
 
     python benchmarks/ppo_iteration.py [--json] [--json-out PATH] [--size tiny|medium|small] [--records 96]
-                                       [--eval-prompts 32] [--iterations 2] [--max-new-tokens 24]
+                                       [--eval-prompts 16] [--iterations 2] [--max-new-tokens 24]
 
 One iteration of ``trainers.stages.ppo.learn_ppo`` with its own functions, in one process, on a GPT-2 model built
 from config (``tiny`` = the demo's 4 layers, hidden 128, vocab 4096; ``medium`` = 12 layers, hidden 512, vocab
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", default=None, help="also write that JSON object to this file")
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
     parser.add_argument("--records", type=int, default=96, help="rollouts per iteration (2 per user)")
-    parser.add_argument("--eval-prompts", type=int, default=32, help="public prompts evaluated per iteration (0: none)")
+    parser.add_argument("--eval-prompts", type=int, default=16, help="public prompts evaluated per iteration (0: none)")
     parser.add_argument("--iterations", type=int, default=2, help="timed iterations (after 1 warm-up)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--rollout-batch-size", type=int, default=16)
