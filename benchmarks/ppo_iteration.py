@@ -1,7 +1,7 @@
 """Where a DP-PPO iteration goes: generation, scoring, the DP learner, the LoRA sync, the public evaluation.
 
     python benchmarks/ppo_iteration.py [--json] [--json-out PATH] [--size tiny|medium|small] [--records 96]
-                                       [--eval-prompts 32] [--iterations 2] [--max-new-tokens 24]
+                                       [--eval-prompts 16] [--iterations 2] [--max-new-tokens 24]
 
 One iteration of ``trainers.stages.ppo.learn_ppo`` with its own functions, in one process, on a GPT-2 model built
 from config (``tiny`` = the demo's 4 layers, hidden 128, vocab 4096; ``medium`` = 12 layers, hidden 512, vocab
@@ -20,7 +20,7 @@ r=4 on ``c_attn`` (the PPO default), users with 2 records each, ``ppo_epochs=1``
 
 Shares are of the sum of the five, medians over ``--iterations`` iterations after one warm-up iteration. Generated
 tokens per second of ``generation`` are compared with plain ``model.generate`` on the same model, the same
-left-padded batches and seeds (``generate_tokens_per_s_ratio`` < 1: the wrapper's overhead). With CUDA every
+left-padded batches and seeds, timed right after it in every iteration (``generate_tokens_per_s_ratio`` < 1: the wrapper's overhead). With CUDA every
 stage runs under bf16 autocast (``trainers.precision``). Timings on a shared machine are noisy: the run's load
 average is printed and stored with them.
 """
@@ -82,6 +82,34 @@ class _Stopwatch:
         self.into[self.name] = time.perf_counter() - self._t0
 
 
+def _plain_generate(model, tokenizer, prompts: list[str], *, seed: int, batch_size: int, max_new_tokens: int,
+                    device: str) -> tuple[float, int]:
+    """Plain ``model.generate`` on the same left-padded batches and seeds: (seconds, generated tokens up to and
+    including each row's first EOS) -- the yardstick of the rollout wrapper's tokens/s."""
+    import torch
+
+    from trainers.models.tokenizer import padding_side
+    from trainers.precision import autocast
+
+    _sync()
+    t0 = time.perf_counter()
+    n_tok = 0
+    for j, start in enumerate(range(0, len(prompts), batch_size)):
+        with padding_side(tokenizer, "left"):
+            enc = tokenizer([tokenizer.bos_token + p for p in prompts[start:start + batch_size]], return_tensors="pt",
+                            padding=True, add_special_tokens=False).to(device)
+        torch.manual_seed(seed + j)
+        with torch.no_grad(), autocast(device):
+            ids = model.generate(**enc, do_sample=True, max_new_tokens=max_new_tokens, temperature=1.0, top_k=None,
+                                 top_p=1.0, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)  # [b, P + T]
+        new = ids[:, enc["input_ids"].shape[1]:]  # [b, T]
+        seen = (new == tokenizer.eos_token_id).int().cumsum(1)  # EOS seen so far, per position
+        n_tok += int(((seen == 0) | ((seen == 1) & (new == tokenizer.eos_token_id))).sum())
+    _sync()
+    return time.perf_counter() - t0, n_tok
+
+
 def run(size: str, *, records: int, eval_prompts: int, iterations: int, max_new_tokens: int,
         rollout_batch_size: int = 16) -> dict:
     import warnings
@@ -92,8 +120,7 @@ def run(size: str, *, records: int, eval_prompts: int, iterations: int, max_new_
     from trainers.engine import DPEngine, FixedPolicy, UserBatch
     from trainers.engine.sampling import NoiseSeed
     from trainers.models.lora import add_lora
-    from trainers.models.tokenizer import padding_side, train_tokenizer
-    from trainers.precision import autocast
+    from trainers.models.tokenizer import train_tokenizer
     from trainers.rlhf.config import PPOObjectiveConfig
     from trainers.rlhf.heads import PolicyValueModel, ScoreModel
     from trainers.rollout import RolloutPolicy, lora_state_dict
@@ -146,12 +173,17 @@ def run(size: str, *, records: int, eval_prompts: int, iterations: int, max_new_
     evaluation = public_eval(models, public, cfg=pcfg, seed=7, chunk_records=32) if eval_prompts else None
     phases: dict[str, list[float]] = {p: [] for p in PHASES}
     tokens: list[int] = []
+    plain_times: list[float] = []
+    plain_tokens: list[int] = []
     tok = models.tokenizer
     for t in range(iterations + 1):
         timing: dict[str, float] = {}
         with _Stopwatch(timing, "generation", device):
             gen = rollout.generate(prompts, max_new_tokens=max_new_tokens, temperature=1.0, seed=100 + t,
                                    batch_size=rollout_batch_size)
+        # the yardstick right after, under the same load (a shared machine's load drifts within minutes)
+        plain_s, plain_n = _plain_generate(rollout.model, tok, prompts, seed=100 + t, batch_size=rollout_batch_size,
+                                           max_new_tokens=max_new_tokens, device=device)
         with _Stopwatch(timing, "scoring", device):
             rolled = pad_rollouts(gen, pad_id=int(tok.pad_token_id), eos_id=int(tok.eos_token_id)).to(device)
             exp = build_experience(models, rolled, user_index, beta=0.2, objective=objective, chunk_records=32)
@@ -170,30 +202,9 @@ def run(size: str, *, records: int, eval_prompts: int, iterations: int, max_new_
         for p in PHASES:
             phases[p].append(timing[p])
         tokens.append(sum(len(r.response_ids) for r in gen))
+        plain_times.append(plain_s)
+        plain_tokens.append(plain_n)
 
-    # plain model.generate on the same model, batches and seeds: the yardstick of the wrapper's tokens/s
-    model = rollout.model
-    bos = tokenizer.bos_token
-    plain_times, plain_tokens = [], []
-    for t in range(iterations):
-        _sync()
-        t0 = time.perf_counter()
-        n_tok = 0
-        for j, start in enumerate(range(0, records, rollout_batch_size)):
-            with padding_side(tokenizer, "left"):
-                enc = tokenizer([bos + p for p in prompts[start:start + rollout_batch_size]], return_tensors="pt",
-                                padding=True, add_special_tokens=False).to(device)
-            torch.manual_seed(100 + t + 1 + j)
-            with torch.no_grad(), autocast(device):
-                ids = model.generate(**enc, do_sample=True, max_new_tokens=max_new_tokens, temperature=1.0,
-                                     top_k=None, top_p=1.0, pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_id=tokenizer.eos_token_id)  # [b, P + T]
-            new = ids[:, enc["input_ids"].shape[1]:]  # [b, T]
-            done = (new == tokenizer.eos_token_id).int().cumsum(1)  # tokens up to and including the first EOS
-            n_tok += int(((done == 0) | ((done == 1) & (new == tokenizer.eos_token_id))).sum())
-        _sync()
-        plain_times.append(time.perf_counter() - t0)
-        plain_tokens.append(n_tok)
     engine.close()
     median = {p: statistics.median(v) for p, v in phases.items()}
     total = sum(median.values())
@@ -216,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", default=None, help="also write that JSON object to this file")
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
     parser.add_argument("--records", type=int, default=96, help="rollouts per iteration (2 per user)")
-    parser.add_argument("--eval-prompts", type=int, default=32, help="public prompts evaluated per iteration (0: none)")
+    parser.add_argument("--eval-prompts", type=int, default=16, help="public prompts evaluated per iteration (0: none)")
     parser.add_argument("--iterations", type=int, default=2, help="timed iterations (after 1 warm-up)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--rollout-batch-size", type=int, default=16)
