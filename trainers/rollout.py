@@ -163,18 +163,18 @@ class RolloutPolicy:
             model merged, or the base model).
         lora: the policy adapter's shape (``trainers.stages.config.LoraConfig`` or a mapping with r, alpha,
             dropout, target_modules); its weights arrive with :meth:`load_lora_state`.
-        threads: torch intra-op threads of this process (1 per actor keeps N actors from oversubscribing cores).
+        threads: torch intra-op threads while this policy generates (1 per actor keeps N actors from
+            oversubscribing cores); set around each call and restored, so a policy used in-process leaves the
+            caller's thread count alone.
     """
 
     def __init__(self, base_model_dir: str | os.PathLike[str], *, lora: Any, threads: int = 1) -> None:
-        import torch
         from transformers import AutoModelForCausalLM
 
         from trainers.models.lora import add_lora
         from trainers.models.tokenizer import load_tokenizer
 
-        if threads >= 1:
-            torch.set_num_threads(threads)
+        self.threads = int(threads)
         spec = _lora_spec(lora)
         self.tokenizer = load_tokenizer(base_model_dir)
         base = AutoModelForCausalLM.from_pretrained(str(base_model_dir))
@@ -198,18 +198,26 @@ class RolloutPolicy:
         batch_size: int = 16,
         first_batch: int = 0,
     ) -> list[Rollout]:
-        """Rollouts for ``prompts`` (see :func:`generate_rollouts`)."""
-        return generate_rollouts(
-            self.model,
-            self.tokenizer,
-            list(prompts),
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            seed=seed,
-            batch_size=batch_size,
-            first_batch=first_batch,
-        )
+        """Rollouts for ``prompts`` (see :func:`generate_rollouts`), on ``threads`` torch threads."""
+        import torch
+
+        before = torch.get_num_threads()
+        if self.threads >= 1:
+            torch.set_num_threads(self.threads)
+        try:
+            return generate_rollouts(
+                self.model,
+                self.tokenizer,
+                list(prompts),
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                seed=seed,
+                batch_size=batch_size,
+                first_batch=first_batch,
+            )
+        finally:
+            torch.set_num_threads(before)
 
     def load_lora_state(self, state: Mapping[str, Any]) -> SyncStats:
         """Copy the learner's LoRA tensors into the adapter in place.

@@ -59,6 +59,14 @@ def test_local_generation_is_seeded_and_left_padded(base_dir):
     assert alone.response_ids == batched.response_ids
 
 
+def test_a_policy_used_in_process_leaves_the_callers_thread_count_alone(base_dir):
+    before = torch.get_num_threads()
+    policy = RolloutPolicy(base_dir, lora=LORA, threads=before + 1)
+    assert torch.get_num_threads() == before
+    policy.generate(PROMPTS[:1], **GEN)
+    assert torch.get_num_threads() == before
+
+
 def test_actors_match_local_generation_and_lora_sync(base_dir, ray_module):
     local = RolloutPolicy(base_dir, lora=LORA)
     group = RolloutGroup(base_dir, lora=LORA, num_actors=2, threads=1)
