@@ -162,6 +162,13 @@ def build_engine(
     from trainers.engine.engine import DPEngine, clipping_groups, trainable_named_parameters
 
     grouping = ENGINE_GROUPING[ctx.cfg.engine.clipping]
+    hooks: dict[str, Any]
+    if learner is not None:
+        hooks = {k: v for k, v in learner.hooks.items() if ctx.private or k not in ("event_sink", "admit")}
+    elif ctx.private and ctx.ledger is not None:  # a private stage without either is refused below
+        hooks = ledger_hooks(ctx.ledger, fingerprint=users.fingerprint)
+    else:
+        hooks = {}
     policy = None
     if ctx.private:
         if sigma is None or (ctx.ledger is None and learner is None):
@@ -173,20 +180,6 @@ def build_engine(
             GroupSpec(name=n, numel=sum(params[i][1].numel() for i in idx), param_names=tuple(params[i][0] for i in idx))
             for n, idx in clipping_groups(model, params, grouping)
         ]
-    hooks: dict[str, Any]
-    if learner is not None:
-        hooks = {k: v for k, v in learner.hooks.items() if ctx.private or k not in ("event_sink", "admit")}
-    elif ctx.private:
-        fingerprint = users.fingerprint
-        ledger = ctx.ledger
-
-        def sink(event: Any) -> None:
-            ledger.record(event, stage_fingerprint=fingerprint)
-
-        hooks = {"event_sink": sink, "admit": ledger.admit}
-    else:
-        hooks = {}
-    if ctx.private:
         many = learner is not None and learner.world_size > 1
         main = learner is None or learner.is_main_process
 
@@ -480,18 +473,23 @@ def checkpoint_interval(ctx: StageContext) -> int:
     return int(getattr(getattr(ctx.cfg, "run", None), "checkpoint_every", 0))
 
 
+def ledger_hooks(ledger: Any, *, fingerprint: str) -> dict[str, Any]:
+    """The engine's ``event_sink`` and ``admit`` on a ledger in this process: every event is recorded (durably,
+    before the release) against the stage's user fingerprint, and the ledger's filter answers admission."""
+
+    def sink(event: Any) -> None:
+        ledger.record(event, stage_fingerprint=fingerprint)
+
+    return {"event_sink": sink, "admit": ledger.admit}
+
+
 def local_learner(ctx: StageContext, *, fingerprint: str, out_dir: Path) -> Learner:
     """The in-process learner: rank 0 of 1, the ledger's own record/admit (exactly the pre-Ray behaviour), and
     mid-stage checkpoints in ``ctx.checkpoint_dir`` every ``cfg.run.checkpoint_every`` steps; a checkpoint left by
     a crashed attempt of this stage comes back as ``restored``."""
     hooks: dict[str, Any] = {"is_main_process": True}
     if ctx.private and ctx.ledger is not None:
-        ledger = ctx.ledger
-
-        def sink(event: Any) -> None:
-            ledger.record(event, stage_fingerprint=fingerprint)
-
-        hooks.update(event_sink=sink, admit=ledger.admit)
+        hooks.update(ledger_hooks(ctx.ledger, fingerprint=fingerprint))
     meta = checkpoint_meta(ctx, fingerprint=fingerprint)
     every = checkpoint_interval(ctx) if ctx.checkpoint_dir is not None else 0
     return Learner(
