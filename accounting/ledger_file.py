@@ -247,6 +247,23 @@ def _stage_runs(events: list[PrivacyEvent], stage: str | None) -> list[EventRun]
     return coalesce(e for e in events if stage is None or e.stage == stage)
 
 
+def stage_epsilon_at(contents: LedgerContents, stage: str, *, delta: float) -> float:
+    """A stage's epsilon recomputed from its events at another ``delta`` than its target (same accountant).
+
+    Why: comparisons with papers that state their guarantee at delta = 1/N (Wu et al. 2023) need the epsilon the
+    same released mechanism has at that delta; nothing is re-run and the ledger stays the only input.
+
+    Raises:
+        KeyError: the ledger has no such stage.
+    """
+    if stage not in contents.stages:
+        raise KeyError(f"the ledger has no stage {stage!r}; stages: {sorted(contents.stages)}")
+    run = contents.run
+    return epsilon(
+        _stage_runs(contents.events, stage), delta=delta, accountant=run.accountant, rdp_order=run.rdp_order
+    ).epsilon
+
+
 def compute_privacy(contents: LedgerContents) -> dict[str, Any]:
     """The privacy numbers of a ledger, recomputed from its contents alone (what report.json must contain).
 

@@ -56,9 +56,11 @@ def run_one(config: str, overrides: list[str], out_dir: Path, *, threads: int) -
     report = json.loads(report_path.read_text())
     pols = report["evaluation"]["policies"]
     return {
-        "run_dir": str(out_dir),
+        "run_dir": out_dir.name,  # no machine path in the committed JSON
         "status": report["status"],
         "epsilon": (report.get("privacy") or {}).get("epsilon"),
+        "delta": (report.get("privacy") or {}).get("delta"),
+        "epsilon_at_delta_1_over_n": epsilon_at_one_over_n(out_dir),
         "gold": {name: pols[name]["gold_reward"]["mean"] for name in pols},
         "gold_ci": {name: [pols[name]["gold_reward"]["lo"], pols[name]["gold_reward"]["hi"]] for name in pols},
         "kl": pols["final"]["kl_to_sft"],
@@ -67,9 +69,24 @@ def run_one(config: str, overrides: list[str], out_dir: Path, *, threads: int) -
     }
 
 
+def epsilon_at_one_over_n(run_dir: Path) -> float | None:
+    """The run's epsilon at Wu et al.'s delta = 1/N (N = the stage's users), recomputed from its ledger.
+
+    Stages are user-disjoint (parallel composition), so the pipeline's epsilon is the largest stage epsilon, each
+    at its own stage's delta = 1/N_stage. None for a run without private stages."""
+    from accounting.ledger_file import read_ledger, stage_epsilon_at
+
+    path = run_dir / "ledger.jsonl"
+    if not path.is_file():
+        return None
+    contents = read_ledger(path)
+    eps = [stage_epsilon_at(contents, name, delta=1.0 / header.num_users) for name, header in contents.stages.items()]
+    return max(eps) if eps else None
+
+
 def summarize(rows: list[dict]) -> dict:
     """Per setting: mean final gold with a 95% interval over seeds, SFT/base means, KL, RM accuracy, shares."""
-    from dpalign.stats import ci_entry
+    from dpalign.stats import ci_entry, ratio_ci95
 
     by: dict[str, list[dict]] = {}
     for r in rows:
@@ -91,15 +108,25 @@ def summarize(rows: list[dict]) -> dict:
             "rm_accuracy": mean([r["rm_accuracy"] for r in rs]) if all(r["rm_accuracy"] is not None for r in rs)
             else None,
             "epsilon": max((r["epsilon"] or 0.0) for r in rs),
+            "delta": max((r.get("delta") or 0.0) for r in rs),
+            "epsilon_at_delta_1_over_n": max((r.get("epsilon_at_delta_1_over_n") or 0.0) for r in rs),
             "seeds": len(rs),
         }
     base = table.get("nonprivate")
     if base is not None:
         gain = base["final"]["mean"] - base["sft"]
-        for row in table.values():
+        base_gains = [r["gold"]["final"] - r["gold"]["sft"] for r in by["nonprivate"]]
+        base_sft = base["sft"]
+        for setting, row in table.items():
             ok = gain > 0
             row["share_own_sft"] = (row["final"]["mean"] - row["sft"]) / gain if ok else None
             row["share_vs_nonprivate_sft"] = (row["final"]["mean"] - base["sft"]) / gain if ok else None
+            rs = by[setting]
+            if ok and len(rs) > 1 and len(base_gains) > 1:
+                # Fieller's interval over seeds: the private runs' gains against the non-private runs' gains
+                row["share_own_sft_ci"] = ratio_ci95([r["gold"]["final"] - r["gold"]["sft"] for r in rs], base_gains)
+                row["share_vs_nonprivate_sft_ci"] = ratio_ci95([r["gold"]["final"] - base_sft for r in rs],
+                                                               base_gains)
     return table
 
 
@@ -108,6 +135,9 @@ def main() -> int:
     ap.add_argument("--config", default=str(REPO / "launch" / "configs" / "demo.yaml"))
     ap.add_argument("--epsilons", default="1,2,4,8", help="comma-separated target epsilons of the private runs")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds")
+    ap.add_argument("--decoupled-epsilons", default="4",
+                    help="comma-separated epsilons of reference rows with privacy.preset=decoupled (only the reward "
+                         "model private, Cho & Sun; the loss the private RM alone causes); empty: none")
     ap.add_argument("--out", default=str(REPO / "runs" / "bench-privacy-utility"))
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (each gets cores/jobs threads)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -117,6 +147,9 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = [("nonprivate", ["privacy.preset=nonprivate"])] + [
         (f"eps={e}", ["privacy.preset=private", f"privacy.target_epsilon={e}"]) for e in args.epsilons.split(",")
+    ] + [
+        (f"decoupled eps={e}", ["privacy.preset=decoupled", f"privacy.target_epsilon={e}"])
+        for e in args.decoupled_epsilons.split(",") if e.strip()
     ]
     jobs = max(1, args.jobs)
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -129,7 +162,7 @@ def main() -> int:
 
     def go(item: tuple[str, list[str], int]) -> dict:
         name, extra, seed = item
-        out = Path(args.out) / f"{name}-seed{seed}"
+        out = Path(args.out) / f"{name.replace(' ', '-')}-seed{seed}"
         # The embedded task's users are synthetic: publishing the runs' wall time is the benchmark's point.
         row = run_one(args.config, ["ppo.rollout_actors=0", "run.report_wall_time=true", *args.overrides, *extra,
                                     f"run.seed={seed}"], out,
@@ -143,22 +176,30 @@ def main() -> int:
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         rows += list(pool.map(go, todo))
     table = summarize(rows)
-    result = {"config": args.config, "overrides": args.overrides, "seeds": seeds, "table": table, "runs": rows,
+    config = Path(args.config).resolve()
+    shown = str(config.relative_to(REPO)) if config.is_relative_to(REPO) else config.name  # no machine path
+    result = {"config": shown, "overrides": args.overrides, "seeds": seeds, "table": table, "runs": rows,
               "seconds": time.time() - t0}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{'setting':12s} {'final gold (95% CI over seeds)':34s} {'SFT':>7s} {'base':>7s} {'KL':>7s} "
-              f"{'share(own SFT)':>15s} {'share(np SFT)':>14s}")
+        def fmt(v: float | None) -> str:
+            return "n/a" if v is None else f"{v:.2f}"
+
+        def share(row: dict, key: str) -> str:
+            ci = row.get(f"{key}_ci")
+            lo_hi = "" if ci is None else f" [{fmt(ci['lo'])}, {fmt(ci['hi'])}]"
+            return fmt(row.get(key)) + lo_hi
+
+        print(f"{'setting':18s} {'eps':>5s} {'eps@1/N':>7s} {'final gold [95% CI over seeds]':30s} {'SFT':>7s} "
+              f"{'base':>7s} {'KL':>5s} {'RM acc':>6s}  share(own SFT) [CI]  share(np SFT) [CI]")
         for name, row in table.items():
             f = row["final"]
             ci = f"[{f['lo']:+.3f}, {f['hi']:+.3f}]" if "lo" in f else ""
-
-            def fmt(v: float | None) -> str:
-                return "   n/a" if v is None else f"{v:6.2f}"
-
-            print(f"{name:12s} {f['mean']:+.3f} {ci:26s} {row['sft']:+7.3f} {row['base']:+7.3f} {row['kl']:7.3f} "
-                  f"{fmt(row.get('share_own_sft')):>15s} {fmt(row.get('share_vs_nonprivate_sft')):>14s}")
+            acc = "n/a" if row["rm_accuracy"] is None else f"{row['rm_accuracy']:.3f}"
+            print(f"{name:18s} {row['epsilon']:5.2f} {row['epsilon_at_delta_1_over_n']:7.2f} "
+                  f"{f['mean']:+.3f} {ci:23s} {row['sft']:+7.3f} {row['base']:+7.3f} {row['kl']:5.2f} {acc:>6s}  "
+                  f"{share(row, 'share_own_sft'):20s} {share(row, 'share_vs_nonprivate_sft')}")
     return 0
 
 

@@ -41,3 +41,36 @@ def test_no_share_when_the_nonprivate_pipeline_does_not_gain() -> None:
     rows = [_row("nonprivate", 0, sft=0.2, final=0.1), _row("eps=1", 0, sft=0.0, final=0.3, eps=1.0)]
     table = bench.summarize(rows)
     assert table["eps=1"]["share_own_sft"] is None and table["eps=1"]["share_vs_nonprivate_sft"] is None
+
+
+def test_share_intervals_over_seeds_come_with_the_shares() -> None:
+    rows = [_row("nonprivate", s, sft=0.10, final=0.40 + 0.02 * s) for s in range(3)] + [
+        _row("eps=4", s, sft=0.05, final=0.30 + 0.01 * s, eps=4.0) for s in range(3)
+    ]
+    p = bench.summarize(rows)["eps=4"]
+    ci = p["share_own_sft_ci"]
+    assert ci["mean"] == pytest.approx(p["share_own_sft"])
+    assert ci["lo"] < p["share_own_sft"] < ci["hi"]
+
+
+def test_epsilon_at_delta_one_over_n_is_recomputed_from_the_ledger(tmp_path: Path) -> None:
+    from accounting.events import PrivacyEvent
+    from accounting.ledger import Ledger
+    from accounting.ledger_file import read_ledger, stage_epsilon_at
+
+    ledger = Ledger.open(tmp_path / "ledger.jsonl", run_id="r", target_epsilon=8.0, target_delta=1e-6)
+    for stage, n, sigma in (("sft", 1000, 1.0), ("rm", 4000, 0.8)):
+        ledger.begin_stage(stage, user_fingerprint=f"sha256:{stage}", num_users=n)
+        for t in range(20):
+            ledger.record(PrivacyEvent(stage=stage, step=t, purpose="gradient", sampling_rate=0.05,
+                                       noise_multiplier=sigma))
+    ledger.close()
+    contents = read_ledger(tmp_path / "ledger.jsonl")
+    at_target = stage_epsilon_at(contents, "rm", delta=1e-6)
+    eps = bench.epsilon_at_one_over_n(tmp_path)
+    expected = max(stage_epsilon_at(contents, "sft", delta=1e-3), stage_epsilon_at(contents, "rm", delta=1 / 4000))
+    assert eps == pytest.approx(expected)
+    assert eps < max(at_target, stage_epsilon_at(contents, "sft", delta=1e-6))  # a larger delta: a smaller epsilon
+    with pytest.raises(KeyError, match="no stage 'ppo'"):
+        stage_epsilon_at(contents, "ppo", delta=1e-3)
+    assert bench.epsilon_at_one_over_n(tmp_path / "missing") is None
