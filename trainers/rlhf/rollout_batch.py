@@ -18,6 +18,7 @@ from trainers.rlhf.heads import (
     last_token_index,
     position_ids_from_attention_mask,
 )
+from trainers.precision import autocast
 from trainers.rlhf.models import PPOModels
 
 
@@ -150,10 +151,16 @@ def build_experience(
         objective: ``PPOObjectiveConfig``.
     """
     parts: list[Experience] = []
+    device = models.device
     with torch.no_grad():
         for sl in chunks(rollouts.num_records, chunk_records):
             seq, am = rollouts.sequences[sl], rollouts.attention_mask[sl]
-            logits, values = models.actor(seq, am)  # [r, S, V], [r, S]
+            # The three scoring forwards under bf16 autocast on CUDA (a no-op on CPU); log-probs, KL, rewards and
+            # GAE below are computed from fp32 copies, like the learner's loss.
+            with autocast(device):
+                logits, values = models.actor(seq, am)  # [r, S, V], [r, S]
+                ref_logits = reference_logits(models.reference, seq, am)
+                scores = reward_scores(models, seq, am)  # [r]: post-processing of the DP reward model
             parts.append(
                 make_experience(
                     sequences=seq,
@@ -161,10 +168,10 @@ def build_experience(
                     action_mask=rollouts.action_mask[sl],
                     prompt_len=rollouts.prompt_len,
                     user_index=user_index[sl],
-                    policy_logits=logits,
-                    ref_logits=reference_logits(models.reference, seq, am),
-                    values=values,
-                    scores=reward_scores(models, seq, am),  # [r]: post-processing of the DP reward model
+                    policy_logits=logits.float(),
+                    ref_logits=ref_logits.float(),
+                    values=values.float(),
+                    scores=scores.float(),
                     beta=beta,
                     gamma=objective.gamma,
                     lam=objective.lam,
