@@ -42,12 +42,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import LoadAverage, emit  # noqa: E402  (benchmarks/ is the script directory)
 
 SIZES = {
     "tiny": {"n_layer": 4, "n_embd": 128, "n_head": 4, "vocab_size": 4096},
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown size/setting/variant {bad}; sizes: {list(SIZES)}, settings: {list(SETTINGS)}, "
                      f"variants: {list(VARIANTS)}")
     results: dict[str, dict[str, dict[str, dict]]] = {}
-    load_before = os.getloadavg()
+    load = LoadAverage()
     for size in sizes:
         for setting in settings:
             for variant in variants:
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 results.setdefault(size, {}).setdefault(setting, {})[variant] = row
             _ratios(results[size][setting])
-    load_after = os.getloadavg()
+    load.stop()
     nan = float("nan")
     header = (f"{'size':<7} {'setting':<6} {'variant':<13} {'ms/step':>9} {'x time':>7} {'/op':>5} {'x cpu':>6} "
               f"{'/op':>5} {'peak MB':>8} {'x peak':>7} {'/op':>5} {'step MB':>8} {'x step':>7}")
@@ -278,15 +279,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['step_mem_mb']:>8.1f} {r.get('step_mem_ratio', nan):>7.2f}")
     print("x: ratio to non-private; /op: ratio to Opacus hooks (same size, setting and run). all4: Opacus clips per "
           "record (no user unit), the engine per user.")
-    print(f"load average (1, 5, 15 min): {', '.join(f'{v:.1f}' for v in load_before)} before, "
-          f"{', '.join(f'{v:.1f}' for v in load_after)} after ({os.cpu_count()} CPUs)")
+    print(load.line())
     blob = {"benchmark": "dp_overhead", "batch": args.batch, "seq": args.seq, "lora_r": LORA_R,
-            "steps": args.steps, "load_avg": {"before": list(load_before), "after": list(load_after)},
-            "cpus": os.cpu_count(), "results": results}
-    if args.json:
-        print(json.dumps(blob))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(blob, indent=1))
+            "steps": args.steps, **load.fields(), "results": results}
+    emit(blob, as_json=args.json, json_out=args.json_out)
     return 0
 
 

@@ -28,8 +28,6 @@ average is printed and stored with them.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import tempfile
@@ -37,6 +35,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import LoadAverage, emit  # noqa: E402  (benchmarks/ is the script directory)
 
 SIZES = {
     "tiny": {"n_layer": 4, "n_embd": 128, "n_head": 4, "vocab_size": 4096},
@@ -234,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.records < 2 or args.records % 2 or args.iterations < 1 or args.eval_prompts < 0:
         parser.error("--records must be an even number >= 2, --iterations >= 1, --eval-prompts >= 0")
-    load_before = os.getloadavg()
+    load = LoadAverage()
     result = run(args.size, records=args.records, eval_prompts=args.eval_prompts, iterations=args.iterations,
                  max_new_tokens=args.max_new_tokens, rollout_batch_size=args.rollout_batch_size)
-    load_after = os.getloadavg()
+    load.stop()
     print(f"{'phase':<12} {'s/iter':>8} {'share':>7}")
     for p in PHASES:
         print(f"{p:<12} {result['seconds'][p]:>8.3f} {result['share'][p]:>7.1%}")
@@ -245,14 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"generated tokens/s: {result['generated_tokens_per_s']:.1f} (rollout) vs "
           f"{result['plain_generate_tokens_per_s']:.1f} (plain model.generate): "
           f"{result['generate_tokens_per_s_ratio']:.2f}x")
-    print(f"load average (1, 5, 15 min): {', '.join(f'{v:.1f}' for v in load_before)} before, "
-          f"{', '.join(f'{v:.1f}' for v in load_after)} after ({os.cpu_count()} CPUs)")
-    blob = {"benchmark": "ppo_iteration", "load_avg": {"before": list(load_before), "after": list(load_after)},
-            "cpus": os.cpu_count(), "result": result}
-    if args.json:
-        print(json.dumps(blob))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(blob, indent=1))
+    print(load.line())
+    blob = {"benchmark": "ppo_iteration", **load.fields(), "result": result}
+    emit(blob, as_json=args.json, json_out=args.json_out)
     return 0
 
 
