@@ -11,6 +11,12 @@ gain that the private pipeline keeps (target at epsilon=4: >= 80%; Wu et al., GP
 - ``share_vs_nonprivate_sft``: (private final - non-private SFT) / (non-private final - non-private SFT), the
   private pipeline's end result against the non-private SFT baseline (penalizes a worse private SFT too).
 
+Both shares come with Fieller's 95% interval over seeds (``dpalign.stats.ratio_ci95``). Each run's epsilon is also
+recomputed from its ledger at Wu et al.'s delta = 1/N (``epsilon_at_delta_1_over_n``: the same released mechanism,
+compared like for like), every run is checked with `dpalign privacy verify` (the script exits 1 if one fails), and
+``--decoupled-epsilons`` adds reference rows where only the reward model is private (Cho & Sun): the gap between
+them and the non-private row is the loss the private reward model alone causes.
+
 Each run is a fresh `dpalign run` process (``--jobs`` of them at a time, each with cores/jobs threads; rollouts
 are generated in process, ``ppo.rollout_actors=0``, which gives the same samples as Ray actors without starting
 one Ray cluster per run). A run whose report.json already exists in ``--out`` is reused, so an interrupted grid
@@ -61,12 +67,23 @@ def run_one(config: str, overrides: list[str], out_dir: Path, *, threads: int) -
         "epsilon": (report.get("privacy") or {}).get("epsilon"),
         "delta": (report.get("privacy") or {}).get("delta"),
         "epsilon_at_delta_1_over_n": epsilon_at_one_over_n(out_dir),
+        "verified": verify(out_dir),
         "gold": {name: pols[name]["gold_reward"]["mean"] for name in pols},
         "gold_ci": {name: [pols[name]["gold_reward"]["lo"], pols[name]["gold_reward"]["hi"]] for name in pols},
         "kl": pols["final"]["kl_to_sft"],
         "rm_accuracy": (report["evaluation"].get("reward_model") or {}).get("accuracy"),
         "seconds": report["wall_time_s"].get("total", float("nan")),
     }
+
+
+def verify(run_dir: Path) -> bool:
+    """`dpalign privacy verify RUN_DIR`: the report's epsilon recomputed from the run's ledger alone."""
+    from accounting.verify import verify_run
+
+    result = verify_run(run_dir)
+    if not result.ok:
+        print(f"{run_dir.name}: privacy verify FAILED: {'; '.join(result.mismatches)}", file=sys.stderr)
+    return result.ok
 
 
 def epsilon_at_one_over_n(run_dir: Path) -> float | None:
@@ -194,6 +211,8 @@ def main() -> int:
     shown = str(config.relative_to(REPO)) if config.is_relative_to(REPO) else config.name  # no machine path
     result = {"config": shown, "overrides": args.overrides, "seeds": seeds, "table": table, "runs": rows,
               "seconds": time.time() - t0}
+    unverified = [r["run_dir"] for r in rows if not r["verified"]]
+    result["all_verified"] = not unverified
     if args.json:
         print(json.dumps(result))
     else:
@@ -214,7 +233,9 @@ def main() -> int:
             print(f"{name:18s} {row['epsilon']:5.2f} {row['epsilon_at_delta_1_over_n']:7.2f} "
                   f"{f['mean']:+.3f} {ci:23s} {row['sft']:+7.3f} {row['base']:+7.3f} {row['kl']:5.2f} {acc:>6s}  "
                   f"{share(row, 'share_own_sft'):20s} {share(row, 'share_vs_nonprivate_sft')}")
-    return 0
+        print("dpalign privacy verify: " + ("every run verifies" if not unverified
+                                            else f"FAILED for {', '.join(unverified)}"))
+    return 1 if unverified else 0
 
 
 if __name__ == "__main__":

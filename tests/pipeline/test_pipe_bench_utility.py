@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,20 @@ def test_epsilon_at_delta_one_over_n_is_recomputed_from_the_ledger(tmp_path: Pat
     with pytest.raises(KeyError, match="no stage 'ppo'"):
         stage_epsilon_at(contents, "ppo", delta=1e-3)
     assert bench.epsilon_at_one_over_n(tmp_path / "missing") is None
+
+
+def test_a_run_whose_report_disagrees_with_its_ledger_fails_verification(tmp_path: Path) -> None:
+    from accounting.events import PrivacyEvent
+    from accounting.ledger import Ledger
+    from accounting.ledger_file import compute_privacy, read_ledger
+
+    ledger = Ledger.open(tmp_path / "ledger.jsonl", run_id="r", target_epsilon=8.0, target_delta=1e-6)
+    ledger.begin_stage("sft", user_fingerprint="sha256:sft", num_users=1000)
+    for t in range(5):
+        ledger.record(PrivacyEvent(stage="sft", step=t, purpose="gradient", sampling_rate=0.05, noise_multiplier=1.0))
+    ledger.close()
+    privacy = compute_privacy(read_ledger(tmp_path / "ledger.jsonl"))
+    (tmp_path / "report.json").write_text(json.dumps({"privacy": privacy}))
+    assert bench.verify(tmp_path)
+    (tmp_path / "report.json").write_text(json.dumps({"privacy": {**privacy, "epsilon": privacy["epsilon"] / 2}}))
+    assert not bench.verify(tmp_path)
