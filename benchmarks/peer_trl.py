@@ -24,8 +24,13 @@ number of rollouts).
 Measured the same way for both, with dpalign's public evaluation code: gold reward (VADER) of samples on the
 public held-out prompts with a 95% CI, KL of the final policy to its own SFT model on those samples, reward-model
 accuracy on public gold-labeled pairs, and wall time per stage (perf_counter; both in this process, one after
-the other, under the same load). Prints JSON with the ratios dpalign / TRL. The DP-SFT comparison against Opacus
-plus a plain Hugging Face loop is not built yet.
+the other, under the same load). Prints JSON with the ratios dpalign / TRL.
+
+DP-SFT against the do-it-yourself setup (``--dp-epsilon``, default 4; 0 skips it): dpalign's private SFT stage
+against peft LoRA + Opacus's ``PrivacyEngine`` + a plain training loop at the same (epsilon, delta), steps,
+expected batch, clip norm and learning rate (:func:`run_opacus_sft` lists what is matched and what is not: Opacus
+protects a record, dpalign a user), both evaluated by dpalign's public evaluation (perplexity on public held-out
+text, gold reward of samples).
 """
 
 from __future__ import annotations
@@ -144,6 +149,71 @@ def run_trl(cfg: Any, task: Any, base_dir: Path, work: Path) -> dict[str, Any]:
                         "grpo_rollouts_per_step": rollouts, "grpo_num_generations": gens}}
 
 
+def run_opacus_sft(cfg: Any, task: Any, base_dir: Path, out: Path, *, target_epsilon: float, delta: float
+                   ) -> dict[str, Any]:
+    """DP-SFT the do-it-yourself way: peft LoRA + Opacus ``PrivacyEngine`` + a plain PyTorch/HF training loop.
+
+    Matched with dpalign's DP-SFT: the base model, LoRA, tokenized D1 records (prompt masked), Adam and its learning
+    rate, steps, expected batch (dpalign's expected users x mean records per user), the clip norm (Opacus clips
+    each record's whole gradient to ``engine.clip_norm``; dpalign splits the same L2 budget over its groups),
+    (epsilon, delta) and Poisson sampling. The privacy unit differs by design: Opacus samples and clips RECORDS,
+    so its (epsilon, delta) protects one record, a weaker guarantee than dpalign's per-user one when a user holds
+    several records (group privacy over k records costs about k epsilon). The noise multiplier comes from Opacus's
+    own PRV accountant for its record-level sampling rate.
+    """
+    import torch
+    from opacus import PrivacyEngine
+    from opacus.accountants.utils import get_noise_multiplier
+    from peft import get_peft_model
+    from torch.utils.data import DataLoader, TensorDataset
+    from transformers import AutoModelForCausalLM
+
+    from trainers.data.chat import configure_chat
+    from trainers.data.io import load_sft
+    from trainers.models.tokenizer import load_tokenizer
+    from trainers.rlhf.sft import causal_lm_loss_per_record, tokenize_sft_pairs
+    from trainers.stages.sft import chat_mode, sft_texts
+
+    t = time.perf_counter()
+    rows = load_sft(task.sft).rows
+    steps = cfg.sft.num_steps(len(set(rows["user_id"])))
+    batch_records = _records_per_step(rows, cfg.sft.expected_batch_users)
+    tok = configure_chat(load_tokenizer(base_dir), chat_mode(cfg))
+    prompts, responses = sft_texts(tok, list(rows["prompt"]), list(rows["response"]))
+    enc = tokenize_sft_pairs(tok, prompts, responses, max_length=cfg.sft.max_len)
+    data = TensorDataset(enc.input_ids, enc.attention_mask, enc.loss_mask)
+    torch.manual_seed(cfg.run.seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), _lora(cfg.sft.lora, "CAUSAL_LM"))
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.sft.lr)
+    sample_rate = batch_records / len(data)
+    sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                 steps=steps, accountant="prv")
+    engine = PrivacyEngine(accountant="prv")
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=DataLoader(data, batch_size=batch_records),
+        noise_multiplier=sigma, max_grad_norm=cfg.engine.clip_norm, poisson_sampling=True)
+    done = 0
+    while done < steps:
+        for ids, mask, loss_mask in loader:
+            optimizer.zero_grad()
+            if len(ids):
+                width = int(mask.sum(1).max().clamp(min=1))
+                logits = model(input_ids=ids[:, :width], attention_mask=mask[:, :width]).logits
+                causal_lm_loss_per_record(logits, ids[:, :width], loss_mask[:, :width]).mean().backward()
+            optimizer.step()  # an empty Poisson batch still adds the noise, as the accountant assumes
+            done += 1
+            if done == steps:
+                break
+    spent = engine.get_epsilon(delta)
+    merged = model._module.merge_and_unload()
+    merged.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {"dir": out, "wall_time_s": time.perf_counter() - t, "steps": steps, "records_per_step": batch_records,
+            "sample_rate_records": sample_rate, "noise_multiplier": sigma, "epsilon": spent, "delta": delta,
+            "privacy_unit": "record", "opacus_version": __import__("opacus").__version__}
+
+
 def trl_rm_accuracy(rm_dir: Path, pairs: list[tuple[str, str]], *, max_len: int) -> float:
     """Accuracy of a TRL reward model on the public gold pairs, scored as TRL trains it (BOS + text + EOS), each
     text cut to its first ``max_len`` tokens as dpalign's accuracy does."""
@@ -172,9 +242,45 @@ def evaluate(cfg: Any, policy_dir: Path, sft_dir: Path, prompts: list[str], wind
     return evaluate_policy(model, tok, prompts, eval_cfg=cfg.eval, reference=reference, public_windows=windows)
 
 
+def dp_sft_comparison(args: Any, work: Path, windows: Any, prompts: list[str], *, base_dir: Path, task: Any
+                      ) -> dict[str, Any]:
+    """dpalign's DP-SFT against Opacus + a plain loop at the same (epsilon, delta), evaluated by the same code.
+
+    dpalign's side is its private pipeline with the later stages cut to one step (only the SFT stage is compared);
+    its delta is the plan's for D1, and Opacus gets the same delta."""
+    from launch.config import load_config
+    from launch.pipeline.pipeline import run_pipeline
+    from launch.schema import RunConfig
+
+    cfg = load_config(RunConfig, args.config, [
+        *args.overrides, "privacy.preset=private", f"privacy.target_epsilon={args.dp_epsilon}",
+        "run.report_wall_time=true", f"run.dir={work / 'dpalign-dp'}", "ppo.rollout_actors=0", "rm.steps=1",
+        "ppo.iterations=1"])
+    report = run_pipeline(cfg, progress=False)
+    sft_privacy = report["privacy"]["stages"]["sft"]
+    ours = report["evaluation"]["policies"]["sft"]
+    opacus = run_opacus_sft(cfg, task, base_dir, work / "opacus_sft", target_epsilon=args.dp_epsilon,
+                            delta=sft_privacy["delta"])
+    theirs = evaluate(cfg, opacus["dir"], opacus["dir"], prompts, windows)
+    base = evaluate(cfg, base_dir, base_dir, prompts, windows)
+    return {
+        "target_epsilon": args.dp_epsilon, "delta": sft_privacy["delta"],
+        "base": {"gold_reward": base["gold_reward"], "perplexity": base["perplexity"]},
+        "dpalign": {"gold_reward": ours["gold_reward"], "perplexity": ours["perplexity"],
+                    "epsilon": sft_privacy["epsilon"], "privacy_unit": "user",
+                    "wall_time_s": report["wall_time_s"].get("sft"),
+                    "noise_multiplier": report["stages"]["sft"]["privacy"]["noise_multiplier"],
+                    "sampling_rate_users": report["stages"]["sft"]["privacy"]["sampling_rate"]},
+        "opacus": {"gold_reward": theirs["gold_reward"], "perplexity": theirs["perplexity"],
+                   **{k: v for k, v in opacus.items() if k != "dir"}},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "launch" / "configs" / "tiny.yaml"))
+    parser.add_argument("--dp-epsilon", type=float, default=4.0,
+                        help="epsilon of the DP-SFT comparison (dpalign's DP-SFT vs Opacus + a plain loop); 0: skip")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
@@ -213,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         trl_sft_eval = evaluate(cfg, trl["sft_dir"], trl["sft_dir"], prompts, windows)
         pairs = gold_pairs(public_valid, count=cfg.rm.gold_pairs, seed=cfg.run.seed)
         trl_acc = trl_rm_accuracy(trl["rm_dir"], pairs, max_len=cfg.rm.max_len)
+        dp_sft = dp_sft_comparison(args, work, windows, prompts, base_dir=Path(base.path), task=task) \
+            if args.dp_epsilon > 0 else None
 
     pols = report["evaluation"]["policies"]
     dp_wall = {k: report["wall_time_s"].get(k) for k in ("sft", "rm", "ppo")}
@@ -227,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                 "kl_final_to_sft": trl_eval["kl_to_sft"], "rm_accuracy": trl_acc,
                 "wall_time_s": {**trl["wall_time_s"], "total_with_eval": trl_total}, "batches": trl["batches"]},
     }
+    if dp_sft is not None:
+        result["dp_sft"] = dp_sft
     result["ratios_dpalign_over_trl"] = {
         f"wall_{k}": (dp_wall[k] / trl["wall_time_s"][k]) if dp_wall[k] else None for k in ("sft", "rm", "ppo")}
     if args.json:

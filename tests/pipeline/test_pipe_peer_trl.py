@@ -34,3 +34,10 @@ def test_peer_benchmark_reports_both_systems(tmp_path):
         assert 0.0 <= r["rm_accuracy"] <= 1.0 and r["kl_final_to_sft"] is not None
         assert all(r["wall_time_s"][s] > 0 for s in ("sft", "rm", "ppo")), system
     assert set(result["ratios_dpalign_over_trl"]) == {"wall_sft", "wall_rm", "wall_ppo"}
+    dp = result["dp_sft"]  # dpalign's DP-SFT against Opacus + a plain loop at the same (epsilon, delta)
+    assert dp["target_epsilon"] == 4.0 and 0 < dp["delta"] < 1
+    assert 0 < dp["dpalign"]["epsilon"] <= 4.0 + 1e-9 and dp["dpalign"]["privacy_unit"] == "user"
+    assert 0 < dp["opacus"]["epsilon"] <= 4.0 * 1.01 and dp["opacus"]["privacy_unit"] == "record"
+    assert dp["opacus"]["delta"] == dp["delta"] and dp["opacus"]["steps"] == 2 and dp["opacus"]["noise_multiplier"] > 0
+    for system in ("base", "dpalign", "opacus"):
+        assert dp[system]["perplexity"] > 1 and dp[system]["gold_reward"]["n"] == 4, system
