@@ -76,10 +76,14 @@ def run_one(config: str, overrides: list[str], out_dir: Path, *, threads: int) -
     }
 
 
-def verify(run_dir: Path) -> bool:
-    """`dpalign privacy verify RUN_DIR`: the report's epsilon recomputed from the run's ledger alone."""
+def verify(run_dir: Path) -> bool | None:
+    """`dpalign privacy verify RUN_DIR`: the report's epsilon recomputed from the run's ledger alone (None for a
+    run that released nothing private: no ledger to verify)."""
     from accounting.verify import verify_run
 
+    if not (run_dir / "ledger.jsonl").is_file():
+        report = json.loads((run_dir / "report.json").read_text())
+        return None if report.get("privacy") is None else False
     result = verify_run(run_dir)
     if not result.ok:
         print(f"{run_dir.name}: privacy verify FAILED: {'; '.join(result.mismatches)}", file=sys.stderr)
@@ -211,7 +215,7 @@ def main() -> int:
     shown = str(config.relative_to(REPO)) if config.is_relative_to(REPO) else config.name  # no machine path
     result = {"config": shown, "overrides": args.overrides, "seeds": seeds, "table": table, "runs": rows,
               "seconds": time.time() - t0}
-    unverified = [r["run_dir"] for r in rows if not r["verified"]]
+    unverified = [r["run_dir"] for r in rows if r["verified"] is False]
     result["all_verified"] = not unverified
     if args.json:
         print(json.dumps(result))

@@ -92,3 +92,7 @@ def test_a_run_whose_report_disagrees_with_its_ledger_fails_verification(tmp_pat
     assert bench.verify(tmp_path)
     (tmp_path / "report.json").write_text(json.dumps({"privacy": {**privacy, "epsilon": privacy["epsilon"] / 2}}))
     assert not bench.verify(tmp_path)
+    (tmp_path / "ledger.jsonl").unlink()
+    assert bench.verify(tmp_path) is False  # a private report without its ledger cannot verify
+    (tmp_path / "report.json").write_text(json.dumps({"privacy": None}))
+    assert bench.verify(tmp_path) is None  # a non-private run has nothing to verify
