@@ -49,6 +49,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def _shown(path: str) -> str:
+    """A config path as the JSON shows it: relative to the repository, never a machine path."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else p.name
+
+
 def _records_per_step(rows: Any, expected_users: float) -> int:
     users = len(set(rows["user_id"]))
     return max(1, round(expected_users * len(rows) / users))
@@ -325,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     pols = report["evaluation"]["policies"]
     dp_wall = {k: report["wall_time_s"].get(k) for k in ("sft", "rm", "ppo")}
     result = {
-        "config": args.config, "overrides": args.overrides, "load_average": os.getloadavg(),
+        "config": _shown(args.config), "overrides": args.overrides, "load_average": os.getloadavg(),
         "trl_version": __import__("trl").__version__,
         "dpalign": {"gold_reward": {"sft": pols["sft"]["gold_reward"], "final": pols["final"]["gold_reward"]},
                     "kl_final_to_sft": pols["final"]["kl_to_sft"],
