@@ -62,7 +62,7 @@ bench: $(STAMP)
 bench-gpu: $(STAMP)
 	PY=$(PY) benchmarks/gpu.sh
 
-# The privacy-utility table (Wu et al. Table 1 style): many full pipeline runs; hours on 2 CPU cores.
+# The privacy-utility table (Wu et al. Table 1 style): 18 full demo runs, 2 at a time; about 75 minutes on 2 cores.
 bench-utility: $(STAMP)
 	$(PY) benchmarks/privacy_utility.py --json
 

@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trainers.precision import autocast
 from trainers.rlhf.experience import Experience, make_experience, rollout_masks
 from trainers.rlhf.heads import (
     PolicyValueModel,
     last_token_index,
     position_ids_from_attention_mask,
 )
-from trainers.precision import autocast
 from trainers.rlhf.models import PPOModels
 
 
