@@ -1,7 +1,9 @@
-"""What every timing benchmark prints after its table: the machine's load around the run, and the JSON blob.
+"""What the benchmarks print beside their tables: the machine's load around the run, the JSON blob, and paths
+that carry no machine detail.
 
 Why: a ratio measured on a shared machine means little without the load average it was measured under, so every
-benchmark records it the same way (``load_avg`` ``before``/``after`` and ``cpus`` in its JSON).
+benchmark records it the same way (``load_avg`` ``before``/``after`` and ``cpus`` in its JSON); and JSON committed
+under ``benchmarks/results/`` must not name the machine's directories.
 """
 
 from __future__ import annotations
@@ -10,6 +12,14 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_relative(path: str | os.PathLike[str]) -> str:
+    """``path`` as committed JSON shows it: relative to the repository, or its bare name outside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else p.name
 
 
 class LoadAverage:

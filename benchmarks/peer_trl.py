@@ -48,11 +48,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def _shown(path: str) -> str:
-    """A config path as the JSON shows it: relative to the repository, never a machine path."""
-    p = Path(path).resolve()
-    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else p.name
+from _common import repo_relative  # noqa: E402  (benchmarks/ is the script directory)
 
 
 def _records_per_step(rows: Any, expected_users: float) -> int:
@@ -87,6 +83,7 @@ def run_trl(cfg: Any, task: Any, base_dir: Path, work: Path) -> dict[str, Any]:
     from trl import GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
     from trainers.data.io import load_preferences, load_prompts, load_sft
+    from trainers.models.lora import merge_and_save
     from trainers.stages.config import PoissonStageConfig  # noqa: F401 (documents where the schedules come from)
 
     tok = AutoTokenizer.from_pretrained(base_dir)
@@ -105,9 +102,7 @@ def run_trl(cfg: Any, task: Any, base_dir: Path, work: Path) -> dict[str, Any]:
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(base_dir), args=args, train_dataset=sft_ds,
                          processing_class=tok, peft_config=_lora(cfg.sft.lora, "CAUSAL_LM"))
     trainer.train()
-    sft_dir = work / "sft_model"
-    trainer.model.merge_and_unload().save_pretrained(sft_dir)
-    tok.save_pretrained(sft_dir)
+    sft_dir = merge_and_save(trainer.model, tok, work / "sft_model")
     wall["sft"] = time.perf_counter() - t
 
     # reward model on D2
@@ -128,9 +123,7 @@ def run_trl(cfg: Any, task: Any, base_dir: Path, work: Path) -> dict[str, Any]:
     trainer = RewardTrainer(model=rm_model, args=args, train_dataset=rm_ds, processing_class=tok,
                             peft_config=_lora(cfg.rm.lora, "SEQ_CLS"))
     trainer.train()
-    rm_dir = work / "rm_model"
-    trainer.model.merge_and_unload().save_pretrained(rm_dir)
-    tok.save_pretrained(rm_dir)
+    rm_dir = merge_and_save(trainer.model, tok, work / "rm_model")
     wall["rm"] = time.perf_counter() - t
 
     # GRPO on D3 prompts with that reward model
@@ -145,9 +138,7 @@ def run_trl(cfg: Any, task: Any, base_dir: Path, work: Path) -> dict[str, Any]:
                           train_dataset=ppo_ds, processing_class=tok, reward_processing_classes=tok,
                           peft_config=_lora(cfg.ppo.lora, "CAUSAL_LM"))
     trainer.train()
-    final_dir = work / "final_model"
-    trainer.model.merge_and_unload().save_pretrained(final_dir)
-    tok.save_pretrained(final_dir)
+    final_dir = merge_and_save(trainer.model, tok, work / "final_model")
     wall["ppo"] = time.perf_counter() - t
     return {"sft_dir": sft_dir, "rm_dir": rm_dir, "final_dir": final_dir, "wall_time_s": wall,
             "batches": {"sft": _records_per_step(sft_rows, cfg.sft.expected_batch_users),
@@ -176,6 +167,7 @@ def run_opacus_sft(cfg: Any, task: Any, base_dir: Path, out: Path, *, target_eps
 
     from trainers.data.chat import configure_chat
     from trainers.data.io import load_sft
+    from trainers.models.lora import merge_and_save
     from trainers.models.tokenizer import load_tokenizer
     from trainers.rlhf.sft import causal_lm_loss_per_record, tokenize_sft_pairs
     from trainers.stages.sft import chat_mode, sft_texts
@@ -212,9 +204,8 @@ def run_opacus_sft(cfg: Any, task: Any, base_dir: Path, out: Path, *, target_eps
             if done == steps:
                 break
     spent = engine.get_epsilon(delta)
-    merged = model._module.merge_and_unload()
-    merged.save_pretrained(out)
-    tok.save_pretrained(out)
+    model.remove_hooks()  # Opacus's per-sample hooks off before the adapters are merged into a plain export
+    merge_and_save(model._module, tok, out)
     return {"dir": out, "wall_time_s": time.perf_counter() - t, "steps": steps, "records_per_step": batch_records,
             "sample_rate_records": sample_rate, "noise_multiplier": sigma, "epsilon": spent, "delta": delta,
             "privacy_unit": "record", "opacus_version": __import__("opacus").__version__}
@@ -331,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     pols = report["evaluation"]["policies"]
     dp_wall = {k: report["wall_time_s"].get(k) for k in ("sft", "rm", "ppo")}
     result = {
-        "config": _shown(args.config), "overrides": args.overrides, "load_average": os.getloadavg(),
+        "config": repo_relative(args.config), "overrides": args.overrides, "load_average": os.getloadavg(),
         "trl_version": __import__("trl").__version__,
         "dpalign": {"gold_reward": {"sft": pols["sft"]["gold_reward"], "final": pols["final"]["gold_reward"]},
                     "kl_final_to_sft": pols["final"]["kl_to_sft"],

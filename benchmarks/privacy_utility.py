@@ -152,6 +152,8 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def main() -> int:
+    from _common import repo_relative  # benchmarks/ is the script directory (tests load this file by path)
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "launch" / "configs" / "demo.yaml"))
     ap.add_argument("--epsilons", default="4,1,2,8",
@@ -204,6 +206,7 @@ def main() -> int:
     rows = [go(first)] if first is not None else []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         rows += list(pool.map(go, todo))
+
     def order(row: dict) -> tuple:  # the table reads nonprivate, then private by epsilon, then the references
         name = row["setting"]
         return (name != "nonprivate", name.startswith("decoupled"), float(name.rsplit("=", 1)[-1])
@@ -211,9 +214,7 @@ def main() -> int:
 
     rows.sort(key=order)
     table = summarize(rows)
-    config = Path(args.config).resolve()
-    shown = str(config.relative_to(REPO)) if config.is_relative_to(REPO) else config.name  # no machine path
-    result = {"config": shown, "overrides": args.overrides, "seeds": seeds, "table": table, "runs": rows,
+    result = {"config": repo_relative(args.config), "overrides": args.overrides, "seeds": seeds, "table": table, "runs": rows,
               "seconds": time.time() - t0}
     unverified = [r["run_dir"] for r in rows if r["verified"] is False]
     result["all_verified"] = not unverified
