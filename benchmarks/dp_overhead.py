@@ -36,12 +36,19 @@ records the current RSS; after the steps it reads VmHWM. ``peak_rss_mb`` is the 
 numbers come from ``torch.cuda.max_memory_allocated`` and ``memory_allocated``. Ratios are to non-private (``x``)
 and to Opacus hooks (``/op``) of the same size and setting. On a shared machine timings are noisy: the run's load
 average is printed and stored with them.
+
+Allocator (``--malloc``): ``dpalign`` (default) runs every variant the way dpalign's processes run
+(``dpalign.allocator.keep_freed_memory``: glibc keeps freed memory instead of unmapping it); ``default`` runs them
+with glibc's default malloc, under the setting name ``<setting>+glibc``; ``both`` runs each setting both ways. Each
+row also carries the minor page faults and the system CPU time per step, which is where the difference goes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -85,13 +92,21 @@ class _PerRecordLM:
         return per_record if self.reduction == "none" else per_record.mean()
 
 
+MALLOC_MODES = ("dpalign", "default", "both")
+GLIBC_SUFFIX = "+glibc"
+
+
 def _worker(size: str, setting: str, variant: str, steps: int, batch: int, seq: int) -> dict:
     import warnings
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dpalign.allocator import keep_freed_memory
+
+    kept = keep_freed_memory()  # a no-op under DPALIGN_MALLOC=default (the parent sets it for --malloc default)
 
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from trainers.models.lora import add_lora
     from trainers.rlhf.sft import causal_lm_loss_per_record
 
@@ -175,16 +190,19 @@ def _worker(size: str, setting: str, variant: str, steps: int, batch: int, seq: 
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         base = _status_kb("VmRSS") * 1024
     step()  # warm-up
-    times, cpu_times = [], []
+    times, cpu_times, faults, sys_times = [], [], [], []
     for _ in range(steps):
         if device == "cuda":
             torch.cuda.synchronize()
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, r0 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
         step()
         if device == "cuda":
             torch.cuda.synchronize()
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
         times.append((time.perf_counter() - t0) * 1000.0)
         cpu_times.append((time.process_time() - c0) * 1000.0)
+        faults.append(r1.ru_minflt - r0.ru_minflt)
+        sys_times.append((r1.ru_stime - r0.ru_stime) * 1000.0)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _status_kb("VmHWM") * 1024
     return {
         "size": size,
@@ -193,9 +211,12 @@ def _worker(size: str, setting: str, variant: str, steps: int, batch: int, seq: 
         "device": device,
         "lora_targets": list(spec["targets"]),
         "records_per_user": per_user,
+        "malloc": "dpalign" if kept else "glibc default",
         "ms_per_step": statistics.median(times),
         "ms_all": times,
         "cpu_ms_per_step": statistics.median(cpu_times),
+        "minor_faults_per_step": statistics.median(faults),
+        "sys_ms_per_step": statistics.median(sys_times),
         "peak_rss_mb": peak / 2**20,
         "step_mem_mb": (peak - base) / 2**20,
     }
@@ -229,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--secure-rng", action="store_true",
                         help="also time engine_secure: the engine with privacy.secure_rng (SHAKE-256 noise)")
+    parser.add_argument("--malloc", default="dpalign", choices=MALLOC_MODES,
+                        help="dpalign: glibc keeps freed memory, as in dpalign's processes (default); default: glibc's "
+                             "default malloc (rows under '<setting>+glibc'); both: each setting both ways")
     parser.add_argument("--worker", nargs=3, metavar=("SIZE", "SETTING", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 1:
@@ -248,40 +272,48 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unknown size/setting/variant {bad}; sizes: {list(SIZES)}, settings: {list(SETTINGS)}, "
                      f"variants: {list(VARIANTS)}")
+    modes = ["dpalign", "default"] if args.malloc == "both" else [args.malloc]
     results: dict[str, dict[str, dict[str, dict]]] = {}
     load = LoadAverage()
     for size in sizes:
         for setting in settings:
-            for variant in variants:
-                out = subprocess.run(
-                    [sys.executable, __file__, "--worker", size, setting, variant, "--steps", str(args.steps),
-                     "--batch", str(args.batch), "--seq", str(args.seq)],
-                    capture_output=True, text=True, check=False,
-                )
-                if out.returncode != 0:
-                    raise SystemExit(f"{size}/{setting}/{variant} failed:\n{out.stderr[-3000:]}")
-                row = json.loads(out.stdout.strip().splitlines()[-1])
-                results.setdefault(size, {}).setdefault(setting, {})[variant] = row
-            _ratios(results[size][setting])
+            for mode in modes:
+                label = setting + (GLIBC_SUFFIX if mode == "default" else "")
+                env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+                env["DPALIGN_MALLOC"] = "default" if mode == "default" else "dpalign"
+                for variant in variants:
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--worker", size, setting, variant, "--steps", str(args.steps),
+                         "--batch", str(args.batch), "--seq", str(args.seq)],
+                        capture_output=True, text=True, check=False, env=env,
+                    )
+                    if out.returncode != 0:
+                        raise SystemExit(f"{size}/{label}/{variant} failed:\n{out.stderr[-3000:]}")
+                    row = json.loads(out.stdout.strip().splitlines()[-1])
+                    results.setdefault(size, {}).setdefault(label, {})[variant] = row
+                _ratios(results[size][label])
     load.stop()
     nan = float("nan")
-    header = (f"{'size':<7} {'setting':<6} {'variant':<13} {'ms/step':>9} {'x time':>7} {'/op':>5} {'x cpu':>6} "
-              f"{'/op':>5} {'peak MB':>8} {'x peak':>7} {'/op':>5} {'step MB':>8} {'x step':>7}")
+    header = (f"{'size':<7} {'setting':<12} {'variant':<13} {'ms/step':>9} {'x time':>7} {'/op':>5} {'x cpu':>6} "
+              f"{'/op':>5} {'peak MB':>8} {'x peak':>7} {'/op':>5} {'step MB':>8} {'x step':>7} {'faults':>9} "
+              f"{'sys ms':>7}")
     print(header)
     print("-" * len(header))
     for size, by_setting in results.items():
         for setting, by_variant in by_setting.items():
             for variant, r in by_variant.items():
-                print(f"{size:<7} {setting:<6} {variant:<13} {r['ms_per_step']:>9.1f} "
+                print(f"{size:<7} {setting:<12} {variant:<13} {r['ms_per_step']:>9.1f} "
                       f"{r.get('time_ratio', nan):>7.2f} {r.get('time_vs_opacus', nan):>5.2f} "
                       f"{r.get('cpu_ratio', nan):>6.2f} {r.get('cpu_vs_opacus', nan):>5.2f} "
                       f"{r['peak_rss_mb']:>8.1f} {r.get('peak_ratio', nan):>7.2f} {r.get('peak_vs_opacus', nan):>5.2f} "
-                      f"{r['step_mem_mb']:>8.1f} {r.get('step_mem_ratio', nan):>7.2f}")
+                      f"{r['step_mem_mb']:>8.1f} {r.get('step_mem_ratio', nan):>7.2f} "
+                      f"{r['minor_faults_per_step']:>9.0f} {r['sys_ms_per_step']:>7.0f}")
     print("x: ratio to non-private; /op: ratio to Opacus hooks (same size, setting and run). all4: Opacus clips per "
-          "record (no user unit), the engine per user.")
+          "record (no user unit), the engine per user. faults: minor page faults per step; sys ms: system CPU time "
+          f"per step; '{GLIBC_SUFFIX}': glibc's default malloc, else dpalign's (dpalign.allocator).")
     print(load.line())
     blob = {"benchmark": "dp_overhead", "batch": args.batch, "seq": args.seq, "lora_r": LORA_R,
-            "steps": args.steps, **load.fields(), "results": results}
+            "steps": args.steps, "malloc": args.malloc, **load.fields(), "results": results}
     emit(blob, as_json=args.json, json_out=args.json_out)
     return 0
 

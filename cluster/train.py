@@ -12,6 +12,7 @@ because report is asynchronous with respect to the update.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,15 @@ def worker_info() -> WorkerInfo:
     return WorkerInfo(
         rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), local_rank=ctx.get_local_rank()
     )
+
+
+def _learner_entry(train_loop_per_worker: Callable[[dict[str, Any]], Any], config: dict[str, Any]) -> Any:
+    """Every learner rank: keep freed memory in the worker (``dpalign.allocator``; a worker on a cluster node did
+    not inherit the driver's setting), then the loop."""
+    from dpalign.allocator import keep_freed_memory
+
+    keep_freed_memory()
+    return train_loop_per_worker(config)
 
 
 def run_learners(
@@ -93,7 +103,7 @@ def run_learners(
     if use_gpu:
         resources["GPU"] = 1.0
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        functools.partial(_learner_entry, train_loop_per_worker),
         train_loop_config=dict(config),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(collective_timeout_s)),
         scaling_config=ScalingConfig(

@@ -12,6 +12,7 @@ import os
 import sys
 
 from dpalign import __version__
+from dpalign.allocator import keep_freed_memory
 
 # Order is the order shown by `dpalign --help`. A command whose module is not in this checkout is not listed.
 COMMANDS: tuple[str, ...] = ("run", "data", "pretrain", "privacy", "audit", "tune", "controller", "report")
@@ -58,6 +59,7 @@ def _dispatch(argv: list[str] | None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    keep_freed_memory()  # training steps on CPU otherwise fault their activations in page by page, every step
     return int(args.func(args) or 0)
 
 

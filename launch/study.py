@@ -332,8 +332,10 @@ def _trainable(params: dict[str, Any], *, study_fields: dict[str, Any], cwd: str
     """
     from ray import tune
 
+    from dpalign.allocator import keep_freed_memory
     from launch.pipeline.pipeline import run_pipeline
 
+    keep_freed_memory()  # a trial on a cluster node did not inherit the driver's setting
     study = StudySection(**study_fields)
     if drawn is not None:
         index = int(params["_trial"])

@@ -171,9 +171,11 @@ class RolloutPolicy:
     def __init__(self, base_model_dir: str | os.PathLike[str], *, lora: Any, threads: int = 1) -> None:
         from transformers import AutoModelForCausalLM
 
+        from dpalign.allocator import keep_freed_memory
         from trainers.models.lora import add_lora
         from trainers.models.tokenizer import load_tokenizer
 
+        keep_freed_memory()  # an actor on a cluster node did not inherit the driver's setting
         self.threads = int(threads)
         spec = _lora_spec(lora)
         self.tokenizer = load_tokenizer(base_model_dir)
