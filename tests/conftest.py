@@ -27,6 +27,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+from dpalign.allocator import keep_freed_memory  # noqa: E402
+
+# The test process and the processes it starts (Ray workers, CLI subprocesses) keep freed memory, as every dpalign
+# process does (dpalign.allocator), so tests run the allocator users run.
+keep_freed_memory()
+
 torch.set_num_threads(1)
 # Property tests draw the same examples on every run: CI must not turn red on a new random draw (and a failure
 # found once is found again). Explore new draws locally with HYPOTHESIS_PROFILE=explore.
