@@ -29,8 +29,11 @@ def _check_overhead(blob: dict, variants: list[str]) -> None:
         for setting, rows in by_setting.items():
             assert sorted(rows) == sorted(variants)
             ref, opacus = rows["nonprivate"], rows["opacus"]
+            glibc = setting.endswith("+glibc")  # --malloc default/both: glibc's default allocator under this label
             for name, r in rows.items():
-                assert r["setting"] == setting and r["ms_per_step"] > 0 and r["peak_rss_mb"] > 0
+                assert r["setting"] == setting.removesuffix("+glibc") and r["ms_per_step"] > 0 and r["peak_rss_mb"] > 0
+                assert r["malloc"] == ("glibc default" if glibc else "dpalign")
+                assert r["minor_faults_per_step"] >= 0 and r["sys_ms_per_step"] >= 0
                 if name != "nonprivate":
                     assert r["time_ratio"] == pytest.approx(r["ms_per_step"] / ref["ms_per_step"])
                     assert r["peak_ratio"] == pytest.approx(r["peak_rss_mb"] / ref["peak_rss_mb"])
@@ -54,8 +57,10 @@ def test_dp_overhead_json_carries_ratios_of_one_run(tmp_path):
 def test_dp_overhead_every_variant_and_setting(tmp_path):
     variants = ["nonprivate", "engine", "engine_ref", "opacus", "opacus_ghost"]
     blob = _run(["benchmarks/dp_overhead.py", "--sizes", "tiny", "--settings", "attn1,all4", "--steps", "1",
-                 "--batch", "8", "--seq", "8", "--variants", ",".join(variants)], tmp_path / "overhead.json")
+                 "--batch", "8", "--seq", "8", "--variants", ",".join(variants), "--malloc", "both"],
+                tmp_path / "overhead.json")
     _check_overhead(blob, variants)
+    assert sorted(blob["results"]["tiny"]) == ["all4", "all4+glibc", "attn1", "attn1+glibc"]
 
 
 def test_ppo_iteration_json_has_shares_and_a_generate_yardstick(tmp_path):
