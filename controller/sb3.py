@@ -90,6 +90,8 @@ def make_sac(spec: SpaceSpec, config: ControllerConfig, env: gym.Env | None = No
         verbose=0,
     )
     model.default_action = spec.default_action()
+    # SB3's learn() otherwise configures its own logger, which makes an empty /tmp/SB3-<time> directory per call
+    model.set_logger(Logger(folder=None, output_formats=[]))
     return model
 
 

@@ -9,7 +9,12 @@ import pytest
 from launch.cli import main
 
 
-def test_pretrain_sb3_writes_artifact_and_show_reads_it(tmp_path, capsys):
+def test_pretrain_sb3_writes_artifact_and_show_reads_it(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where SB3's default logger would make SB3-<time>/
     out = tmp_path / "art"
     rc = main(
         [
@@ -36,6 +41,8 @@ def test_pretrain_sb3_writes_artifact_and_show_reads_it(tmp_path, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["provenance"]["trainer"] == "sb3" and shown["has_sb3_state"]
     assert shown["actor_hidden"] == [8, 8]
+    left = [p.name for p in scratch.iterdir() if p.name.startswith("SB3-")]  # (torch's inductor cache may appear)
+    assert left == [], f"SAC training left {left} behind"
 
 
 def test_frozen_without_artifact_is_a_config_error(capsys):
