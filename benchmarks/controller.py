@@ -376,32 +376,34 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     prep = prepare(args)
-    work = Path(tempfile.mkdtemp(prefix="dpalign-bench-controller-"))
-    artifact = args.artifact or None
-    pretrain_s = 0.0
-    if "frozen" in args.methods and artifact is None:
-        t = time.time()
-        artifact = pretrain_frozen(args, work / "artifact")
-        pretrain_s = time.time() - t
-    # One untimed fixed run first: the first run in a process pays one-off costs (allocator, kernels, lazy
-    # imports) that would otherwise inflate whichever method is measured first (fixed, the baseline).
-    warm = argparse.Namespace(**{**vars(args), "steps": min(args.steps, 2), "eval_every": 1})
-    run_one(prep, method="fixed", epsilon=args.epsilons[0], seed=0, args=warm, artifact=None, workdir=work / "warm")
-    runs = []
-    for eps in args.epsilons:
-        for seed in range(args.seeds):
-            for m in args.methods:
-                r = run_one(
-                    prep, method=m, epsilon=eps, seed=seed, args=args, artifact=artifact, workdir=work
-                )
-                assert r["epsilon_spent"] <= eps, f"{m} overspent: {r['epsilon_spent']} > {eps}"
-                runs.append(r)
-                if not args.json:
-                    print(
-                        f"eps={eps} seed={seed} {m:17s} final ppl {r['final_ppl']:.3f} "
-                        f"eps spent {r['epsilon_spent']:.3f} overhead {r['policy_seconds'] / r['step_seconds']:.3f}",
-                        flush=True,
+    # the runs' directories (ledgers, checkpoints, the pretrained artifact) go when the benchmark ends
+    with tempfile.TemporaryDirectory(prefix="dpalign-bench-controller-") as tmp:
+        work = Path(tmp)
+        artifact = args.artifact or None
+        pretrain_s = 0.0
+        if "frozen" in args.methods and artifact is None:
+            t = time.time()
+            artifact = pretrain_frozen(args, work / "artifact")
+            pretrain_s = time.time() - t
+        # One untimed fixed run first: the first run in a process pays one-off costs (allocator, kernels, lazy
+        # imports) that would otherwise inflate whichever method is measured first (fixed, the baseline).
+        warm = argparse.Namespace(**{**vars(args), "steps": min(args.steps, 2), "eval_every": 1})
+        run_one(prep, method="fixed", epsilon=args.epsilons[0], seed=0, args=warm, artifact=None, workdir=work / "warm")
+        runs = []
+        for eps in args.epsilons:
+            for seed in range(args.seeds):
+                for m in args.methods:
+                    r = run_one(
+                        prep, method=m, epsilon=eps, seed=seed, args=args, artifact=artifact, workdir=work
                     )
+                    assert r["epsilon_spent"] <= eps, f"{m} overspent: {r['epsilon_spent']} > {eps}"
+                    runs.append(r)
+                    if not args.json:
+                        print(
+                            f"eps={eps} seed={seed} {m:17s} final ppl {r['final_ppl']:.3f} "
+                            f"eps spent {r['epsilon_spent']:.3f} overhead {r['policy_seconds'] / r['step_seconds']:.3f}",
+                            flush=True,
+                        )
     out = {
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "num_users": prep["users"].num_users,
