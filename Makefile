@@ -69,7 +69,7 @@ bench-utility: $(STAMP)
 # The demo budget-allocation study, twice: on a public proxy population (tuning costs nothing; the chosen
 # configuration then runs once on the private data), and repeat_and_select on the private data with the whole study
 # at epsilon 4. Each prints the study's best public utility and total epsilon as JSON (benchmarks/tune_study.py).
-# Many demo-size pipeline runs: hours on 2 cores (README, "Budget-allocation studies").
+# Nine demo-size pipeline runs and a secret number more: about 1 hour on 2 cores (README, "Budget-allocation studies").
 TUNE_CONFIG ?= launch/configs/tune-demo.yaml
 tune: $(STAMP)
 	$(PY) benchmarks/tune_study.py --config $(TUNE_CONFIG) study.mode=public_proxy
