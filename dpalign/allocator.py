@@ -4,9 +4,9 @@ Why: glibc serves every allocation above its mmap threshold (dynamic, at most 32
 hands it back with ``munmap`` on free, and trims the top of the heap back to the OS. A training step on CPU
 allocates and frees the same large activation and gradient tensors every step, so each one is faulted in page by
 page, every step. Measured on the 2-core machine (medium GPT-2, LoRA on every linear layer, 32 records of 128
-tokens; ``benchmarks/dp_overhead.py --malloc both``): the DP engine's step took 2.1 million minor page faults and
-~4 s of system time, the non-private step 0.75 million; with freed memory kept, both are near zero and both steps
-are faster (see the README's overhead table).
+tokens; ``benchmarks/dp_overhead.py --malloc both``): the DP engine's step took 2.2 million minor page faults and
+5.2 s of system time, the non-private step 0.8 million and 2.2 s; with freed memory kept, both are near zero and
+both steps are faster (see the README's overhead table).
 
 The setting is what PyTorch's CUDA caching allocator does for GPU memory: freed blocks stay with the process and
 the next step reuses them. The resident set then stays at its high-water mark instead of shrinking between steps,
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 # mallopt(3) parameters (malloc.h).
@@ -38,13 +39,11 @@ def keep_freed_memory() -> bool:
     Called by every entry point that trains: the CLI, Ray Train workers, rollout actors, Tune trials. Safe to call
     again. Returns True when the setting is in effect in this process.
     """
-    if os.environ.get(OPT_OUT, "").strip().lower() == "default":
+    libc = _libc()
+    if libc is None or os.environ.get(OPT_OUT, "").strip().lower() == "default":
         return False
     if any(k in os.environ for k in ENV):  # the user tuned glibc themselves (or a parent did it for us)
-        return _libc() is not None
-    libc = _libc()
-    if libc is None:
-        return False
+        return True
     ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     if ok:
         for key, value in ENV.items():
@@ -52,6 +51,7 @@ def keep_freed_memory() -> bool:
     return ok
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     """glibc, or None where the C library is another one (mallopt is glibc's)."""
     try:
