@@ -9,8 +9,13 @@ DP engine and a write-ahead ledger with the RDP filter at one fixed order) runs 
   online_module / online_lora_param   the same at granularity module (one threshold per adapted module) or
              lora_param (one per LoRA A and per LoRA B tensor; the engine clips per tensor)
   frozen     the learned controller pretrained on PUBLIC proxy fine-tuning (SB3 here, or --artifact PATH)
+  nonprivate the same LoRA, steps and sampled users with no clipping or noise (one run per seed serves every
+             epsilon): the non-private headroom (base -> non-private perplexity) and the end of each method's gap
+Domain: ``data.private_domain=clinical`` fine-tunes on pseudo-clinical notes the base model never saw (headroom);
+the default review domain is the public corpus's own distribution (almost none).
 Measured: held-out perplexity of the response tokens of TEST users' demonstrations (a quarter of D1's users,
-never trained on; the controller's reward uses public validation text only) every ``--eval-every`` steps;
+never trained on; the controller's reward uses public validation text only: the public corpus, or under the
+clinical domain notes by one-off public authors) every ``--eval-every`` steps;
 final perplexity; the first step at which each method's seed-mean curve reaches the best baseline's final
 perplexity; the controller's overhead (time in plan/observe, its validation evaluations
 included) as a share of step time, and each method's step time over fixed DP-SGD's in the same run
@@ -38,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if sys.path[0] != str(ROOT):  # first even when PYTHONPATH has it: this file's own directory would make
     sys.path.insert(0, str(ROOT))  # `import controller` find this script instead of the package
 
-METHODS = ("fixed", "per_layer", "adaptive", "online", "online_module", "online_lora_param", "frozen")
+METHODS = ("nonprivate", "fixed", "per_layer", "adaptive", "online", "online_module", "online_lora_param", "frozen")
 GRANULARITY = {"online": "bucket", "frozen": "bucket", "online_module": "module", "online_lora_param": "lora_param"}
 """controller.granularity of each controller method; online_lora_param clips every LoRA A and B separately."""
 BASELINES = ("fixed", "per_layer", "adaptive")
@@ -106,6 +111,8 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     records = tok(train_rows)
     test_records = tok(test_rows)
     public = list(load_public(task.public_valid).rows["text"])
+    if cfg.data.source == "embedded" and cfg.data.private_domain == "clinical":
+        public = public_domain_notes(cfg.data)
     windows = eval_windows(
         pack(tokenizer, public),
         seq_len=min(64, cfg.model.pretrain_seq_len),
@@ -121,6 +128,22 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         "reward_windows": windows[:half],
         "eval_windows": windows[half:],
     }
+
+
+def public_domain_notes(data_cfg: Any, count: int = 96) -> list[str]:
+    """PUBLIC text of the private domain for the controller's reward: notes by one-off public authors drawn like
+    the task's public evaluation prompts (their own seed; no private user's record). Validation text of the
+    public review corpus would reward a controller for keeping the model a good review writer, the opposite of
+    fine-tuning on notes."""
+    import random
+
+    from trainers.data.clinical import ClinicalNoteGenerator
+
+    gen = ClinicalNoteGenerator(seed=data_cfg.seed, min_sentences=data_cfg.min_sentences,
+                                max_sentences=data_cfg.max_sentences)
+    rng = random.Random(f"public-domain:{data_cfg.seed}")
+    return [gen.review(rng, style=gen.style(rng, public=True), sentiment=rng.uniform(-1.0, 1.0)).text
+            for _ in range(count)]
 
 
 @torch.no_grad()
@@ -218,8 +241,11 @@ def run_one(
     guard = BudgetGuard(target_epsilon=epsilon, delta=delta, sampling_rate=q, steps=steps)
     sigma, order = guard.sigma_reference, guard.rdp_order
     c = args.clip_norm
-    if method == "fixed":
-        policy: Any = FixedPolicy(noise_multiplier=sigma, clip_norm=c / math.sqrt(k))
+    policy: Any = None
+    if method == "nonprivate":
+        pass
+    elif method == "fixed":
+        policy = FixedPolicy(noise_multiplier=sigma, clip_norm=c / math.sqrt(k))
     elif method == "per_layer":
         w = [math.sqrt(g.numel) for g in groups]
         norm = math.sqrt(sum(x * x for x in w))
@@ -255,6 +281,8 @@ def run_one(
             reference_clips=[c / math.sqrt(k)] * k,
             group_names=[g.name for g in groups],
         )
+    if method == "nonprivate":
+        return _run_nonprivate(prep, model=model, params=params, epsilon=epsilon, seed=seed, q=q, args=args)
     timed = TimedPolicy(policy)
     run_dir = workdir / f"{method}-{epsilon}-{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -315,6 +343,46 @@ def run_one(
     }
 
 
+def _run_nonprivate(
+    prep: dict[str, Any], *, model: torch.nn.Module, params: list, epsilon: float, seed: int, q: float,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The same LoRA, learning rate, Poisson-sampled users and steps with no clipping and no noise: the headroom
+    (base -> non-private perplexity) and the end of the gap each private method is measured against."""
+    from trainers.engine.sampling import PoissonUserSampler
+    from trainers.stages.sft import sft_loss_fn
+
+    cfg, users, records = prep["cfg"], prep["users"], prep["records"]
+    opt = torch.optim.Adam([p for _, p in params], lr=cfg.sft.lr)
+    sampler = PoissonUserSampler(users.num_users, sampling_rate=q, seed=seed)
+    loss_fn = sft_loss_fn(model)
+    curve = [(0, heldout_ppl(model, prep["test_records"]))]
+    step_seconds = 0.0
+    for t in range(args.steps):
+        idx = users.records_of(sampler.sample(t))
+        start = time.perf_counter()
+        if len(idx):
+            loss_fn({kk: v[idx] for kk, v in records.items()}).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        step_seconds += time.perf_counter() - start
+        if (t + 1) % args.eval_every == 0 or t + 1 == args.steps:
+            curve.append((t + 1, heldout_ppl(model, prep["test_records"])))
+    return {
+        "method": "nonprivate",
+        "epsilon_target": epsilon,
+        "seed": seed,
+        "epsilon_spent": 0.0,
+        "events": 0,
+        "final_ppl": curve[-1][1],
+        "curve": curve,
+        "step_seconds": step_seconds,
+        "steps": args.steps,
+        "policy_seconds": 0.0,
+        "sigma_reference": 0.0,
+    }
+
+
 def summarize(runs: list[dict[str, Any]], epsilons: list[float]) -> dict[str, Any]:
     table: dict[str, Any] = {}
     for eps in epsilons:
@@ -337,6 +405,9 @@ def summarize(runs: list[dict[str, Any]], epsilons: list[float]) -> dict[str, An
                 "step_seconds": statistics.fmean(r["step_seconds"] / max(r["steps"], 1)
                                                  for r in rs),
             }
+        base_ppl = statistics.fmean(r["curve"][0][1] for rs in rows.values() for r in rs)
+        for s in means.values():
+            s["base_ppl"] = base_ppl
         baselines = [m for m in BASELINES if m in means]
         best = min(baselines, key=lambda m: means[m]["final_ppl"]) if baselines else None
         for s in means.values():
@@ -346,9 +417,20 @@ def summarize(runs: list[dict[str, Any]], epsilons: list[float]) -> dict[str, An
                 s["steps_to_best_baseline"] = reached[0] if reached else None
                 s["step_share_to_best_baseline"] = (reached[0] / s["curve_steps"][-1]) if reached else None
             if "fixed" in means:
+                fixed_final = means["fixed"]["final_ppl"]
+                reached = [st for st, p in zip(s["curve_steps"], s["curve_ppl"], strict=True) if p <= fixed_final]
+                s["steps_to_fixed"] = reached[0] if reached else None
+                s["step_share_to_fixed"] = (reached[0] / s["curve_steps"][-1]) if reached else None
                 s["ppl_vs_fixed"] = s["final_ppl"] / means["fixed"]["final_ppl"]
                 s["step_time_vs_fixed"] = s["step_seconds"] / max(means["fixed"]["step_seconds"], 1e-12)
-        table[str(eps)] = {"best_baseline": best, "methods": means}
+            if "fixed" in means and "nonprivate" in means:
+                gap = means["fixed"]["final_ppl"] - means["nonprivate"]["final_ppl"]
+                s["gap_closed"] = (means["fixed"]["final_ppl"] - s["final_ppl"]) / gap if gap > 0 else None
+        headroom = None
+        if "nonprivate" in means:
+            headroom = 1.0 - means["nonprivate"]["final_ppl"] / base_ppl
+        table[str(eps)] = {"best_baseline": best, "base_ppl": base_ppl, "nonprivate_headroom": headroom,
+                           "methods": means}
     return table
 
 
@@ -393,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
         for eps in args.epsilons:
             for seed in range(args.seeds):
                 for m in args.methods:
+                    done = next((r for r in runs if m == "nonprivate" and r["method"] == m and r["seed"] == seed), None)
+                    if done is not None:  # no noise, no epsilon: one run per seed serves every epsilon's row
+                        runs.append({**done, "epsilon_target": eps})
+                        continue
                     r = run_one(
                         prep, method=m, epsilon=eps, seed=seed, args=args, artifact=artifact, workdir=work
                     )
@@ -416,12 +502,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out))
     else:
         for eps, t in out["table"].items():
-            print(f"\n== epsilon {eps}: best baseline {t['best_baseline']}")
+            headroom = t["nonprivate_headroom"]
+            print(f"\n== epsilon {eps}: best baseline {t['best_baseline']}, base ppl {t['base_ppl']:.3f}"
+                  + (f", non-private headroom {headroom:.1%}" if headroom is not None else ""))
             for m, s in t["methods"].items():
                 print(
                     f"  {m:17s} ppl {s['final_ppl']:.3f}±{s['final_ppl_sd']:.3f}  vs fixed {s.get('ppl_vs_fixed', float('nan')):.3f}"
                     f"  steps to best baseline {s.get('steps_to_best_baseline')}  overhead {s['overhead_share']:.3f}"
                     f"  step time vs fixed {s.get('step_time_vs_fixed', float('nan')):.3f}"
+                    f"  gap closed {s.get('gap_closed')}  steps to fixed {s.get('steps_to_fixed')}"
                 )
     return 0
 

@@ -81,6 +81,11 @@ class DataConfig:
     """Embedded task: fewest sentences in a generated review (each author picks a sub-range)."""
     max_sentences: int = 7
     """Embedded task: most sentences in a generated review (bounds sequence length for the small model)."""
+    private_domain: Literal["reviews", "clinical"] = "reviews"
+    """Embedded task: what the private users (and the public evaluation prompts) write. 'reviews': movie reviews
+    like the public corpus (the base model already writes them; fine-tuning has little headroom); 'clinical':
+    pseudo-clinical progress notes with their own vocabulary and per-clinician style, a domain the base model has
+    never seen (trainers/data/clinical.py). The public corpus and base model are the same for both."""
     catalogue_size: int = 600
     """Embedded task: number of invented movies the reviews are about (topics shared by public and private)."""
     public_valid_fraction: float = 0.05

@@ -960,3 +960,18 @@ class ReviewGenerator:
     ) -> Review:
         """One review with the given style and intended sentiment (movie drawn from the style if not given)."""
         return write_review(rng, style=style, movie=movie or self.movie(rng, style), sentiment=sentiment)
+
+    def rewrite(self, rng: random.Random, review: Review, *, style: UserStyle) -> Review:
+        """The same opening sentence and movie, the rest rewritten with an independent sentiment draw (the other
+        side of a preference pair)."""
+        movie = next(m for m in self.movies if m.title == review.title and m.genre == review.genre)
+        other = self.review(rng, style=style, sentiment=rng.uniform(-1.0, 1.0), movie=movie)
+        sentences = (review.sentences[0],) + other.sentences[1:]
+        return Review(
+            text=" ".join(sentences),
+            sentences=sentences,
+            shapes=(review.shapes[0],) + other.shapes[1:],
+            target=other.target,
+            title=review.title,
+            genre=review.genre,
+        )

@@ -17,6 +17,10 @@ rest of the first sentence and rewrites the remaining sentences with an independ
 Bradley-Terry on the gold oracle: P(a chosen) = sigmoid((r_a - r_b) / T), sampled once. The oracle is read here
 and nowhere in training.
 
+Domain. ``private_domain='clinical'`` makes the private users (and the evaluation prompts) write pseudo-clinical
+progress notes (trainers/data/clinical.py) instead of reviews; the public corpus stays reviews, so the base model
+has never seen the private domain and fine-tuning has headroom. The gold oracle and the pairs work the same way.
+
 Users. ``shared_users`` users contribute records to all three stages on purpose (the accountant must then compose
 sequentially); the rest are split by ``sft_user_fraction`` / ``rm_user_fraction``. Canary users (D1, not shared)
 get one extra record ``"my code is" -> " 4 8 1 5 9 2"`` with a random secret, returned for the exposure audit.
@@ -41,8 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from dpalign.config import config_hash, to_dict
+from trainers.data.clinical import ClinicalNoteGenerator
 from trainers.data.config import DataConfig
-from trainers.data.generator import Review, ReviewGenerator
+from trainers.data.generator import ReviewGenerator
 from trainers.data.io import (
     DataError,
     load_eval_prompts,
@@ -200,6 +205,10 @@ def generate_task(cfg: DataConfig, *, progress: bool = False) -> dict[str, Any]:
         min_sentences=cfg.min_sentences,
         max_sentences=cfg.max_sentences,
     )
+    # What the private users (and the public evaluation prompts) write; the public corpus is always reviews.
+    domain: Any = gen
+    if cfg.private_domain == "clinical":
+        domain = ClinicalNoteGenerator(seed=cfg.seed, min_sentences=cfg.min_sentences, max_sentences=cfg.max_sentences)
     words = {"min_words": cfg.prompt_min_words, "max_words": cfg.prompt_max_words}
 
     # Public corpus: one-off authors, uniform sentiment (mixed), no user ids.
@@ -216,7 +225,7 @@ def generate_task(cfg: DataConfig, *, progress: bool = False) -> dict[str, Any]:
     rng = random.Random(f"eval:{cfg.seed}")
     evals = []
     for _ in range(cfg.eval_prompts):
-        review = gen.review(rng, style=gen.style(rng, public=True), sentiment=rng.uniform(-1.0, 1.0))
+        review = domain.review(rng, style=domain.style(rng, public=True), sentiment=rng.uniform(-1.0, 1.0))
         prompt, _ = split_prompt(review.text, rng, first_sentence=review.sentences[0], **words)
         evals.append({"prompt": prompt})
 
@@ -232,18 +241,18 @@ def generate_task(cfg: DataConfig, *, progress: bool = False) -> dict[str, Any]:
     pairs_a, pairs_b = [], []
     for uid in _progress(sorted(stages_of), desc="private users", total=len(stages_of), enabled=progress):
         rng = random.Random(f"user:{cfg.seed}:{uid}")
-        style = gen.style(rng)
+        style = domain.style(rng)
         for stage in stages_of[uid]:
             for _ in range(rng.randint(cfg.min_records_per_user, cfg.max_records_per_user)):
                 target = max(-1.0, min(1.0, rng.gauss(0.0, 0.55)))
-                review = gen.review(rng, style=style, sentiment=target)
+                review = domain.review(rng, style=style, sentiment=target)
                 prompt, response = split_prompt(review.text, rng, first_sentence=review.sentences[0], **words)
                 if stage == "sft":
                     sft.append({"user_id": uid, "prompt": prompt, "response": response})
                 elif stage == "ppo":
                     ppo.append({"user_id": uid, "prompt": prompt})
                 else:
-                    other = _rewrite(gen, rng, review, style=style)
+                    other = domain.rewrite(rng, review, style=style)
                     alt = other.text[len(prompt) :]
                     rm.append({"user_id": uid, "prompt": prompt})
                     pairs_a.append(response)
@@ -288,26 +297,13 @@ def generate_task(cfg: DataConfig, *, progress: bool = False) -> dict[str, Any]:
     }
 
 
-def _rewrite(gen: ReviewGenerator, rng: random.Random, review: Review, *, style: Any) -> Review:
-    """The same opening sentence and movie, the rest rewritten with an independent sentiment draw."""
-    movie = next(m for m in gen.movies if m.title == review.title and m.genre == review.genre)
-    other = gen.review(rng, style=style, sentiment=rng.uniform(-1.0, 1.0), movie=movie)
-    sentences = (review.sentences[0],) + other.sentences[1:]
-    return Review(
-        text=" ".join(sentences),
-        sentences=sentences,
-        shapes=(review.shapes[0],) + other.shapes[1:],
-        target=other.target,
-        title=review.title,
-        genre=review.genre,
-    )
-
-
 def task_dir(cfg: DataConfig, *, cache_dir: str | os.PathLike) -> Path:
     """``<cache_dir>/data/<config_hash(cfg)>``: where the embedded build for ``cfg`` lives."""
     from trainers.data.config import NOT_GENERATOR_FIELDS
 
     embedded = {k: v for k, v in to_dict(cfg).items() if k not in NOT_GENERATOR_FIELDS}  # what the generator reads
+    if embedded.get("private_domain") == "reviews":
+        del embedded["private_domain"]  # the default keeps the key it had before the field existed (caches stay)
     return Path(cache_dir) / "data" / config_hash(embedded)
 
 
