@@ -176,6 +176,8 @@ def pretrain_frozen(args: argparse.Namespace, out: Path) -> str:
         batch_size=32,
         gradient_steps=8,
         env=ProxyEnvConfig(steps=args.steps, interval=args.interval, target_epsilons=list(args.epsilons)),
+        **{k: v for k, v in _controller_overrides(args).items()
+           if k in ("clip_range", "noise_range", "buckets", "reward_scale", "privacy_penalty")},
     )
     env = ProxyDPEnv(cfg.env, cfg.spec())
     train_sb3(
@@ -193,6 +195,22 @@ def pretrain_frozen(args: argparse.Namespace, out: Path) -> str:
         out=out,
     )
     return str(out)
+
+
+def _controller_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``--controller clip_range=2 noise_range=1.5``: ControllerConfig fields for every controller method, typed
+    like the field's default."""
+    from controller.config import ControllerConfig
+
+    defaults = ControllerConfig()
+    out: dict[str, Any] = {}
+    for item in args.controller:
+        key, sep, value = item.partition("=")
+        if not sep or not hasattr(defaults, key) or key in ("mode", "granularity", "load", "interval", "seed"):
+            raise SystemExit(f"--controller {item!r}: expected FIELD=VALUE with a ControllerConfig field "
+                             "(mode, granularity, load, interval and seed are set by the benchmark)")
+        out[key] = type(getattr(defaults, key))(value)
+    return out
 
 
 def run_one(
@@ -259,15 +277,14 @@ def run_one(
         )
     else:
         mode = "frozen" if method == "frozen" else "online"
+        fields = {"learning_starts": 2, "batch_size": 16, "gradient_steps": 4, **_controller_overrides(args)}
         ccfg = ControllerConfig(
             mode=mode,
             granularity=GRANULARITY[method],
             load=artifact if mode == "frozen" else "",
             interval=args.interval,
-            learning_starts=2,
-            batch_size=16,
-            gradient_steps=4,
             seed=seed,
+            **fields,
         )
         policy = LearnedController(
             config=ccfg,
@@ -452,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         "--artifact", default="", help="pretrained controller for 'frozen' (default: pretrain one)"
     )
     parser.add_argument("--pretrain-episodes", type=int, default=20)
+    parser.add_argument("--controller", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="controller config fields for every controller method, e.g. clip_range=2 noise_range=1.5")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

@@ -158,3 +158,21 @@ def test_decode_action_bounds_and_default():
         [50, -50, math.nan, 9, 9], reference_clips=[1.0, 1.0, 1.0], sigma_floor=1.0
     )
     assert max(clips) <= 2.0 + 1e-12 and min(clips) >= 0.5 - 1e-12 and sigma == 4.0
+
+
+def test_the_zero_action_is_fixed_dp_sgd_and_only_positive_noise_actions_add_noise():
+    """An untrained actor's mean is near 0: it must start at the baseline (reference clips, sigma at the floor),
+    not inside the box's noise range."""
+    spec = SpaceSpec(clip_range=2.0, noise_range=4.0)
+    assert not spec.default_action().any()
+    for a_sig, want in ((-1.0, 3.0), (-0.3, 3.0), (0.0, 3.0), (0.5, 6.0), (1.0, 12.0)):
+        clips, sigma = spec.decode_action([0.0] * (spec.act_dim - 1) + [a_sig], reference_clips=[0.5, 1.0],
+                                          sigma_floor=3.0)
+        assert clips == (0.5, 1.0) and sigma == pytest.approx(want)
+
+
+def test_an_artifact_of_the_previous_action_mapping_is_refused():
+    d = SpaceSpec().to_dict()
+    d["version"] = 1
+    with pytest.raises(ValueError, match="spaces version 1"):
+        SpaceSpec.from_dict(d)
