@@ -451,6 +451,12 @@ def summarize(runs: list[dict[str, Any]], epsilons: list[float]) -> dict[str, An
     return table
 
 
+def _relative(path: str) -> str:
+    """A config path as the JSON records it: relative to the repository when inside it (no machine paths)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -510,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                             flush=True,
                         )
     out = {
-        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "settings": {k: (_relative(v) if k == "config" else v) for k, v in vars(args).items() if k != "json"},
         "num_users": prep["users"].num_users,
         "pretrain_seconds": pretrain_s,
         "total_seconds": time.time() - t0,

@@ -54,6 +54,7 @@ def test_clinical_benchmark_reports_headroom_and_the_gap_each_method_closes(tmp_
             "fixed", "--json", "data.num_users=120", "data.private_domain=clinical", f"run.cache_dir={tiny_cache}"]
     assert bench.main(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["settings"]["config"] == "launch/configs/tiny.yaml"  # no machine path in the committed JSON
     nonprivate = [r for r in out["runs"] if r["method"] == "nonprivate"]
     assert [r["epsilon_target"] for r in nonprivate] == [1.0, 4.0] and nonprivate[0]["curve"] == nonprivate[1]["curve"]
     for eps in ("1.0", "4.0"):
