@@ -139,8 +139,7 @@ def public_domain_notes(data_cfg: Any, count: int = 96) -> list[str]:
 
     from trainers.data.clinical import ClinicalNoteGenerator
 
-    gen = ClinicalNoteGenerator(seed=data_cfg.seed, min_sentences=data_cfg.min_sentences,
-                                max_sentences=data_cfg.max_sentences)
+    gen = ClinicalNoteGenerator(min_sentences=data_cfg.min_sentences, max_sentences=data_cfg.max_sentences)
     rng = random.Random(f"public-domain:{data_cfg.seed}")
     return [gen.review(rng, style=gen.style(rng, public=True), sentiment=rng.uniform(-1.0, 1.0)).text
             for _ in range(count)]
@@ -227,15 +226,14 @@ def run_one(
     from controller.budget import BudgetGuard
     from controller.config import ControllerConfig
     from controller.policy import LearnedController
-    from trainers.engine.engine import DPEngine, UserBatch, clipping_groups, trainable_named_parameters
+    from trainers.engine.engine import DPEngine, clipping_groups, trainable_named_parameters
     from trainers.engine.policy import AdaptiveClippingPolicy, FixedPolicy, GroupSpec, PerLayerFixedPolicy
-    from trainers.engine.sampling import PoissonUserSampler
     from trainers.models.base import load_base_model
     from trainers.models.lora import add_lora
     from trainers.stages.context import public_lm_loss
     from trainers.stages.sft import sft_loss_fn
 
-    cfg, users, records = prep["cfg"], prep["users"], prep["records"]
+    cfg, users = prep["cfg"], prep["users"]
     n = users.num_users
     q = min(1.0, args.batch_users / n)
     delta = 1.0 / n
@@ -247,6 +245,17 @@ def run_one(
     )
     model.train()
     params = trainable_named_parameters(model)
+    opt = torch.optim.Adam([p for _, p in params], lr=cfg.sft.lr)
+    loss_fn = sft_loss_fn(model)
+    if method == "nonprivate":  # no clipping, no noise, no ledger: the same loop on the mean loss
+        def plain_step(batch: Any) -> None:
+            if len(batch.user_ids):
+                loss_fn(batch.records).mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        curve, step_seconds = _train_and_evaluate(prep, model, plain_step, q=q, seed=seed, args=args)
+        return _result("nonprivate", epsilon, seed, 0.0, curve, step_seconds, steps, 0.0, 0.0)
     grouping = "per_tensor" if GRANULARITY.get(method) == "lora_param" else "module"
     groups = [
         GroupSpec(
@@ -259,11 +268,8 @@ def run_one(
     guard = BudgetGuard(target_epsilon=epsilon, delta=delta, sampling_rate=q, steps=steps)
     sigma, order = guard.sigma_reference, guard.rdp_order
     c = args.clip_norm
-    policy: Any = None
-    if method == "nonprivate":
-        pass
-    elif method == "fixed":
-        policy = FixedPolicy(noise_multiplier=sigma, clip_norm=c / math.sqrt(k))
+    if method == "fixed":
+        policy: Any = FixedPolicy(noise_multiplier=sigma, clip_norm=c / math.sqrt(k))
     elif method == "per_layer":
         w = [math.sqrt(g.numel) for g in groups]
         norm = math.sqrt(sum(x * x for x in w))
@@ -298,8 +304,6 @@ def run_one(
             reference_clips=[c / math.sqrt(k)] * k,
             group_names=[g.name for g in groups],
         )
-    if method == "nonprivate":
-        return _run_nonprivate(prep, model=model, params=params, epsilon=epsilon, seed=seed, q=q, args=args)
     timed = TimedPolicy(policy)
     run_dir = workdir / f"{method}-{epsilon}-{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -313,7 +317,6 @@ def run_one(
         rdp_order=order,
     )
     ledger.begin_stage("sft", user_fingerprint=users.fingerprint, num_users=n)
-    opt = torch.optim.Adam([p for _, p in params], lr=cfg.sft.lr)
     engine = DPEngine(
         model,
         stage="sft",
@@ -327,76 +330,56 @@ def run_one(
         grouping=grouping,
         max_records_per_microbatch=cfg.engine.max_physical_batch_records,
     )
-    sampler = PoissonUserSampler(n, sampling_rate=q, seed=seed)
-    loss_fn = sft_loss_fn(model)
-    curve = [(0, heldout_ppl(model, prep["test_records"]))]
-    step_seconds = 0.0
-    for t in range(steps):
-        idx = users.records_of(sampler.sample(t))
-        batch = UserBatch(records={kk: v[idx] for kk, v in records.items()}, user_ids=users.record_user[idx])
-        start = time.perf_counter()
+
+    def dp_step(batch: Any) -> None:
         engine.step(batch, loss_fn)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        step_seconds += time.perf_counter() - start
-        if (t + 1) % args.eval_every == 0 or t + 1 == steps:
-            curve.append((t + 1, heldout_ppl(model, prep["test_records"])))
+
+    curve, step_seconds = _train_and_evaluate(prep, model, dp_step, q=q, seed=seed, args=args)
     engine.close()
     ledger.end_stage("sft")
     eps = ledger.epsilon("sft")
     ledger.close()
+    return _result(method, epsilon, seed, eps, curve, step_seconds, steps, timed.seconds, sigma)
+
+
+def _train_and_evaluate(
+    prep: dict[str, Any], model: torch.nn.Module, step: Any, *, q: float, seed: int, args: argparse.Namespace
+) -> tuple[list[tuple[int, float]], float]:
+    """The loop every method shares: Poisson-sampled users (the same draws per seed for every method), one timed
+    ``step(batch)`` each, held-out perplexity every ``--eval-every`` steps and at the end."""
+    from trainers.engine.engine import UserBatch
+    from trainers.engine.sampling import PoissonUserSampler
+
+    users, records = prep["users"], prep["records"]
+    sampler = PoissonUserSampler(users.num_users, sampling_rate=q, seed=seed)
+    curve = [(0, heldout_ppl(model, prep["test_records"]))]
+    seconds = 0.0
+    for t in range(args.steps):
+        idx = users.records_of(sampler.sample(t))
+        batch = UserBatch(records={kk: v[idx] for kk, v in records.items()}, user_ids=users.record_user[idx])
+        start = time.perf_counter()
+        step(batch)
+        seconds += time.perf_counter() - start
+        if (t + 1) % args.eval_every == 0 or t + 1 == args.steps:
+            curve.append((t + 1, heldout_ppl(model, prep["test_records"])))
+    return curve, seconds
+
+
+def _result(method: str, epsilon: float, seed: int, spent: float, curve: list, step_seconds: float, steps: int,
+            policy_seconds: float, sigma: float) -> dict[str, Any]:
     return {
         "method": method,
         "epsilon_target": epsilon,
         "seed": seed,
-        "epsilon_spent": eps,
-        "events": len(ledger.events("sft")) if hasattr(ledger, "events") else steps,
+        "epsilon_spent": spent,
         "final_ppl": curve[-1][1],
         "curve": curve,
         "step_seconds": step_seconds,
         "steps": steps,
-        "policy_seconds": timed.seconds,
+        "policy_seconds": policy_seconds,
         "sigma_reference": sigma,
-    }
-
-
-def _run_nonprivate(
-    prep: dict[str, Any], *, model: torch.nn.Module, params: list, epsilon: float, seed: int, q: float,
-    args: argparse.Namespace,
-) -> dict[str, Any]:
-    """The same LoRA, learning rate, Poisson-sampled users and steps with no clipping and no noise: the headroom
-    (base -> non-private perplexity) and the end of the gap each private method is measured against."""
-    from trainers.engine.sampling import PoissonUserSampler
-    from trainers.stages.sft import sft_loss_fn
-
-    cfg, users, records = prep["cfg"], prep["users"], prep["records"]
-    opt = torch.optim.Adam([p for _, p in params], lr=cfg.sft.lr)
-    sampler = PoissonUserSampler(users.num_users, sampling_rate=q, seed=seed)
-    loss_fn = sft_loss_fn(model)
-    curve = [(0, heldout_ppl(model, prep["test_records"]))]
-    step_seconds = 0.0
-    for t in range(args.steps):
-        idx = users.records_of(sampler.sample(t))
-        start = time.perf_counter()
-        if len(idx):
-            loss_fn({kk: v[idx] for kk, v in records.items()}).mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        step_seconds += time.perf_counter() - start
-        if (t + 1) % args.eval_every == 0 or t + 1 == args.steps:
-            curve.append((t + 1, heldout_ppl(model, prep["test_records"])))
-    return {
-        "method": "nonprivate",
-        "epsilon_target": epsilon,
-        "seed": seed,
-        "epsilon_spent": 0.0,
-        "events": 0,
-        "final_ppl": curve[-1][1],
-        "curve": curve,
-        "step_seconds": step_seconds,
-        "steps": args.steps,
-        "policy_seconds": 0.0,
-        "sigma_reference": 0.0,
     }
 
 
@@ -423,8 +406,6 @@ def summarize(runs: list[dict[str, Any]], epsilons: list[float]) -> dict[str, An
                                                  for r in rs),
             }
         base_ppl = statistics.fmean(r["curve"][0][1] for rs in rows.values() for r in rs)
-        for s in means.values():
-            s["base_ppl"] = base_ppl
         baselines = [m for m in BASELINES if m in means]
         best = min(baselines, key=lambda m: means[m]["final_ppl"]) if baselines else None
         for s in means.values():

@@ -35,7 +35,7 @@ def test_neutral_lists_are_outside_the_oracle_lexicon_and_status_lists_carry_the
 
 
 def test_notes_follow_their_target_and_only_status_sentences_carry_sentiment():
-    gen = c.ClinicalNoteGenerator(seed=0, min_sentences=3, max_sentences=7)
+    gen = c.ClinicalNoteGenerator(min_sentences=3, max_sentences=7)
     rng = random.Random(0)
     targets, notes = [], []
     for _ in range(300):
@@ -52,7 +52,7 @@ def test_notes_follow_their_target_and_only_status_sentences_carry_sentiment():
 
 
 def test_a_clinicians_notes_share_their_habits_and_differ_from_anothers():
-    gen = c.ClinicalNoteGenerator(seed=0)
+    gen = c.ClinicalNoteGenerator()
     a, b = (gen.style(random.Random(f"user:{i}")) for i in range(2))
     assert a != b
     rng = random.Random(1)
@@ -67,7 +67,7 @@ def test_a_clinicians_notes_share_their_habits_and_differ_from_anothers():
 
 
 def test_rewrite_keeps_the_opening_and_patient_and_redraws_the_rest():
-    gen = c.ClinicalNoteGenerator(seed=0)
+    gen = c.ClinicalNoteGenerator()
     rng = random.Random(2)
     style = gen.style(rng)
     note = gen.review(rng, style=style, sentiment=0.9)
@@ -79,7 +79,7 @@ def test_rewrite_keeps_the_opening_and_patient_and_redraws_the_rest():
 @pytest.mark.parametrize("bad", [(1, 3), (4, 3)])
 def test_bad_lengths_are_refused(bad):
     with pytest.raises(ValueError, match="min_sentences"):
-        c.ClinicalNoteGenerator(seed=0, min_sentences=bad[0], max_sentences=bad[1])
+        c.ClinicalNoteGenerator(min_sentences=bad[0], max_sentences=bad[1])
 
 
 def test_the_clinical_task_changes_private_records_and_eval_prompts_but_not_the_public_corpus():

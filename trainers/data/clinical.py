@@ -18,7 +18,7 @@ an improving or a worsening patient with probability (1 + target) / 2, using wor
 sign ("comfortable", "improving" / "pain", "worse"); every word of the neutral lists (conditions, drugs, findings,
 plans) is outside VADER's lexicon (both tested). So preference pairs and the reward model work on this domain too.
 
-The interface matches :class:`~trainers.data.generator.ReviewGenerator` (``style``, ``review``, ``rewrite``):
+The task uses it like :class:`~trainers.data.generator.ReviewGenerator` (``style``, ``review``, ``rewrite``):
 ``Review.title`` holds the patient and ``Review.genre`` the specialty.
 """
 
@@ -184,14 +184,13 @@ class ClinicalNoteGenerator:
     """Progress notes on invented patients; every call takes the RNG that makes it reproducible.
 
     Args:
-        seed: unused by the word lists (kept for the generator interface); notes depend only on the RNG passed in.
         min_sentences / max_sentences: bounds on the number of body sentences (each clinician picks a sub-range).
     """
 
-    def __init__(self, *, seed: int, min_sentences: int = 3, max_sentences: int = 8) -> None:
+    def __init__(self, *, min_sentences: int = 3, max_sentences: int = 8) -> None:
         if not 2 <= min_sentences <= max_sentences:
             raise ValueError(f"need 2 <= min_sentences <= max_sentences, got {min_sentences}, {max_sentences}")
-        self.seed, self.min_sentences, self.max_sentences = seed, min_sentences, max_sentences
+        self.min_sentences, self.max_sentences = min_sentences, max_sentences
 
     def style(self, rng: random.Random, *, public: bool = False) -> ClinicianStyle:
         """A random clinician; a public (one-off) author has no optimism bias."""
@@ -220,10 +219,10 @@ class ClinicalNoteGenerator:
         return label, specialty, rng.choice(SPECIALTIES[specialty]["conditions"])
 
     def review(
-        self, rng: random.Random, *, style: ClinicianStyle, sentiment: float, movie: tuple[str, str, str] | None = None
+        self, rng: random.Random, *, style: ClinicianStyle, sentiment: float, patient: tuple[str, str, str] | None = None
     ) -> Review:
-        """One progress note with the given style and intended sentiment (``movie``: a patient from :meth:`patient`)."""
-        label, specialty, condition = movie or self.patient(rng, style)
+        """One progress note with the given style and intended sentiment (``patient``: from :meth:`patient`)."""
+        label, specialty, condition = patient or self.patient(rng, style)
         target = max(-1.0, min(1.0, sentiment + style.sentiment_bias))
         w = _NoteWriter(rng, style, specialty, target, pronoun=TITLES[label.split()[0]])
         sentences = [w.opener(label, condition)]
@@ -249,7 +248,7 @@ class ClinicalNoteGenerator:
     def rewrite(self, rng: random.Random, note: Review, *, style: ClinicianStyle) -> Review:
         """The same opening sentence and patient, the rest rewritten with an independent sentiment draw."""
         label, condition = note.title.split("|", 1)
-        other = self.review(rng, style=style, sentiment=rng.uniform(-1.0, 1.0), movie=(label, note.genre, condition))
+        other = self.review(rng, style=style, sentiment=rng.uniform(-1.0, 1.0), patient=(label, note.genre, condition))
         sentences = (note.sentences[0],) + other.sentences[1:]
         return replace(other, text=" ".join(sentences), sentences=sentences, shapes=(note.shapes[0],) + other.shapes[1:])
 

@@ -208,7 +208,7 @@ def generate_task(cfg: DataConfig, *, progress: bool = False) -> dict[str, Any]:
     # What the private users (and the public evaluation prompts) write; the public corpus is always reviews.
     domain: Any = gen
     if cfg.private_domain == "clinical":
-        domain = ClinicalNoteGenerator(seed=cfg.seed, min_sentences=cfg.min_sentences, max_sentences=cfg.max_sentences)
+        domain = ClinicalNoteGenerator(min_sentences=cfg.min_sentences, max_sentences=cfg.max_sentences)
     words = {"min_words": cfg.prompt_min_words, "max_words": cfg.prompt_max_words}
 
     # Public corpus: one-off authors, uniform sentiment (mixed), no user ids.
