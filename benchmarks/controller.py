@@ -110,9 +110,9 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     users = UserIndex.from_ids([user_ids[i] for i in train_rows])
     records = tok(train_rows)
     test_records = tok(test_rows)
-    public = list(load_public(task.public_valid).rows["text"])
-    if cfg.data.source == "embedded" and cfg.data.private_domain == "clinical":
-        public = public_domain_notes(cfg.data)
+    # PUBLIC text of the domain being fine-tuned (the task's validation_text, what the pipeline rewards the
+    # controller on): review validation text would reward keeping the model a good review writer.
+    public = list(load_public(task.validation_text).rows["text"])
     windows = eval_windows(
         pack(tokenizer, public),
         seq_len=min(64, cfg.model.pretrain_seq_len),
@@ -128,21 +128,6 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         "reward_windows": windows[:half],
         "eval_windows": windows[half:],
     }
-
-
-def public_domain_notes(data_cfg: Any, count: int = 96) -> list[str]:
-    """PUBLIC text of the private domain for the controller's reward: notes by one-off public authors drawn like
-    the task's public evaluation prompts (their own seed; no private user's record). Validation text of the
-    public review corpus would reward a controller for keeping the model a good review writer, the opposite of
-    fine-tuning on notes."""
-    import random
-
-    from trainers.data.clinical import ClinicalNoteGenerator
-
-    gen = ClinicalNoteGenerator(min_sentences=data_cfg.min_sentences, max_sentences=data_cfg.max_sentences)
-    rng = random.Random(f"public-domain:{data_cfg.seed}")
-    return [gen.review(rng, style=gen.style(rng, public=True), sentiment=rng.uniform(-1.0, 1.0)).text
-            for _ in range(count)]
 
 
 @torch.no_grad()

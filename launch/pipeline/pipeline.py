@@ -69,7 +69,10 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
         "ppo": set(ppo_data.rows["user_id"]),
     }
     eval_prompts = list(load_eval_prompts(task.eval).rows["prompt"])[: cfg.eval.prompts]
-    public_valid = list(load_public(task.public_valid).rows["text"]) if task.public_valid else []
+    # Public text of the domain the stages fine-tune on (task.validation_text: public_valid unless the private users
+    # write another domain): SFT's validation loss (the learned controller's reward), the reward model's public
+    # gold pairs, PPO's language-model loss and the evaluation's perplexity.
+    public_valid = list(load_public(task.validation_text).rows["text"]) if task.validation_text else []
     wall["data"] = time.time() - t
 
     # --- privacy plan: every stage's q, T, K, target and sigma, decided once before any step, from the data ------

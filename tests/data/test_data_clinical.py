@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import re
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -99,6 +100,43 @@ def test_the_clinical_task_changes_private_records_and_eval_prompts_but_not_the_
     # the default keeps the cache key it had before the field existed; the clinical domain gets its own
     default, clinical = DataConfig(**small), DataConfig(**small, private_domain="clinical")
     assert task_dir(default, cache_dir="/c") != task_dir(clinical, cache_dir="/c")
-    before = {k: v for k, v in to_dict(default).items() if k not in NOT_GENERATOR_FIELDS and k != "private_domain"}
+    before = {k: v for k, v in to_dict(default).items()
+              if k not in NOT_GENERATOR_FIELDS and k not in ("private_domain", "domain_valid_path")}
     assert task_dir(default, cache_dir="/c").name == config_hash(before)
     assert default.public_corpus_key() == clinical.public_corpus_key()
+
+
+def test_the_clinical_task_writes_public_notes_the_stages_validate_on(tmp_path):
+    """The stages' validation text (SFT validation loss = the learned controller's reward, RM public pairs, PPO LM
+    loss) must be PUBLIC text of the domain being fine-tuned: notes by public authors for the clinical domain, the
+    public corpus's held-out reviews for the review domain (where the users write like the corpus)."""
+    from trainers.data.io import load_public, load_sft
+    from trainers.data.task import build_task
+
+    small = {"num_users": 40, "public_reviews": 200, "eval_prompts": 8, "catalogue_size": 40}
+    reviews = build_task(DataConfig(**small), cache_dir=tmp_path, progress=False)
+    assert reviews.domain_valid == "" and reviews.validation_text == reviews.public_valid
+    assert not any(p.name == "domain_valid.jsonl" for p in Path(reviews.root).iterdir())
+
+    notes = build_task(DataConfig(**small, private_domain="clinical"), cache_dir=tmp_path, progress=False)
+    assert notes.validation_text == notes.domain_valid == str(Path(notes.root) / "domain_valid.jsonl")
+    texts = list(load_public(notes.validation_text).rows["text"])
+    assert len(texts) == notes.counts["domain_valid"] == len(load_public(notes.public_valid))
+    public = {w for t in load_public(notes.public_train).rows["text"] for w in _words(t)}
+    words = [w for t in texts for w in _words(t)]
+    assert sum(w not in public for w in words) > 0.3 * len(words)  # the notes' vocabulary, not the reviews'
+    private = {r["prompt"] + r["response"] for r in load_sft(notes.sft).rows.to_list()}
+    assert private.isdisjoint(texts)  # public authors: never a private record
+    scores = gold_reward(texts)
+    assert min(scores) < -0.2 and max(scores) > 0.2  # both signs: the RM's public gold pairs exist
+    again = build_task(DataConfig(**small, private_domain="clinical"), cache_dir=tmp_path, progress=False)
+    assert not again.built and again.domain_valid == notes.domain_valid  # the cache reads it back
+
+
+def test_files_and_hf_sources_take_their_own_domain_text_and_embedded_refuses_a_path():
+    from dpalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.domain_valid_path"):
+        DataConfig(domain_valid_path="/x/notes.jsonl").check()
+    DataConfig(source="files", sft_path="a", rm_path="b", ppo_path="c", eval_path="d",
+               domain_valid_path="/x/notes.jsonl").check()

@@ -93,6 +93,30 @@ def test_same_rows_as_files_after_mapping(tmp_path, hf_rows):
     assert task.counts["public_train"] == len(hf_rows["public_train"])
 
 
+def test_a_split_of_public_domain_text_becomes_the_validation_text(tmp_path, hf_rows):
+    """data.splits.domain_valid: public text of the users' domain, what the stages validate on (else public_valid)."""
+    import datasets
+
+    ds_dir = _save(tmp_path / "d", hf_rows)
+    dsd = datasets.load_from_disk(str(ds_dir))
+    notes = [{"body": f"public note {i}: the patient was seen on the ward"} for i in range(5)]
+    dsd["published_notes"] = datasets.Dataset.from_list(notes)
+    dsd.save_to_disk(str(tmp_path / "d2"))
+    cfg = DataConfig(source="hf", hf_dataset=str(tmp_path / "d2"))
+    for role, split in {**SPLITS, "domain_valid": "published_notes"}.items():
+        setattr(cfg.splits, role, split)
+    for role, col in RENAME.items():
+        setattr(cfg.columns, role, col)
+    cfg.check()
+    task = build_task(cfg, cache_dir=tmp_path / "cache", progress=False)
+    assert task.validation_text == task.domain_valid != task.public_valid
+    assert load_public(task.validation_text).rows["text"] == [r["body"] for r in notes]
+    assert task.counts["domain_valid"] == 5
+    cfg.splits.domain_valid = ""
+    plain = build_task(cfg, cache_dir=tmp_path / "cache", progress=False)
+    assert plain.domain_valid == "" and plain.validation_text == plain.public_valid
+
+
 def test_dpalign_data_validates_and_summarizes_a_dataset(tmp_path, hf_rows, capsys):
     ds_dir = _save(tmp_path / "d", hf_rows)
     assert main(["data", "--config", TINY, f"run.cache_dir={tmp_path / 'cache'}", "data.source=hf",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -106,10 +107,30 @@ def test_presets_protect_what_they_say(tmp_path, cache, preset, private_stages):
 
 
 def test_learned_controller_runs_every_stage_within_budget(tmp_path, cache):
+    # on the clinical domain: the controller's reward (SFT's validation loss) is on public NOTES, not reviews
     code, run_dir = _run(tmp_path, cache, "controller.enabled=true", "controller.interval=1",
-                         "privacy.accountant=rdp", "sft.steps=3", "rm.steps=3", name="ctrl")
+                         "privacy.accountant=rdp", "sft.steps=3", "rm.steps=3", "data.private_domain=clinical",
+                         name="ctrl")
     assert code == 0
     report = json.loads((run_dir / "report.json").read_text())
+    from launch.config import load_config
+    from launch.pipeline.pipeline import _public_windows
+    from launch.schema import RunConfig
+    from trainers.data.io import load_public
+    from trainers.data.task import build_task
+    from trainers.models.base import load_base_model
+    from trainers.stages.context import public_lm_loss
+
+    cfg = load_config(RunConfig, str(run_dir / "config.yaml"), [])
+    task = build_task(cfg.data, cache_dir=cache, progress=False)
+    base, tokenizer = load_base_model(report["base_model"]["path"])
+    loss = {}
+    for name, path in (("notes", task.validation_text), ("reviews", task.public_valid)):
+        texts = list(load_public(path).rows["text"])
+        loss[name] = public_lm_loss(base, _public_windows(tokenizer, texts, seq_len=64, count=4))
+    start = report["stages"]["sft"]["metrics"]["public_valid_loss_start"]
+    assert start == pytest.approx(loss["notes"], rel=1e-5) and loss["notes"] > loss["reviews"] + 0.2
+    assert report["evaluation"]["policies"]["base"]["perplexity"] == pytest.approx(math.exp(loss["notes"]), rel=1e-5)
     assert report["privacy"]["accountant"] == "rdp"
     for name, entry in report["stages"].items():
         assert entry["privacy"]["epsilon_spent"] <= entry["privacy"]["target_epsilon"], name

@@ -317,7 +317,7 @@ def _run(cfg: Any, *, stage: str, m: int, digits: int, confidence: float, seed: 
             from trainers.stages.rm import load_reward_model, run_rm
 
             init = Path(sft_dir) if sft_dir is not None else base
-            public = list(load_public(task.public_valid).rows["text"]) if task.public_valid else []
+            public = list(load_public(task.validation_text).rows["text"]) if task.validation_text else []
             summary = run_rm(ctx, sft_dir=init, data_path=str(data_path), out_dir=out, public_texts=public)
             trained, tokenizer = load_reward_model(out)
             start = starting_reward_model(cfg, sft_dir=init, seed=ctx.seed)

@@ -24,6 +24,10 @@ class HFSplits:
     """Split with a public corpus (text) to build the tokenizer and base model; '' with model.name_or_path."""
     public_valid: str = ""
     """Split with held-out public text (base-model perplexity); set with public_train."""
+    domain_valid: str = ""
+    """Split with PUBLIC text of your private users' domain (text), what the stages validate on (SFT validation
+    loss, the learned controller's reward, the reward model's public pairs, PPO's LM loss, the evaluation's
+    perplexity); '' uses public_valid (right when the users write like the public corpus)."""
 
 
 @dataclass
@@ -110,6 +114,10 @@ class DataConfig:
     """source=files: public corpus file with column text (used to build a tokenizer and base model)."""
     public_valid_path: str = ""
     """source=files: held-out public file with column text (base-model perplexity); required with public_path."""
+    domain_valid_path: str = ""
+    """source=files: PUBLIC text of your private users' domain (column text; e.g. published notes, never a user's
+    record), what the stages validate on (SFT validation loss, the learned controller's reward, the reward model's
+    public pairs, PPO's LM loss, the evaluation's perplexity); '' uses public_valid_path."""
 
     hf_dataset: str = ""
     """source=hf: a hub dataset id (datasets.load_dataset) or a local directory (save_to_disk or data files)."""
@@ -180,6 +188,9 @@ class DataConfig:
             "data.prompt_max_words",
             "must be >= data.prompt_min_words",
         )
+        require(not self.domain_valid_path or self.source == "files", "data.domain_valid_path",
+                "is read only with data.source=files (source=hf: data.splits.domain_valid; the embedded task "
+                "writes its own for data.private_domain=clinical)")
         if self.source == "files":
             for name in ("sft_path", "rm_path", "ppo_path", "eval_path"):
                 require(bool(getattr(self, name)), f"data.{name}", "is required when data.source=files")

@@ -44,6 +44,7 @@ ROLES: dict[str, tuple[tuple[str, ...], bool, str]] = {
     "eval": (EVAL_COLUMNS, False, "evaluation prompt"),
     "public_train": (PUBLIC_COLUMNS, False, "public corpus"),
     "public_valid": (PUBLIC_COLUMNS, False, "public corpus"),
+    "domain_valid": (PUBLIC_COLUMNS, False, "public text of the private domain"),
 }
 """Each role: (columns besides user_id, private (has users), what it is)."""
 
@@ -174,10 +175,15 @@ def load_task_hf(cfg: DataConfig, *, cache_dir: str | os.PathLike) -> dict[str, 
 
         counts["public_train"] = len(load_public(files["public_train"]))
         counts["public_valid"] = len(load_public(files["public_valid"]))
+    if "domain_valid" in files:
+        from trainers.data.io import load_public
+
+        counts["domain_valid"] = len(load_public(files["domain_valid"]))
     per_record = tuple(name for name, d in (("sft", sft), ("rm", rm), ("ppo", ppo)) if d.per_record_users)
     return dict(
         public_train=str(files["public_train"]) if "public_train" in files else "",
         public_valid=str(files["public_valid"]) if "public_valid" in files else "",
+        domain_valid=str(files["domain_valid"]) if "domain_valid" in files else "",
         sft=str(files["sft"]), rm=str(files["rm"]), ppo=str(files["ppo"]), eval=str(files["eval"]),
         counts=counts, users={**{k: len(v) for k, v in ids.items()}, "shared": len(in_two)},
         root=str(final), built=False, per_record_users=per_record,

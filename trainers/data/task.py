@@ -7,6 +7,7 @@ What is built (``build_task``), under ``<cache_dir>/data/<config_hash(cfg)>/``:
     rm.jsonl                                 {"user_id", "prompt", "chosen", "rejected"} D2
     ppo.jsonl                                {"user_id", "prompt"}                      D3
     eval.jsonl                               {"prompt"}                                 public, held out
+    domain_valid.jsonl                       {"text"}  (other domains only)             public, private domain
     canaries.jsonl                           {"user_id", "prompt", "secret"}            audit only
     manifest.json                            sizes, users per split, stats, config, hash, canaries
 
@@ -20,6 +21,8 @@ and nowhere in training.
 Domain. ``private_domain='clinical'`` makes the private users (and the evaluation prompts) write pseudo-clinical
 progress notes (trainers/data/clinical.py) instead of reviews; the public corpus stays reviews, so the base model
 has never seen the private domain and fine-tuning has headroom. The gold oracle and the pairs work the same way.
+It also writes ``domain_valid.jsonl``: notes by one-off public authors (their own seed), what the stages validate
+their training objectives on (``TaskData.validation_text``) since ``public_valid`` is review text.
 
 Users. ``shared_users`` users contribute records to all three stages on purpose (the accountant must then compose
 sequentially); the rest are split by ``sft_user_fraction`` / ``rm_user_fraction``. Canary users (D1, not shared)
@@ -64,6 +67,8 @@ CANARY_PREFIX = "my code is"
 """Prompt of a planted canary record; the response is the secret digits (Carlini et al. 2019)."""
 MANIFEST = "manifest.json"
 FILES = ("public_train", "public_valid", "sft", "rm", "ppo", "eval")
+DOMAIN_VALID = "domain_valid"
+"""File of PUBLIC text in the private domain, written only when that domain differs from the public corpus."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,9 @@ class TaskData:
         built: True if this call built the data; False if it was reused or read from your files.
         per_record_users: private stages whose file had no user_id column (each row is its own user).
         stats: summary statistics from the manifest (distinct public words, mean gold reward, ...).
+        domain_valid: PUBLIC text of the private users' domain (column text; one-off public authors, never a private
+            record), or '' when the private users write like the public corpus (then ``public_valid`` is that
+            text). See :attr:`validation_text`.
     """
 
     public_train: str
@@ -106,6 +114,15 @@ class TaskData:
     built: bool = False
     per_record_users: tuple[str, ...] = ()
     stats: dict[str, Any] = field(default_factory=dict)
+    domain_valid: str = ""
+
+    @property
+    def validation_text(self) -> str:
+        """The public file that training-time objectives validate on: the SFT validation loss (the learned
+        controller's reward), the reward model's public gold pairs and the PPO language-model loss. It must be in
+        the domain the stages fine-tune on; the public corpus validates the base model only, and a controller
+        rewarded on it would learn to keep the model a good writer of the wrong text."""
+        return self.domain_valid or self.public_valid
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -229,6 +246,14 @@ def generate_task(cfg: DataConfig, *, progress: bool = False) -> dict[str, Any]:
         prompt, _ = split_prompt(review.text, rng, first_sentence=review.sentences[0], **words)
         evals.append({"prompt": prompt})
 
+    # Public text of the private domain (validation of the stages' training objectives): one-off public authors,
+    # their own seed, as many texts as public_valid. Only when the domain differs from the public corpus.
+    domain_valid: list[str] = []
+    if domain is not gen:
+        rng = random.Random(f"domain-valid:{cfg.seed}")
+        domain_valid = [domain.review(rng, style=domain.style(rng, public=True), sentiment=rng.uniform(-1.0, 1.0)).text
+                        for _ in range(n_valid)]
+
     # Private users: a style each; record sentiment = N(0, 0.55) + the author's bias (mixed, room to improve).
     split = _user_split(cfg, random.Random(f"split:{cfg.seed}"))
     stages_of: dict[str, list[str]] = {}
@@ -291,6 +316,7 @@ def generate_task(cfg: DataConfig, *, progress: bool = False) -> dict[str, Any]:
         "rm": rm,
         "ppo": ppo,
         "eval": evals,
+        DOMAIN_VALID: [{"text": t} for t in domain_valid],
         "canaries": canaries,
         "split": split,
         "stats": stats,
@@ -302,14 +328,18 @@ def task_dir(cfg: DataConfig, *, cache_dir: str | os.PathLike) -> Path:
     from trainers.data.config import NOT_GENERATOR_FIELDS
 
     embedded = {k: v for k, v in to_dict(cfg).items() if k not in NOT_GENERATOR_FIELDS}  # what the generator reads
+    embedded.pop("domain_valid_path", None)  # source=files only (check() refuses it here): keys made before it stay
     if embedded.get("private_domain") == "reviews":
         del embedded["private_domain"]  # the default keeps the key it had before the field existed (caches stay)
+    else:
+        embedded["files"] = 2  # other domains write domain_valid.jsonl: never reuse a build made before it existed
     return Path(cache_dir) / "data" / config_hash(embedded)
 
 
 def _from_manifest(root: Path, manifest: dict[str, Any], *, built: bool) -> TaskData:
     return TaskData(
         **{name: str(root / f"{name}.jsonl") for name in FILES},
+        domain_valid=str(root / f"{DOMAIN_VALID}.jsonl") if DOMAIN_VALID in manifest["counts"] else "",
         counts=dict(manifest["counts"]),
         users=dict(manifest["users"]),
         canaries=tuple(Canary(**c) for c in manifest["canaries"]),
@@ -340,6 +370,8 @@ def build_task(cfg: DataConfig, *, cache_dir: str | os.PathLike, progress: bool 
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         counts = {name: write_jsonl(tmp / f"{name}.jsonl", data[name]) for name in FILES}
+        if data[DOMAIN_VALID]:
+            counts[DOMAIN_VALID] = write_jsonl(tmp / f"{DOMAIN_VALID}.jsonl", data[DOMAIN_VALID])
         write_jsonl(tmp / "canaries.jsonl", (asdict(c) for c in data["canaries"]))
         split = data["split"]
         manifest = {
@@ -381,12 +413,15 @@ def load_task_files(cfg: DataConfig) -> TaskData:
     if cfg.public_path:
         counts["public_train"] = len(load_public(cfg.public_path))
         counts["public_valid"] = len(load_public(cfg.public_valid_path))
+    if cfg.domain_valid_path:
+        counts["domain_valid"] = len(load_public(cfg.domain_valid_path))
     ids = {"sft": user_ids(sft), "rm": user_ids(rm), "ppo": user_ids(ppo)}
     in_two = (ids["sft"] & ids["rm"]) | (ids["sft"] & ids["ppo"]) | (ids["rm"] & ids["ppo"])
     per_record = tuple(name for name, d in (("sft", sft), ("rm", rm), ("ppo", ppo)) if d.per_record_users)
     return TaskData(
         public_train=cfg.public_path,
         public_valid=cfg.public_valid_path,
+        domain_valid=cfg.domain_valid_path,
         sft=cfg.sft_path,
         rm=cfg.rm_path,
         ppo=cfg.ppo_path,
