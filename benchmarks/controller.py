@@ -1,7 +1,8 @@
-"""Learned controller vs fixed schedules: DP-SFT on the embedded task at equal (epsilon, delta).
+"""Learned controller vs fixed schedules: DP-SFT (or the DP reward model) on the embedded task at equal (epsilon, delta).
 
 For each epsilon and seed, the same DP-SFT (LoRA on the embedded base model, Poisson-sampled users of D1, the real
-DP engine and a write-ahead ledger with the RDP filter at one fixed order) runs with five clip/noise policies:
+DP engine and a write-ahead ledger with the RDP filter at one fixed order) runs with each clip/noise policy;
+``--stage rm`` runs the DP reward model instead (LoRA + score head on the base model, users of D2, Bradley-Terry):
   fixed      DP-SGD, one threshold per module C/sqrt(K), sigma calibrated to spend epsilon in the planned steps
   per_layer  fixed thresholds split by public module size (trainers.engine.policy.group_thresholds)
   adaptive   Andrew et al. quantile tracking from noisy clip counts (their cost folded into the same sigma_eff)
@@ -13,11 +14,14 @@ DP engine and a write-ahead ledger with the RDP filter at one fixed order) runs 
              epsilon): the non-private headroom (base -> non-private perplexity) and the end of each method's gap
 Domain: ``data.private_domain=clinical`` fine-tunes on pseudo-clinical notes the base model never saw (headroom);
 the default review domain is the public corpus's own distribution (almost none).
-Measured: held-out perplexity of the response tokens of TEST users' demonstrations (a quarter of D1's users,
-never trained on; the controller's reward uses public validation text only: the public corpus, or under the
-clinical domain notes by one-off public authors) every ``--eval-every`` steps;
-final perplexity; the first step at which each method's seed-mean curve reaches the best baseline's final
-perplexity; the controller's overhead (time in plan/observe, its validation evaluations
+Measured (lower is better; the JSON's ``metric``): held-out perplexity of the response tokens of TEST users'
+demonstrations (a quarter of D1's users, never trained on), or for ``--stage rm`` the held-out Bradley-Terry loss
+of the TEST users' labelled pairs (a quarter of D2's users; their pairwise accuracy beside it), every
+``--eval-every`` steps. The controller's reward uses public validation text only (the task's validation_text:
+the public corpus, or under the clinical domain notes by one-off public authors): the LM loss on it for SFT, the
+Bradley-Terry loss on gold-labelled pairs of it for the reward model, as in ``dpalign run``;
+final value; the first step at which each method's seed-mean curve reaches the best baseline's final
+value; the controller's overhead (time in plan/observe, its validation evaluations
 included) as a share of step time, and each method's step time over fixed DP-SGD's in the same run
 (``step_time_vs_fixed``). Every run's ledger epsilon is reported and must be <= the target.
 
@@ -71,14 +75,15 @@ class TimedPolicy:
 
 
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
-    """The embedded task, base model, tokenized D1 records and public validation windows (split in two)."""
+    """The embedded task, base model, the stage's tokenized records (split by user into train and held-out test)
+    and what each method needs: ``build`` (model, per-record loss, learning rate), ``heldout`` (the measured
+    metric, lower is better), ``validation`` (the controller's PUBLIC reward objective) and ``extra`` (final
+    numbers beside the metric)."""
     from launch.config import load_config
     from launch.schema import RunConfig
-    from trainers.data.io import load_public, load_sft
+    from trainers.data.io import load_public
     from trainers.data.task import build_task
-    from trainers.models.base import ensure_base_model, eval_windows, load_base_model, pack
-    from trainers.rlhf.sft import tokenize_sft_pairs
-    from trainers.stages.context import UserIndex
+    from trainers.models.base import ensure_base_model, load_base_model
 
     cfg = load_config(RunConfig, args.config, args.overrides)
     task = build_task(cfg.data, cache_dir=cfg.run.cache_dir, progress=False)
@@ -91,13 +96,37 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         progress=False,
     )
     _, tokenizer = load_base_model(info.path)
-    rows = load_sft(task.sft).rows
-    # Users are split once: the last quarter (by sorted id) is a TEST set never trained on, used only for the
-    # benchmark's held-out perplexity (the SFT distribution); the controller never sees it.
-    ids = sorted(set(rows["user_id"]))
+    # PUBLIC text of the domain being fine-tuned (the task's validation_text, what the pipeline rewards the
+    # controller on): review validation text would reward keeping the model a good review writer.
+    public = list(load_public(task.validation_text).rows["text"])
+    common = {"cfg": cfg, "base": info.path, "tokenizer": tokenizer}
+    if args.stage == "rm":
+        return {**common, **_prepare_rm(cfg, task, tokenizer, public)}
+    return {**common, **_prepare_sft(cfg, task, tokenizer, public)}
+
+
+def _split_users(user_ids: list[str]) -> tuple[list[int], list[int]]:
+    """(train rows, test rows): the last quarter of the users (by sorted id) is a TEST set never trained on, used
+    only for the benchmark's held-out metric (the stage's own distribution); the controller never sees it."""
+    ids = sorted(set(user_ids))
     test_users = set(ids[len(ids) - max(1, len(ids) // 4) :])
-    train_rows = [i for i, u in enumerate(rows["user_id"]) if u not in test_users]
-    test_rows = [i for i, u in enumerate(rows["user_id"]) if u in test_users]
+    return ([i for i, u in enumerate(user_ids) if u not in test_users],
+            [i for i, u in enumerate(user_ids) if u in test_users])
+
+
+def _prepare_sft(cfg: Any, task: Any, tokenizer: Any, public: list[str]) -> dict[str, Any]:
+    """DP-SFT on D1: LoRA on the base model, held-out perplexity of the test users' responses; the controller's
+    reward is the LM loss on the first half of the public windows (as in every committed result)."""
+    from trainers.data.io import load_sft
+    from trainers.models.base import eval_windows, load_base_model, pack
+    from trainers.models.lora import add_lora
+    from trainers.rlhf.sft import tokenize_sft_pairs
+    from trainers.stages.context import UserIndex, public_lm_loss
+    from trainers.stages.sft import sft_loss_fn
+
+    rows = load_sft(task.sft).rows
+    user_ids = list(rows["user_id"])
+    train_rows, test_rows = _split_users(user_ids)
 
     def tok(idx: list[int]) -> dict[str, Any]:
         prompts, responses = list(rows["prompt"]), list(rows["response"])
@@ -106,28 +135,96 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
         )
         return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "loss_mask": b.loss_mask}
 
-    user_ids = list(rows["user_id"])
-    users = UserIndex.from_ids([user_ids[i] for i in train_rows])
-    records = tok(train_rows)
     test_records = tok(test_rows)
-    # PUBLIC text of the domain being fine-tuned (the task's validation_text, what the pipeline rewards the
-    # controller on): review validation text would reward keeping the model a good review writer.
-    public = list(load_public(task.validation_text).rows["text"])
     windows = eval_windows(
         pack(tokenizer, public),
         seq_len=min(64, cfg.model.pretrain_seq_len),
         max_tokens=cfg.model.eval_max_tokens,
     )
-    half = windows.shape[0] // 2
+    reward_windows = windows[: windows.shape[0] // 2]
+
+    def build(base: str) -> tuple[torch.nn.Module, Any, float]:
+        model, _ = load_base_model(base)
+        model = add_lora(
+            model, r=cfg.sft.lora.r, alpha=cfg.sft.lora.alpha, target_modules=tuple(cfg.sft.lora.target_modules)
+        )
+        return model, sft_loss_fn(model), cfg.sft.lr
+
     return {
-        "cfg": cfg,
-        "base": info.path,
-        "users": users,
-        "records": records,
+        "stage": "sft",
+        "metric": "heldout_ppl",
+        "users": UserIndex.from_ids([user_ids[i] for i in train_rows]),
+        "records": tok(train_rows),
         "test_records": test_records,
-        "reward_windows": windows[:half],
-        "eval_windows": windows[half:],
+        "build": build,
+        "heldout": lambda model: heldout_ppl(model, test_records),
+        "validation": lambda model: public_lm_loss(model, reward_windows),
+        "extra": lambda model: {},
     }
+
+
+def _prepare_rm(cfg: Any, task: Any, tokenizer: Any, public: list[str]) -> dict[str, Any]:
+    """The DP reward model on D2: a LoRA + score head on the BASE model (the pipeline starts from the DP-SFT
+    model; the benchmark isolates this stage), Bradley-Terry per pair. Held-out metric: the mean Bradley-Terry loss
+    of the test users' labelled pairs (lower is better), with their pairwise accuracy beside it; the controller's
+    reward is the Bradley-Terry loss on PUBLIC gold-labelled pairs of the domain (as in the pipeline)."""
+    from trainers.data.io import load_preferences
+    from trainers.models.base import load_base_model
+    from trainers.models.lora import add_lora
+    from trainers.rlhf.heads import ScoreModel
+    from trainers.stages.context import UserIndex
+    from trainers.stages.rm import bt_loss_fn, gold_pairs, public_bt_loss, rm_texts, tokenize_texts
+
+    rows = load_preferences(task.rm).rows
+    user_ids = list(rows["user_id"])
+    train_rows, test_rows = _split_users(user_ids)
+    prompts, chosen, rejected = list(rows["prompt"]), list(rows["chosen"]), list(rows["rejected"])
+    max_len = cfg.rm.max_len
+
+    def tok(idx: list[int]) -> dict[str, Any]:
+        p = [prompts[i] for i in idx]
+        c_ids, c_mask = tokenize_texts(tokenizer, rm_texts(tokenizer, p, [chosen[i] for i in idx]), max_len=max_len)
+        r_ids, r_mask = tokenize_texts(tokenizer, rm_texts(tokenizer, p, [rejected[i] for i in idx]), max_len=max_len)
+        return {"c_ids": c_ids, "c_mask": c_mask, "r_ids": r_ids, "r_mask": r_mask}
+
+    test_records = tok(test_rows)
+    pairs = gold_pairs(public, count=cfg.rm.gold_pairs, seed=0)
+
+    def build(base: str) -> tuple[torch.nn.Module, Any, float]:
+        backbone, _ = load_base_model(base)
+        backbone = add_lora(
+            backbone, r=cfg.rm.lora.r, alpha=cfg.rm.lora.alpha, target_modules=tuple(cfg.rm.lora.target_modules)
+        )
+        model = ScoreModel(backbone)
+        return model, bt_loss_fn(model), cfg.rm.lr
+
+    return {
+        "stage": "rm",
+        "metric": "heldout_bt_loss",
+        "users": UserIndex.from_ids([user_ids[i] for i in train_rows]),
+        "records": tok(train_rows),
+        "test_records": test_records,
+        "build": build,
+        "heldout": lambda model: heldout_bt(model, test_records)[0],
+        "validation": lambda model: public_bt_loss(model, tokenizer, pairs, max_len=max_len),
+        "extra": lambda model: {"heldout_accuracy": heldout_bt(model, test_records)[1]},
+    }
+
+
+@torch.no_grad()
+def heldout_bt(model: torch.nn.Module, recs: dict[str, Any], batch: int = 64) -> tuple[float, float]:
+    """(mean Bradley-Terry loss, accuracy) of a reward model on held-out TEST users' labelled pairs."""
+    from trainers.stages.rm import bt_loss_fn
+
+    was = model.training
+    model.eval()
+    loss_fn = bt_loss_fn(model)
+    losses = []
+    for i in range(0, recs["c_ids"].shape[0], batch):
+        losses.append(loss_fn({k: v[i : i + batch] for k, v in recs.items()}))
+    model.train(was)
+    per = torch.cat(losses)  # [R] softplus(s_r - s_c): below log 2 exactly when chosen scores higher
+    return float(per.mean()), float((per < math.log(2.0)).float().mean())
 
 
 @torch.no_grad()
@@ -213,25 +310,17 @@ def run_one(
     from controller.policy import LearnedController
     from trainers.engine.engine import DPEngine, clipping_groups, trainable_named_parameters
     from trainers.engine.policy import AdaptiveClippingPolicy, FixedPolicy, GroupSpec, PerLayerFixedPolicy
-    from trainers.models.base import load_base_model
-    from trainers.models.lora import add_lora
-    from trainers.stages.context import public_lm_loss
-    from trainers.stages.sft import sft_loss_fn
 
-    cfg, users = prep["cfg"], prep["users"]
+    cfg, users, stage = prep["cfg"], prep["users"], prep["stage"]
     n = users.num_users
     q = min(1.0, args.batch_users / n)
     delta = 1.0 / n
     steps = args.steps
     torch.manual_seed(seed)
-    model, _ = load_base_model(prep["base"])
-    model = add_lora(
-        model, r=cfg.sft.lora.r, alpha=cfg.sft.lora.alpha, target_modules=tuple(cfg.sft.lora.target_modules)
-    )
+    model, loss_fn, lr = prep["build"](prep["base"])
     model.train()
     params = trainable_named_parameters(model)
-    opt = torch.optim.Adam([p for _, p in params], lr=cfg.sft.lr)
-    loss_fn = sft_loss_fn(model)
+    opt = torch.optim.Adam([p for _, p in params], lr=lr)
     if method == "nonprivate":  # no clipping, no noise, no ledger: the same loop on the mean loss
         def plain_step(batch: Any) -> None:
             if len(batch.user_ids):
@@ -240,7 +329,7 @@ def run_one(
                 opt.zero_grad(set_to_none=True)
 
         curve, step_seconds = _train_and_evaluate(prep, model, plain_step, q=q, seed=seed, args=args)
-        return _result("nonprivate", epsilon, seed, 0.0, curve, step_seconds, steps, 0.0, 0.0)
+        return _result("nonprivate", epsilon, seed, 0.0, curve, step_seconds, steps, 0.0, 0.0, prep["extra"](model))
     grouping = "per_tensor" if GRANULARITY.get(method) == "lora_param" else "module"
     groups = [
         GroupSpec(
@@ -283,9 +372,9 @@ def run_one(
             delta=delta,
             sampling_rate=q,
             steps=steps,
-            validation_loss=lambda: public_lm_loss(model, prep["reward_windows"]),
+            validation_loss=lambda: prep["validation"](model),
             rdp_order=order,
-            stage="sft",
+            stage=stage,
             reference_clips=[c / math.sqrt(k)] * k,
             group_names=[g.name for g in groups],
         )
@@ -301,10 +390,10 @@ def run_one(
         composition="parallel",
         rdp_order=order,
     )
-    ledger.begin_stage("sft", user_fingerprint=users.fingerprint, num_users=n)
+    ledger.begin_stage(stage, user_fingerprint=users.fingerprint, num_users=n)
     engine = DPEngine(
         model,
-        stage="sft",
+        stage=stage,
         sampling_rate=q,
         num_users=n,
         seed=seed,
@@ -323,10 +412,10 @@ def run_one(
 
     curve, step_seconds = _train_and_evaluate(prep, model, dp_step, q=q, seed=seed, args=args)
     engine.close()
-    ledger.end_stage("sft")
-    eps = ledger.epsilon("sft")
+    ledger.end_stage(stage)
+    eps = ledger.epsilon(stage)
     ledger.close()
-    return _result(method, epsilon, seed, eps, curve, step_seconds, steps, timed.seconds, sigma)
+    return _result(method, epsilon, seed, eps, curve, step_seconds, steps, timed.seconds, sigma, prep["extra"](model))
 
 
 def _train_and_evaluate(
@@ -339,7 +428,7 @@ def _train_and_evaluate(
 
     users, records = prep["users"], prep["records"]
     sampler = PoissonUserSampler(users.num_users, sampling_rate=q, seed=seed)
-    curve = [(0, heldout_ppl(model, prep["test_records"]))]
+    curve = [(0, prep["heldout"](model))]
     seconds = 0.0
     for t in range(args.steps):
         idx = users.records_of(sampler.sample(t))
@@ -348,18 +437,19 @@ def _train_and_evaluate(
         step(batch)
         seconds += time.perf_counter() - start
         if (t + 1) % args.eval_every == 0 or t + 1 == args.steps:
-            curve.append((t + 1, heldout_ppl(model, prep["test_records"])))
+            curve.append((t + 1, prep["heldout"](model)))
     return curve, seconds
 
 
 def _result(method: str, epsilon: float, seed: int, spent: float, curve: list, step_seconds: float, steps: int,
-            policy_seconds: float, sigma: float) -> dict[str, Any]:
+            policy_seconds: float, sigma: float, extra: dict[str, float]) -> dict[str, Any]:
     return {
         "method": method,
         "epsilon_target": epsilon,
         "seed": seed,
         "epsilon_spent": spent,
-        "final_ppl": curve[-1][1],
+        "final": curve[-1][1],
+        **extra,
         "curve": curve,
         "step_seconds": step_seconds,
         "steps": steps,
@@ -377,12 +467,13 @@ def summarize(runs: list[dict[str, Any]], epsilons: list[float]) -> dict[str, An
         for m, rs in rows.items():
             steps_axis = [s for s, _ in rs[0]["curve"]]
             mean_curve = [statistics.fmean(r["curve"][i][1] for r in rs) for i in range(len(steps_axis))]
-            finals = [r["final_ppl"] for r in rs]
+            finals = [r["final"] for r in rs]
             means[m] = {
-                "final_ppl": statistics.fmean(finals),
-                "final_ppl_sd": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                "final": statistics.fmean(finals),
+                "final_sd": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                 "curve_steps": steps_axis,
-                "curve_ppl": mean_curve,
+                "curve_values": mean_curve,
+                **{k: statistics.fmean(r[k] for r in rs) for k in rs[0] if k.startswith("heldout_")},
                 "overhead_share": statistics.fmean(
                     r["policy_seconds"] / max(r["step_seconds"], 1e-9) for r in rs
                 ),
@@ -390,29 +481,29 @@ def summarize(runs: list[dict[str, Any]], epsilons: list[float]) -> dict[str, An
                 "step_seconds": statistics.fmean(r["step_seconds"] / max(r["steps"], 1)
                                                  for r in rs),
             }
-        base_ppl = statistics.fmean(r["curve"][0][1] for rs in rows.values() for r in rs)
+        base = statistics.fmean(r["curve"][0][1] for rs in rows.values() for r in rs)
         baselines = [m for m in BASELINES if m in means]
-        best = min(baselines, key=lambda m: means[m]["final_ppl"]) if baselines else None
+        best = min(baselines, key=lambda m: means[m]["final"]) if baselines else None
         for s in means.values():
             if best is not None:
-                target = means[best]["final_ppl"]
-                reached = [st for st, p in zip(s["curve_steps"], s["curve_ppl"], strict=True) if p <= target]
+                target = means[best]["final"]
+                reached = [st for st, p in zip(s["curve_steps"], s["curve_values"], strict=True) if p <= target]
                 s["steps_to_best_baseline"] = reached[0] if reached else None
                 s["step_share_to_best_baseline"] = (reached[0] / s["curve_steps"][-1]) if reached else None
             if "fixed" in means:
-                fixed_final = means["fixed"]["final_ppl"]
-                reached = [st for st, p in zip(s["curve_steps"], s["curve_ppl"], strict=True) if p <= fixed_final]
+                fixed_final = means["fixed"]["final"]
+                reached = [st for st, p in zip(s["curve_steps"], s["curve_values"], strict=True) if p <= fixed_final]
                 s["steps_to_fixed"] = reached[0] if reached else None
                 s["step_share_to_fixed"] = (reached[0] / s["curve_steps"][-1]) if reached else None
-                s["ppl_vs_fixed"] = s["final_ppl"] / means["fixed"]["final_ppl"]
+                s["vs_fixed"] = s["final"] / means["fixed"]["final"]
                 s["step_time_vs_fixed"] = s["step_seconds"] / max(means["fixed"]["step_seconds"], 1e-12)
             if "fixed" in means and "nonprivate" in means:
-                gap = means["fixed"]["final_ppl"] - means["nonprivate"]["final_ppl"]
-                s["gap_closed"] = (means["fixed"]["final_ppl"] - s["final_ppl"]) / gap if gap > 0 else None
+                gap = means["fixed"]["final"] - means["nonprivate"]["final"]
+                s["gap_closed"] = (means["fixed"]["final"] - s["final"]) / gap if gap > 0 else None
         headroom = None
         if "nonprivate" in means:
-            headroom = 1.0 - means["nonprivate"]["final_ppl"] / base_ppl
-        table[str(eps)] = {"best_baseline": best, "base_ppl": base_ppl, "nonprivate_headroom": headroom,
+            headroom = 1.0 - means["nonprivate"]["final"] / base
+        table[str(eps)] = {"best_baseline": best, "base": base, "nonprivate_headroom": headroom,
                            "methods": means}
     return table
 
@@ -429,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", default=str(ROOT / "launch/configs/tiny.yaml"))
     parser.add_argument("overrides", nargs="*", default=["data.num_users=300"])
+    parser.add_argument("--stage", choices=("sft", "rm"), default="sft",
+                        help="sft: DP-SFT on D1, held-out perplexity; rm: the DP reward model on D2, held-out "
+                             "Bradley-Terry loss and pairwise accuracy")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=60)
@@ -477,12 +571,14 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(r)
                     if not args.json:
                         print(
-                            f"eps={eps} seed={seed} {m:17s} final ppl {r['final_ppl']:.3f} "
+                            f"eps={eps} seed={seed} {m:17s} final {r['final']:.4f} "
                             f"eps spent {r['epsilon_spent']:.3f} overhead {r['policy_seconds'] / r['step_seconds']:.3f}",
                             flush=True,
                         )
     out = {
         "settings": {k: (_relative(v) if k == "config" else v) for k, v in vars(args).items() if k != "json"},
+        "stage": prep["stage"],
+        "metric": prep["metric"],
         "num_users": prep["users"].num_users,
         "pretrain_seconds": pretrain_s,
         "total_seconds": time.time() - t0,
@@ -494,11 +590,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for eps, t in out["table"].items():
             headroom = t["nonprivate_headroom"]
-            print(f"\n== epsilon {eps}: best baseline {t['best_baseline']}, base ppl {t['base_ppl']:.3f}"
+            print(f"\n== epsilon {eps}: best baseline {t['best_baseline']}, base {t['base']:.4f}"
                   + (f", non-private headroom {headroom:.1%}" if headroom is not None else ""))
             for m, s in t["methods"].items():
                 print(
-                    f"  {m:17s} ppl {s['final_ppl']:.3f}±{s['final_ppl_sd']:.3f}  vs fixed {s.get('ppl_vs_fixed', float('nan')):.3f}"
+                    f"  {m:17s} final {s['final']:.4f}±{s['final_sd']:.4f}  vs fixed {s.get('vs_fixed', float('nan')):.3f}"
                     f"  steps to best baseline {s.get('steps_to_best_baseline')}  overhead {s['overhead_share']:.3f}"
                     f"  step time vs fixed {s.get('step_time_vs_fixed', float('nan')):.3f}"
                     f"  gap closed {s.get('gap_closed')}  steps to fixed {s.get('steps_to_fixed')}"

@@ -114,6 +114,13 @@ class RunConfig:
 
     def check(self) -> None:
         check_pipeline(self.privacy, self.engine)
+        if not self.model.name_or_path:  # a model built here: its context is known now (a hub model's at load)
+            for name, stage in (("sft", self.sft), ("rm", self.rm)):
+                require(
+                    stage.max_len <= self.model.n_positions, f"{name}.max_len",
+                    f"{stage.max_len} tokens per record exceed the base model's context (model.n_positions="
+                    f"{self.model.n_positions}); lower {name}.max_len or raise model.n_positions",
+                )
         require(
             not self.controller.enabled or self.privacy.accountant == "rdp" or not self.privacy.private_stages,
             "controller.enabled",

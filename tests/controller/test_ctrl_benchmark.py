@@ -41,7 +41,7 @@ def test_controller_benchmark_smoke(tmp_path, capsys):
     methods = out["table"]["2.0"]["methods"]
     assert set(methods) == {"fixed", "online"}
     assert all(r["epsilon_spent"] <= 2.0 for r in out["runs"])
-    assert methods["online"]["overhead_share"] > 0 and len(methods["fixed"]["curve_ppl"]) == 3
+    assert methods["online"]["overhead_share"] > 0 and len(methods["fixed"]["curve_values"]) == 3
 
 
 def test_clinical_benchmark_reports_headroom_and_the_gap_each_method_closes(tmp_path, capsys, tiny_cache):
@@ -54,14 +54,48 @@ def test_clinical_benchmark_reports_headroom_and_the_gap_each_method_closes(tmp_
             "fixed", "--json", "data.num_users=120", "data.private_domain=clinical", f"run.cache_dir={tiny_cache}"]
     assert bench.main(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["stage"] == "sft" and out["metric"] == "heldout_ppl"
     assert out["settings"]["config"] == "launch/configs/tiny.yaml"  # no machine path in the committed JSON
     nonprivate = [r for r in out["runs"] if r["method"] == "nonprivate"]
     assert [r["epsilon_target"] for r in nonprivate] == [1.0, 4.0] and nonprivate[0]["curve"] == nonprivate[1]["curve"]
     for eps in ("1.0", "4.0"):
         t = out["table"][eps]
         m = t["methods"]
-        assert t["base_ppl"] == pytest.approx(nonprivate[0]["curve"][0][1])
-        assert t["nonprivate_headroom"] == pytest.approx(1 - m["nonprivate"]["final_ppl"] / t["base_ppl"])
+        assert t["base"] == pytest.approx(nonprivate[0]["curve"][0][1])
+        assert t["nonprivate_headroom"] == pytest.approx(1 - m["nonprivate"]["final"] / t["base"])
         assert t["nonprivate_headroom"] > 0  # six non-private steps on notes the base model never saw already help
         assert m["fixed"]["gap_closed"] == 0.0 and m["nonprivate"]["gap_closed"] == pytest.approx(1.0)
         assert m["fixed"]["steps_to_fixed"] == 6 and float(eps) * 0.999 < m["fixed"]["max_epsilon_spent"] <= float(eps)
+
+
+def test_reward_model_stage_measures_heldout_pairs_and_rewards_the_controller_on_public_pairs(tmp_path, capsys,
+                                                                                            tiny_cache):
+    """--stage rm: the DP reward model on D2's training users, measured on the held-out users' labelled pairs
+    (Bradley-Terry loss, lower is better, and accuracy); every private method spends exactly its epsilon, and a
+    learned controller runs on the stage's own clipping groups (LoRA + score head) with a public reward."""
+    spec = importlib.util.spec_from_file_location("bench_controller", ROOT / "benchmarks" / "controller.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--stage", "rm", "--seeds", "1", "--steps", "4", "--interval", "2", "--eval-every", "2", "--epsilons",
+            "2", "--methods", "nonprivate", "fixed", "online", "--json", "data.num_users=120",
+            "data.private_domain=clinical", "rm.gold_pairs=8", f"run.cache_dir={tiny_cache}"]
+    assert bench.main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["stage"] == "rm" and out["metric"] == "heldout_bt_loss"
+    t = out["table"]["2.0"]
+    assert 0.3 < t["base"] < 1.5  # a fresh score head: about log 2 on held-out pairs
+    for r in out["runs"]:
+        assert 0.0 <= r["heldout_accuracy"] <= 1.0 and len(r["curve"]) == 3
+        if r["method"] != "nonprivate":
+            assert 2.0 * 0.999 < r["epsilon_spent"] <= 2.0
+    assert t["methods"]["online"]["overhead_share"] > 0
+    # the held-out metric is the one the module computes on the TEST users (a quarter of D2's users)
+    prep = bench.prepare(bench.argparse.Namespace(
+        stage="rm", config=str(ROOT / "launch/configs/tiny.yaml"),
+        overrides=["data.num_users=120", "data.private_domain=clinical", "rm.gold_pairs=8",
+                   f"run.cache_dir={tiny_cache}"]))
+    bench.torch.manual_seed(0)  # as run_one seeds seed 0: the same fresh LoRA and score head
+    model, _, _ = prep["build"](prep["base"])
+    loss, acc = bench.heldout_bt(model, prep["test_records"])
+    assert t["base"] == pytest.approx(loss, rel=1e-6) and 0.0 <= acc <= 1.0
+    assert prep["users"].num_users == out["num_users"] and prep["test_records"]["c_ids"].shape[0] > 0

@@ -80,6 +80,17 @@ def test_bad_values_name_the_field(overrides, field_name):
         load_config(_Root, overrides=overrides)
 
 
+def test_records_longer_than_a_built_models_context_are_refused_at_load():
+    """A record longer than model.n_positions would crash the first forward after the run had started."""
+    from launch.schema import RunConfig
+
+    for stage in ("sft", "rm"):
+        with pytest.raises(ConfigError, match=rf"{stage}\.max_len.*model\.n_positions=128"):
+            load_config(RunConfig, overrides=["model.n_positions=128", f"{stage}.max_len=129"])
+    load_config(RunConfig, overrides=["model.n_positions=128", "rm.max_len=128"])
+    load_config(RunConfig, overrides=["model.name_or_path=gpt2", "rm.max_len=4096"])  # a hub model: known at load
+
+
 def test_presets_say_which_stages_are_private():
     assert {k: v.private for k, v in presets("private").items()} == {"sft": True, "rm": True, "ppo": True}
     assert not any(v.private for v in presets("nonprivate").values())
