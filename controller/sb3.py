@@ -160,11 +160,20 @@ class OnlineSAC:
         )
 
     def act(self, obs: np.ndarray, *, deterministic: bool = False) -> np.ndarray:
-        """Default action during warm-up, then SAC's (stochastic while learning)."""
+        """Default action during warm-up, then SAC's: its mean moved ``controller.exploration`` of the way toward
+        its stochastic sample (1: SAC as is), or the mean when ``deterministic``."""
         if self.decisions < self.config.learning_starts:
             action = self.spec.default_action()
         else:
-            action, _ = self.model.predict(self.obs_norm(obs), deterministic=deterministic)
+            x = self.obs_norm(obs)
+            scale = 0.0 if deterministic else float(self.config.exploration)
+            if scale >= 1.0:
+                action, _ = self.model.predict(x, deterministic=False)
+            else:
+                action, _ = self.model.predict(x, deterministic=True)
+                if scale > 0.0:
+                    sample, _ = self.model.predict(x, deterministic=False)
+                    action = np.clip(action + scale * (sample - action), -1.0, 1.0)
         self.decisions += 1
         return np.asarray(action, dtype=np.float32)
 

@@ -202,3 +202,29 @@ def test_controller_with_noisy_clip_counts_stays_within_budget(tmp_path):
     assert ctrl._obs[-1] == 1.0
     assert math.isclose(ledger.events("sft")[0].noise_multiplier, ctrl.guard.events[0].noise_multiplier)
     assert verify_run(tmp_path).ok
+
+
+def test_exploration_moves_actions_between_the_policy_mean_and_sacs_sample():
+    """controller.exploration: 0 acts on the policy's mean (no exploration), 1 is SAC's own sample, between is
+    the same fraction of the way; the warm-up action is the default either way."""
+    from controller.sb3 import OnlineSAC
+
+    def online(exploration: float) -> OnlineSAC:
+        cfg = ControllerConfig(learning_starts=1, hidden=[8, 8], exploration=exploration, seed=3)
+        return OnlineSAC.create(spec=cfg.spec(()), config=cfg)
+
+    obs = np.linspace(-1.0, 1.0, online(1.0).spec.obs_dim).astype(np.float32)
+    acts = {}
+    for x in (0.0, 0.5, 1.0):
+        sac = online(x)
+        assert np.array_equal(sac.act(obs), sac.spec.default_action())  # warm-up: fixed DP-SGD
+        mean = sac.act(obs, deterministic=True)
+        sac.model.set_random_seed(11)
+        acts[x] = (mean, sac.act(obs))
+    mean = acts[0.0][0]
+    assert np.array_equal(acts[0.0][1], mean)
+    sample = acts[1.0][1]
+    assert not np.allclose(sample, mean)  # SAC explores
+    assert np.allclose(acts[0.5][1], mean + 0.5 * (sample - mean), atol=1e-6)
+    with pytest.raises(Exception, match="controller.exploration"):
+        ControllerConfig(exploration=1.5).check()
