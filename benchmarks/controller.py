@@ -116,9 +116,9 @@ def _split_users(user_ids: list[str]) -> tuple[list[int], list[int]]:
 
 def _prepare_sft(cfg: Any, task: Any, tokenizer: Any, public: list[str]) -> dict[str, Any]:
     """DP-SFT on D1: LoRA on the base model, held-out perplexity of the test users' responses; the controller's
-    reward is the LM loss on the first half of the public windows (as in every committed result)."""
+    reward is the LM loss on the run's public validation windows."""
     from trainers.data.io import load_sft
-    from trainers.models.base import eval_windows, load_base_model, pack
+    from trainers.models.base import load_base_model, validation_windows
     from trainers.models.lora import add_lora
     from trainers.rlhf.sft import tokenize_sft_pairs
     from trainers.stages.context import UserIndex, public_lm_loss
@@ -136,12 +136,9 @@ def _prepare_sft(cfg: Any, task: Any, tokenizer: Any, public: list[str]) -> dict
         return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "loss_mask": b.loss_mask}
 
     test_records = tok(test_rows)
-    windows = eval_windows(
-        pack(tokenizer, public),
-        seq_len=min(64, cfg.model.pretrain_seq_len),
-        max_tokens=cfg.model.eval_max_tokens,
-    )
-    reward_windows = windows[: windows.shape[0] // 2]
+    # the windows dpalign run gives the controller (eval.perplexity_records of them; the tiny config's 8 are the
+    # first half of the 16 the benchmark used before, so its results stay comparable)
+    reward_windows = validation_windows(tokenizer, public, model_cfg=cfg.model, count=cfg.eval.perplexity_records)
 
     def build(base: str) -> tuple[torch.nn.Module, Any, float]:
         model, _ = load_base_model(base)

@@ -285,11 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     from launch.config import load_config
-    from launch.pipeline.pipeline import _public_windows, run_pipeline
+    from launch.pipeline.pipeline import run_pipeline
     from launch.schema import RunConfig
     from trainers.data.io import load_eval_prompts, load_public
     from trainers.data.task import build_task
-    from trainers.models.base import ensure_base_model, load_base_model
+    from trainers.models.base import ensure_base_model, load_base_model, validation_windows
     from trainers.stages.rm import gold_pairs
 
     with tempfile.TemporaryDirectory(prefix="peer-trl-") as tmp:
@@ -305,9 +305,10 @@ def main(argv: list[str] | None = None) -> int:
                                  public_train=task.public_train or None, public_valid=task.public_valid or None,
                                  progress=False)
         prompts = list(load_eval_prompts(task.eval).rows["prompt"])[: cfg.eval.prompts]
-        public_valid = list(load_public(task.public_valid).rows["text"]) if task.public_valid else []
+        # the windows the pipeline evaluated on (its validation text), so both systems' perplexities compare
+        public_valid = list(load_public(task.validation_text).rows["text"]) if task.validation_text else []
         _, tok = load_base_model(base.path)
-        windows = _public_windows(tok, public_valid, seq_len=64, count=cfg.eval.perplexity_records)
+        windows = validation_windows(tok, public_valid, model_cfg=cfg.model, count=cfg.eval.perplexity_records)
 
         t = time.perf_counter()
         trl = run_trl(cfg, task, Path(base.path), work / "trl")

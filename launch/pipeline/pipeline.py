@@ -27,12 +27,6 @@ LEARNER_STAGES = ("sft", "rm", "ppo")
 """Stages whose learner runs on Ray Train TorchTrainer workers when ray.num_workers >= 1."""
 
 
-def _public_windows(tokenizer: Any, texts: list[str], *, seq_len: int, count: int) -> Any:
-    from trainers.models.base import eval_windows, pack
-
-    return eval_windows(pack(tokenizer, texts), seq_len=seq_len, max_tokens=seq_len * count)
-
-
 def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the whole private alignment pipeline; returns the report (also written to the run dir)."""
     import torch
@@ -50,7 +44,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     from launch.pipeline.rundir import RunDir, RunDirError
     from trainers.data.io import load_eval_prompts, load_preferences, load_prompts, load_public, load_sft
     from trainers.data.task import build_task
-    from trainers.models.base import ensure_base_model, load_base_model
+    from trainers.models.base import ensure_base_model, load_base_model, validation_windows
     from trainers.models.export import write_stage_exports
     from trainers.stages.context import StageContext, noise_disclosure
 
@@ -99,9 +93,8 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
         withheld_time_stages=() if cfg.run.report_wall_time else plan.private)
     metrics.log_config(cfg)
     _, tokenizer = load_base_model(base_dir)
-    seq_len = min(64, cfg.model.n_positions) if not cfg.model.name_or_path else 64
     windows = (
-        _public_windows(tokenizer, public_valid, seq_len=seq_len, count=cfg.eval.perplexity_records)
+        validation_windows(tokenizer, public_valid, model_cfg=cfg.model, count=cfg.eval.perplexity_records)
         if public_valid
         else None
     )

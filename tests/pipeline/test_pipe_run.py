@@ -114,11 +114,10 @@ def test_learned_controller_runs_every_stage_within_budget(tmp_path, cache):
     assert code == 0
     report = json.loads((run_dir / "report.json").read_text())
     from launch.config import load_config
-    from launch.pipeline.pipeline import _public_windows
     from launch.schema import RunConfig
     from trainers.data.io import load_public
     from trainers.data.task import build_task
-    from trainers.models.base import load_base_model
+    from trainers.models.base import load_base_model, validation_windows
     from trainers.stages.context import public_lm_loss
 
     cfg = load_config(RunConfig, str(run_dir / "config.yaml"), [])
@@ -127,7 +126,7 @@ def test_learned_controller_runs_every_stage_within_budget(tmp_path, cache):
     loss = {}
     for name, path in (("notes", task.validation_text), ("reviews", task.public_valid)):
         texts = list(load_public(path).rows["text"])
-        loss[name] = public_lm_loss(base, _public_windows(tokenizer, texts, seq_len=64, count=4))
+        loss[name] = public_lm_loss(base, validation_windows(tokenizer, texts, model_cfg=cfg.model, count=4))
     start = report["stages"]["sft"]["metrics"]["public_valid_loss_start"]
     assert start == pytest.approx(loss["notes"], rel=1e-5) and loss["notes"] > loss["reviews"] + 0.2
     assert report["evaluation"]["policies"]["base"]["perplexity"] == pytest.approx(math.exp(loss["notes"]), rel=1e-5)

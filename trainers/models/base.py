@@ -147,6 +147,14 @@ def eval_windows(ids: Tensor, *, seq_len: int, max_tokens: int) -> Tensor:
     return ids[: n * seq_len].view(n, seq_len)  # [W, L]
 
 
+def validation_windows(tokenizer: Any, texts: list[str], *, model_cfg: BaseModelConfig, count: int) -> Tensor:
+    """The PUBLIC token windows a run validates on (``count`` windows of up to 64 tokens, in text order): SFT's
+    validation loss (the learned controller's reward), PPO's LM loss and the evaluation's perplexity. One
+    definition, so the controller benchmark measures the controller on what ``dpalign run`` gives it."""
+    seq_len = min(64, model_cfg.n_positions) if not model_cfg.name_or_path else 64
+    return eval_windows(pack(tokenizer, texts), seq_len=seq_len, max_tokens=seq_len * count)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Model, pretraining, evaluation
 
