@@ -132,6 +132,9 @@ class ControllerConfig:
     """SAC learning rate (actor, critics, entropy coefficient)."""
     gradient_steps: int = 4
     """Online: SAC gradient steps per decision."""
+    ent_coef: str = "auto"
+    """SAC's entropy coefficient: 'auto' (learnt, starting at 1), 'auto_X' (learnt, starting at X) or a fixed
+    number. With rewards of order 0.1-1 the default's entropy term outweighs the reward for many decisions."""
     exploration: float = 0.3
     """Online/finetune: how far a decision's action goes from the policy's mean toward SAC's sampled action (1: SAC
     as is; 0: the mean, no exploration). Exploration is paid in utility within the run that explores: on the
@@ -186,6 +189,8 @@ class ControllerConfig:
         require(self.learning_rate > 0, "controller.learning_rate", "must be > 0")
         require(self.gradient_steps >= 0, "controller.gradient_steps", "must be >= 0")
         require(0.0 <= self.exploration <= 1.0, "controller.exploration", "must be in [0, 1]")
+        require(_valid_ent_coef(self.ent_coef), "controller.ent_coef",
+                f"{self.ent_coef!r} is not 'auto', 'auto_X' or a number, with X and the number > 0")
         require(
             bool(self.hidden) and all(h >= 1 for h in self.hidden),
             "controller.hidden",
@@ -207,3 +212,14 @@ class ControllerConfig:
             granularity=self.granularity,
             group_names=tuple(group_names) if self.granularity != "bucket" else (),
         )
+
+
+def _valid_ent_coef(value: str) -> bool:
+    """SB3's forms of an entropy coefficient: 'auto', 'auto_X' (X > 0) or a positive number."""
+    text = str(value)
+    if text == "auto":
+        return True
+    try:
+        return float(text[5:] if text.startswith("auto_") else text) > 0
+    except ValueError:
+        return False

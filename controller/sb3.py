@@ -83,6 +83,7 @@ def make_sac(spec: SpaceSpec, config: ControllerConfig, env: gym.Env | None = No
         learning_starts=config.learning_starts,
         batch_size=config.batch_size,
         gradient_steps=config.gradient_steps,
+        ent_coef=config.ent_coef if config.ent_coef.startswith("auto") else float(config.ent_coef),
         train_freq=1,
         policy_kwargs={"net_arch": list(config.hidden)},
         seed=config.seed,

@@ -228,3 +228,35 @@ def test_exploration_moves_actions_between_the_policy_mean_and_sacs_sample():
     assert np.allclose(acts[0.5][1], mean + 0.5 * (sample - mean), atol=1e-6)
     with pytest.raises(Exception, match="controller.exploration"):
         ControllerConfig(exploration=1.5).check()
+
+
+def test_entropy_coefficient_reaches_sac_and_lets_the_actor_follow_the_reward():
+    """controller.ent_coef: SAC's default entropy term (learnt from 1) outweighs rewards of order 0.1 over a few
+    decisions, so two controllers fed rewards that differ end with nearly the same actor; a small coefficient
+    lets the reward move the actor."""
+    import torch
+
+    from controller.sb3 import OnlineSAC
+
+    def actor_gap(ent_coef: str) -> float:
+        actors = []
+        for rewards in ((0.27, 0.12, 0.02, -0.02, -0.02, 0.01), (0.23, 0.12, 0.02, -0.01, -0.01, 0.02)):
+            cfg = ControllerConfig(learning_starts=2, batch_size=16, gradient_steps=4, ent_coef=ent_coef, seed=0)
+            sac = OnlineSAC.create(spec=cfg.spec(()), config=cfg)
+            obs = np.zeros(sac.spec.obs_dim, np.float32)
+            for i, r in enumerate(rewards):
+                a = sac.act(obs + 0.01 * i)
+                sac.add(obs + 0.01 * i, a, r, obs + 0.01 * (i + 1), False)
+                sac.update()
+            actors.append([p.detach().clone() for p in sac.model.actor.parameters()])
+        return max(float((x - y).abs().max()) for x, y in zip(*actors, strict=True))
+
+    cfg = ControllerConfig(ent_coef="0.001")
+    assert float(OnlineSAC.create(spec=cfg.spec(()), config=cfg).model.ent_coef_tensor) == pytest.approx(0.001)
+    cfg = ControllerConfig(ent_coef="auto_0.05")
+    model = OnlineSAC.create(spec=cfg.spec(()), config=cfg).model
+    assert float(torch.exp(model.log_ent_coef.detach())) == pytest.approx(0.05)
+    assert actor_gap("0.001") > 100 * actor_gap("auto")
+    for bad in ("auto_0", "-1", "often"):
+        with pytest.raises(Exception, match="controller.ent_coef"):
+            ControllerConfig(ent_coef=bad).check()
