@@ -47,10 +47,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if sys.path[0] != str(ROOT):  # first even when PYTHONPATH has it: this file's own directory would make
     sys.path.insert(0, str(ROOT))  # `import controller` find this script instead of the package
 
-METHODS = ("nonprivate", "fixed", "per_layer", "adaptive", "online", "online_module", "online_lora_param", "frozen")
+METHODS = ("nonprivate", "fixed", "per_layer", "adaptive", "noise_schedule", "online", "online_module",
+           "online_lora_param", "frozen")
 GRANULARITY = {"online": "bucket", "frozen": "bucket", "online_module": "module", "online_lora_param": "lora_param"}
 """controller.granularity of each controller method; online_lora_param clips every LoRA A and B separately."""
-BASELINES = ("fixed", "per_layer", "adaptive")
+BASELINES = ("fixed", "per_layer", "adaptive", "noise_schedule")
 
 
 class TimedPolicy:
@@ -275,6 +276,41 @@ def pretrain_frozen(args: argparse.Namespace, out: Path) -> str:
     return str(out)
 
 
+def geometric_noise_schedule(guard: Any, *, ratio: float) -> list[float]:
+    """sigma_t = sigma_0 * ratio ** (t / (T - 1)), public and fixed before the run (ratio < 1: less noise as
+    training goes on), with sigma_0 the smallest that spends no more RDP at the guard's order than the constant
+    schedule at the guard's reference sigma: the same (epsilon, delta) by construction; the ledger's filter checks."""
+    steps = guard.steps
+    shape = [ratio ** (t / max(steps - 1, 1)) for t in range(steps)]
+    budget = steps * guard._rdp(guard.sigma_reference)
+
+    def spent(s0: float) -> float:
+        return sum(guard._rdp(s0 * f) for f in shape)
+
+    lo, hi = 1e-3, 1e3
+    for _ in range(200):  # bisection on sigma_0: spent() falls as sigma_0 grows
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if spent(mid) <= budget else (mid, hi)
+    return [hi * f * (1 + 1e-9) for f in shape]
+
+
+class ScheduledNoisePolicy:
+    """DP-SGD with a public per-step noise multiplier ``sigmas[t]`` and one threshold for every group."""
+
+    def __init__(self, *, sigmas: list[float], clip_norm: float) -> None:
+        self.sigmas, self.clip_norm = sigmas, clip_norm
+
+    def plan(self, step: int, groups: Any) -> Any:
+        from trainers.engine.policy import StepPlan
+
+        k = len(groups)
+        std = self.sigmas[min(step, len(self.sigmas) - 1)] * self.clip_norm * math.sqrt(k)
+        return StepPlan(clip_norms=(self.clip_norm,) * k, noise_stds=(std,) * k)
+
+    def observe(self, released: Any) -> None:
+        return None
+
+
 def _controller_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """``--controller clip_range=2 noise_range=1.5``: ControllerConfig fields for every controller method, typed
     like the field's default."""
@@ -341,6 +377,10 @@ def run_one(
     c = args.clip_norm
     if method == "fixed":
         policy: Any = FixedPolicy(noise_multiplier=sigma, clip_norm=c / math.sqrt(k))
+    elif method == "noise_schedule":
+        policy = ScheduledNoisePolicy(
+            sigmas=geometric_noise_schedule(guard, ratio=args.noise_ratio), clip_norm=c / math.sqrt(k)
+        )
     elif method == "per_layer":
         w = [math.sqrt(g.numel) for g in groups]
         norm = math.sqrt(sum(x * x for x in w))
@@ -527,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--batch-users", type=int, default=16)
     parser.add_argument("--clip-norm", type=float, default=1.0)
+    parser.add_argument("--noise-ratio", type=float, default=0.5,
+                        help="noise_schedule: last step's sigma over the first's (geometric in between)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument(
         "--artifact", default="", help="pretrained controller for 'frozen' (default: pretrain one)"
