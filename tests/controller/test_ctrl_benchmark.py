@@ -51,7 +51,7 @@ def test_clinical_benchmark_reports_headroom_and_the_gap_each_method_closes(tmp_
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     args = ["--seeds", "1", "--steps", "6", "--eval-every", "3", "--epsilons", "1", "4", "--methods", "nonprivate",
-            "fixed", "--json", "data.num_users=120", "data.private_domain=clinical", f"run.cache_dir={tiny_cache}"]
+            "fixed", "noise_schedule", "--json", "data.num_users=120", "data.private_domain=clinical", f"run.cache_dir={tiny_cache}"]
     assert bench.main(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["stage"] == "sft" and out["metric"] == "heldout_ppl"
@@ -66,6 +66,7 @@ def test_clinical_benchmark_reports_headroom_and_the_gap_each_method_closes(tmp_
         assert t["nonprivate_headroom"] > 0  # six non-private steps on notes the base model never saw already help
         assert m["fixed"]["gap_closed"] == 0.0 and m["nonprivate"]["gap_closed"] == pytest.approx(1.0)
         assert m["fixed"]["steps_to_fixed"] == 6 and float(eps) * 0.999 < m["fixed"]["max_epsilon_spent"] <= float(eps)
+        assert float(eps) * 0.999 < m["noise_schedule"]["max_epsilon_spent"] <= float(eps)  # same budget, other shape
 
 
 def test_reward_model_stage_measures_heldout_pairs_and_rewards_the_controller_on_public_pairs(tmp_path, capsys,
@@ -99,3 +100,21 @@ def test_reward_model_stage_measures_heldout_pairs_and_rewards_the_controller_on
     loss, acc = bench.heldout_bt(model, prep["test_records"])
     assert t["base"] == pytest.approx(loss, rel=1e-6) and 0.0 <= acc <= 1.0
     assert prep["users"].num_users == out["num_users"] and prep["test_records"]["c_ids"].shape[0] > 0
+
+
+def test_geometric_noise_schedule_spends_what_the_constant_one_does():
+    """The noise_schedule baseline: sigma falls (or rises) geometrically by the given ratio and its first sigma is
+    the smallest whose RDP at the guard's order stays within the constant schedule's (equal epsilon)."""
+    from controller.budget import BudgetGuard
+
+    spec = importlib.util.spec_from_file_location("bench_controller", ROOT / "benchmarks" / "controller.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    guard = BudgetGuard(target_epsilon=2.0, delta=1e-5, sampling_rate=0.02, steps=50)
+    budget = guard.steps * guard._rdp(guard.sigma_reference)
+    for ratio in (0.5, 1.0, 2.0):
+        sigmas = bench.geometric_noise_schedule(guard, ratio=ratio)
+        assert len(sigmas) == 50 and sigmas[-1] / sigmas[0] == pytest.approx(ratio)
+        spent = sum(guard._rdp(s) for s in sigmas)
+        assert budget * (1 - 1e-6) <= spent <= budget
+    assert bench.geometric_noise_schedule(guard, ratio=1.0)[0] == pytest.approx(guard.sigma_reference, rel=1e-6)
