@@ -6,6 +6,8 @@ DP engine and a write-ahead ledger with the RDP filter at one fixed order) runs 
   fixed      DP-SGD, one threshold per module C/sqrt(K), sigma calibrated to spend epsilon in the planned steps
   per_layer  fixed thresholds split by public module size (trainers.engine.policy.group_thresholds)
   adaptive   Andrew et al. quantile tracking from noisy clip counts (their cost folded into the same sigma_eff)
+  noise_schedule  fixed thresholds with a public geometric sigma schedule (--noise-ratio: last over first),
+             calibrated to the constant schedule's RDP at the same order (equal epsilon)
   online     the learned controller, SB3 SAC learning inside the run (default schedule during warm-up), depth buckets
   online_module / online_lora_param   the same at granularity module (one threshold per adapted module) or
              lora_param (one per LoRA A and per LoRA B tensor; the engine clips per tensor)
