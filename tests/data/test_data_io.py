@@ -125,6 +125,23 @@ def test_source_files_validates_every_file_and_reports_overlap(tmp_path: Path):
         build_task(cfg, cache_dir=tmp_path / "cache", progress=False)
 
 
+def test_source_files_takes_public_text_of_the_users_domain_for_validation(tmp_path: Path):
+    d1 = _jsonl(tmp_path / "d1.jsonl", [GOOD])
+    d2 = _jsonl(tmp_path / "d2.jsonl", [{"user_id": "u2", "prompt": "p", "chosen": " a", "rejected": " b"}])
+    d3 = _jsonl(tmp_path / "d3.jsonl", [{"prompt": "p"}])
+    ev = _jsonl(tmp_path / "eval.jsonl", [{"prompt": "q"}])
+    notes = _jsonl(tmp_path / "notes.jsonl", [{"text": "published note one"}, {"text": "published note two"}])
+    files = {"sft_path": str(d1), "rm_path": str(d2), "ppo_path": str(d3), "eval_path": str(ev)}
+    task = build_task(DataConfig(source="files", **files, domain_valid_path=str(notes)), cache_dir=tmp_path,
+                      progress=False)
+    assert task.validation_text == str(notes) and task.counts["domain_valid"] == 2
+    assert build_task(DataConfig(source="files", **files), cache_dir=tmp_path, progress=False).validation_text == ""
+    _jsonl(notes, [{"body": "no text column"}])
+    with pytest.raises(DataError, match="notes.jsonl"):  # checked with the rest, before any training
+        build_task(DataConfig(source="files", **files, domain_valid_path=str(notes)), cache_dir=tmp_path,
+                   progress=False)
+
+
 def test_cli_data_on_tiny_config(tmp_path: Path, capsys):
     argv = ["data", "--config", str(REPO / "launch/configs/tiny.yaml"), f"run.cache_dir={tmp_path}", "--json"]
     assert cli_main(argv) == 0
