@@ -71,6 +71,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"D2 rm        {c['rm']:,} preference pairs from {u['rm']:,} users")
     print(f"D3 ppo       {c['ppo']:,} prompts from {u['ppo']:,} users")
     print(f"eval         {c['eval']:,} public prompts")
+    if "domain_valid" in c:
+        print(f"validation   {c['domain_valid']:,} public texts of the users' domain (the stages validate on them)")
     mode = "sequential composition" if u["shared"] else "parallel composition"
     print(f"shared users {u['shared']:,} in more than one stage ({mode})")
     for name in task.per_record_users:

@@ -142,6 +142,14 @@ def test_source_files_takes_public_text_of_the_users_domain_for_validation(tmp_p
                    progress=False)
 
 
+def test_cli_data_says_what_the_stages_validate_on(tmp_path: Path, capsys):
+    base = ["data", "--config", str(REPO / "launch/configs/tiny.yaml"), f"run.cache_dir={tmp_path}"]
+    assert cli_main([*base, "data.private_domain=clinical"]) == 0
+    assert "validation   15 public texts of the users' domain" in capsys.readouterr().out
+    assert cli_main(base) == 0
+    assert "validation" not in capsys.readouterr().out  # review users: the public corpus's held-out texts
+
+
 def test_cli_data_on_tiny_config(tmp_path: Path, capsys):
     argv = ["data", "--config", str(REPO / "launch/configs/tiny.yaml"), f"run.cache_dir={tmp_path}", "--json"]
     assert cli_main(argv) == 0
