@@ -80,8 +80,8 @@ class TimedPolicy:
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
     """The embedded task, base model, the stage's tokenized records (split by user into train and held-out test)
     and what each method needs: ``build`` (model, per-record loss, learning rate), ``heldout`` (the measured
-    metric, lower is better), ``validation`` (the controller's PUBLIC reward objective) and ``extra`` (final
-    numbers beside the metric)."""
+    metric, lower is better, with the numbers reported beside it) and ``validation`` (the controller's PUBLIC
+    reward objective)."""
     from launch.config import load_config
     from launch.schema import RunConfig
     from trainers.data.io import load_public
@@ -124,7 +124,7 @@ def _prepare_sft(cfg: Any, task: Any, tokenizer: Any, public: list[str]) -> dict
     from trainers.models.base import load_base_model, validation_windows
     from trainers.models.lora import add_lora
     from trainers.rlhf.sft import tokenize_sft_pairs
-    from trainers.stages.context import UserIndex, public_lm_loss
+    from trainers.stages.context import public_lm_loss
     from trainers.stages.sft import sft_loss_fn
 
     rows = load_sft(task.sft).rows
@@ -145,21 +145,27 @@ def _prepare_sft(cfg: Any, task: Any, tokenizer: Any, public: list[str]) -> dict
 
     def build(base: str) -> tuple[torch.nn.Module, Any, float]:
         model, _ = load_base_model(base)
-        model = add_lora(
-            model, r=cfg.sft.lora.r, alpha=cfg.sft.lora.alpha, target_modules=tuple(cfg.sft.lora.target_modules)
-        )
+        lora = cfg.sft.lora
+        model = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                         target_modules=tuple(lora.target_modules))
         return model, sft_loss_fn(model), cfg.sft.lr
 
+    return _stage_prep(
+        "sft", "heldout_ppl", user_ids, train_rows, tok, test_records, build,
+        heldout=lambda model: (heldout_ppl(model, test_records), {}),
+        validation=lambda model: public_lm_loss(model, reward_windows),
+    )
+
+
+def _stage_prep(stage: str, metric: str, user_ids: list[str], train_rows: list[int], tok: Any,
+                test_records: dict[str, Any], build: Any, *, heldout: Any, validation: Any) -> dict[str, Any]:
+    """What ``run_one`` reads of a stage (see :func:`prepare`); ``records`` are the training users' rows."""
+    from trainers.stages.context import UserIndex
+
     return {
-        "stage": "sft",
-        "metric": "heldout_ppl",
-        "users": UserIndex.from_ids([user_ids[i] for i in train_rows]),
-        "records": tok(train_rows),
-        "test_records": test_records,
-        "build": build,
-        "heldout": lambda model: heldout_ppl(model, test_records),
-        "validation": lambda model: public_lm_loss(model, reward_windows),
-        "extra": lambda model: {},
+        "stage": stage, "metric": metric, "users": UserIndex.from_ids([user_ids[i] for i in train_rows]),
+        "records": tok(train_rows), "test_records": test_records, "build": build, "heldout": heldout,
+        "validation": validation,
     }
 
 
@@ -169,11 +175,14 @@ def _prepare_rm(cfg: Any, task: Any, tokenizer: Any, public: list[str]) -> dict[
     of the test users' labelled pairs (lower is better), with their pairwise accuracy beside it; the controller's
     reward is the Bradley-Terry loss on PUBLIC gold-labelled pairs of the domain (as in the pipeline)."""
     from trainers.data.io import load_preferences
-    from trainers.models.base import load_base_model
-    from trainers.models.lora import add_lora
-    from trainers.rlhf.heads import ScoreModel
-    from trainers.stages.context import UserIndex
-    from trainers.stages.rm import bt_loss_fn, gold_pairs, public_bt_loss, rm_texts, tokenize_texts
+    from trainers.stages.rm import (
+        bt_loss_fn,
+        gold_pairs,
+        public_bt_loss,
+        reward_model,
+        rm_texts,
+        tokenize_texts,
+    )
 
     rows = load_preferences(task.rm).rows
     user_ids = list(rows["user_id"])
@@ -191,24 +200,17 @@ def _prepare_rm(cfg: Any, task: Any, tokenizer: Any, public: list[str]) -> dict[
     pairs = gold_pairs(public, count=cfg.rm.gold_pairs, seed=0)
 
     def build(base: str) -> tuple[torch.nn.Module, Any, float]:
-        backbone, _ = load_base_model(base)
-        backbone = add_lora(
-            backbone, r=cfg.rm.lora.r, alpha=cfg.rm.lora.alpha, target_modules=tuple(cfg.rm.lora.target_modules)
-        )
-        model = ScoreModel(backbone)
+        model, _ = reward_model(cfg.rm, base)  # the stage's own initialization
         return model, bt_loss_fn(model), cfg.rm.lr
 
-    return {
-        "stage": "rm",
-        "metric": "heldout_bt_loss",
-        "users": UserIndex.from_ids([user_ids[i] for i in train_rows]),
-        "records": tok(train_rows),
-        "test_records": test_records,
-        "build": build,
-        "heldout": lambda model: heldout_bt(model, test_records)[0],
-        "validation": lambda model: public_bt_loss(model, tokenizer, pairs, max_len=max_len),
-        "extra": lambda model: {"heldout_accuracy": heldout_bt(model, test_records)[1]},
-    }
+    def heldout(model: torch.nn.Module) -> tuple[float, dict[str, float]]:
+        loss, accuracy = heldout_bt(model, test_records)
+        return loss, {"heldout_accuracy": accuracy}
+
+    return _stage_prep(
+        "rm", "heldout_bt_loss", user_ids, train_rows, tok, test_records, build, heldout=heldout,
+        validation=lambda model: public_bt_loss(model, tokenizer, pairs, max_len=max_len),
+    )
 
 
 @torch.no_grad()
@@ -282,12 +284,17 @@ def geometric_noise_schedule(guard: Any, *, ratio: float) -> list[float]:
     """sigma_t = sigma_0 * ratio ** (t / (T - 1)), public and fixed before the run (ratio < 1: less noise as
     training goes on), with sigma_0 the smallest that spends no more RDP at the guard's order than the constant
     schedule at the guard's reference sigma: the same (epsilon, delta) by construction; the ledger's filter checks."""
+    from accounting.accountants import mechanism_rdp
+
+    def rdp(sigma: float) -> float:  # one step at the guard's order (repeats 1: the benchmark reuses no sample)
+        return mechanism_rdp(sampling_rate=guard.sampling_rate, composed_noise_multiplier=sigma, order=guard.rdp_order)
+
     steps = guard.steps
     shape = [ratio ** (t / max(steps - 1, 1)) for t in range(steps)]
-    budget = steps * guard._rdp(guard.sigma_reference)
+    budget = steps * rdp(guard.sigma_reference)
 
     def spent(s0: float) -> float:
-        return sum(guard._rdp(s0 * f) for f in shape)
+        return sum(rdp(s0 * f) for f in shape)
 
     lo, hi = 1e-3, 1e3
     for _ in range(200):  # bisection on sigma_0: spent() falls as sigma_0 grows
@@ -363,8 +370,8 @@ def run_one(
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-        curve, step_seconds = _train_and_evaluate(prep, model, plain_step, q=q, seed=seed, args=args)
-        return _result("nonprivate", epsilon, seed, 0.0, curve, step_seconds, steps, 0.0, 0.0, prep["extra"](model))
+        curve, step_seconds, extra = _train_and_evaluate(prep, model, plain_step, q=q, seed=seed, args=args)
+        return _result("nonprivate", epsilon, seed, 0.0, curve, step_seconds, steps, 0.0, 0.0, extra)
     grouping = "per_tensor" if GRANULARITY.get(method) == "lora_param" else "module"
     groups = [
         GroupSpec(
@@ -449,25 +456,27 @@ def run_one(
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    curve, step_seconds = _train_and_evaluate(prep, model, dp_step, q=q, seed=seed, args=args)
+    curve, step_seconds, extra = _train_and_evaluate(prep, model, dp_step, q=q, seed=seed, args=args)
     engine.close()
     ledger.end_stage(stage)
     eps = ledger.epsilon(stage)
     ledger.close()
-    return _result(method, epsilon, seed, eps, curve, step_seconds, steps, timed.seconds, sigma, prep["extra"](model))
+    return _result(method, epsilon, seed, eps, curve, step_seconds, steps, timed.seconds, sigma, extra)
 
 
 def _train_and_evaluate(
     prep: dict[str, Any], model: torch.nn.Module, step: Any, *, q: float, seed: int, args: argparse.Namespace
-) -> tuple[list[tuple[int, float]], float]:
+) -> tuple[list[tuple[int, float]], float, dict[str, float]]:
     """The loop every method shares: Poisson-sampled users (the same draws per seed for every method), one timed
-    ``step(batch)`` each, held-out perplexity every ``--eval-every`` steps and at the end."""
+    ``step(batch)`` each, the held-out metric every ``--eval-every`` steps and at the end. Returns the curve, the
+    step seconds and what the last evaluation reported beside the metric."""
     from trainers.engine.engine import UserBatch
     from trainers.engine.sampling import PoissonUserSampler
 
     users, records = prep["users"], prep["records"]
     sampler = PoissonUserSampler(users.num_users, sampling_rate=q, seed=seed)
-    curve = [(0, prep["heldout"](model))]
+    value, extra = prep["heldout"](model)
+    curve = [(0, value)]
     seconds = 0.0
     for t in range(args.steps):
         idx = users.records_of(sampler.sample(t))
@@ -476,8 +485,9 @@ def _train_and_evaluate(
         step(batch)
         seconds += time.perf_counter() - start
         if (t + 1) % args.eval_every == 0 or t + 1 == args.steps:
-            curve.append((t + 1, prep["heldout"](model)))
-    return curve, seconds
+            value, extra = prep["heldout"](model)
+            curve.append((t + 1, value))
+    return curve, seconds, extra
 
 
 def _result(method: str, epsilon: float, seed: int, spent: float, curve: list, step_seconds: float, steps: int,

@@ -66,7 +66,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     # Public text of the domain the stages fine-tune on (task.validation_text: public_valid unless the private users
     # write another domain): SFT's validation loss (the learned controller's reward), the reward model's public
     # gold pairs, PPO's language-model loss and the evaluation's perplexity.
-    public_valid = list(load_public(task.validation_text).rows["text"]) if task.validation_text else []
+    validation_texts = list(load_public(task.validation_text).rows["text"]) if task.validation_text else []
     wall["data"] = time.time() - t
 
     # --- privacy plan: every stage's q, T, K, target and sigma, decided once before any step, from the data ------
@@ -94,8 +94,8 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
     metrics.log_config(cfg)
     _, tokenizer = load_base_model(base_dir)
     windows = (
-        validation_windows(tokenizer, public_valid, model_cfg=cfg.model, count=cfg.eval.perplexity_records)
-        if public_valid
+        validation_windows(tokenizer, validation_texts, model_cfg=cfg.model, count=cfg.eval.perplexity_records)
+        if validation_texts
         else None
     )
 
@@ -153,7 +153,7 @@ def run_pipeline(cfg: Any, *, resume: str | None = None, progress: bool = True) 
                 torch.manual_seed(ctx.seed)
                 try:
                     with run.stage(name) as out:
-                        summary = _run_stage(name, ctx, run, out.path, task, base_dir, windows, public_valid)
+                        summary = _run_stage(name, ctx, run, out.path, task, base_dir, windows, validation_texts)
                         out.summary.update(summary.to_dict())
                         # Standard exports and model cards, committed with the stage (the ledger read now covers
                         # exactly this stage and the ones before it: what these weights depend on).
@@ -303,7 +303,7 @@ def _public_metrics(summary: StageSummary) -> dict[str, float]:
 
 
 def _run_stage(name: str, ctx: Any, run: Any, out_dir: Path, task: Any, base_dir: Path, windows: Any,
-               public_valid: list[str]) -> StageSummary:
+               validation_texts: list[str]) -> StageSummary:
     if name == "sft":
         from trainers.stages.sft import run_sft
 
@@ -312,7 +312,7 @@ def _run_stage(name: str, ctx: Any, run: Any, out_dir: Path, task: Any, base_dir
         from trainers.stages.rm import run_rm
 
         return run_rm(ctx, sft_dir=run.stage_dir("sft") / "model", data_path=task.rm, out_dir=out_dir,
-                      public_texts=public_valid)
+                      public_texts=validation_texts)
     from trainers.stages.ppo import run_ppo
 
     return run_ppo(ctx, sft_dir=run.stage_dir("sft") / "model", rm_dir=run.stage_dir("rm"), prompts_path=task.ppo,

@@ -115,6 +115,6 @@ def test_geometric_noise_schedule_spends_what_the_constant_one_does():
     for ratio in (0.5, 1.0, 2.0):
         sigmas = bench.geometric_noise_schedule(guard, ratio=ratio)
         assert len(sigmas) == 50 and sigmas[-1] / sigmas[0] == pytest.approx(ratio)
-        spent = sum(guard._rdp(s) for s in sigmas)
+        spent = sum(guard._rdp(s) for s in sigmas)  # the guard's own per-step RDP: the schedule is checked against it
         assert budget * (1 - 1e-6) <= spent <= budget
     assert bench.geometric_noise_schedule(guard, ratio=1.0)[0] == pytest.approx(guard.sigma_reference, rel=1e-6)

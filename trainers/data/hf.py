@@ -163,27 +163,25 @@ def load_task_hf(cfg: DataConfig, *, cache_dir: str | os.PathLike) -> dict[str, 
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    from trainers.data.io import load_eval_prompts, load_preferences, load_prompts, load_sft, user_ids
+    from trainers.data.io import (
+        load_eval_prompts,
+        load_preferences,
+        load_prompts,
+        load_public,
+        load_sft,
+        user_ids,
+    )
 
     sft, rm, ppo = load_sft(files["sft"]), load_preferences(files["rm"]), load_prompts(files["ppo"])
     evals = load_eval_prompts(files["eval"])
     ids = {"sft": user_ids(sft), "rm": user_ids(rm), "ppo": user_ids(ppo)}
     in_two = (ids["sft"] & ids["rm"]) | (ids["sft"] & ids["ppo"]) | (ids["rm"] & ids["ppo"])
     counts = {"sft": len(sft), "rm": len(rm), "ppo": len(ppo), "eval": len(evals)}
-    if "public_train" in files:
-        from trainers.data.io import load_public
-
-        counts["public_train"] = len(load_public(files["public_train"]))
-        counts["public_valid"] = len(load_public(files["public_valid"]))
-    if "domain_valid" in files:
-        from trainers.data.io import load_public
-
-        counts["domain_valid"] = len(load_public(files["domain_valid"]))
+    public = ("public_train", "public_valid", "domain_valid")  # optional roles, column text
+    counts.update({r: len(load_public(files[r])) for r in public if r in files})
     per_record = tuple(name for name, d in (("sft", sft), ("rm", rm), ("ppo", ppo)) if d.per_record_users)
     return dict(
-        public_train=str(files["public_train"]) if "public_train" in files else "",
-        public_valid=str(files["public_valid"]) if "public_valid" in files else "",
-        domain_valid=str(files["domain_valid"]) if "domain_valid" in files else "",
+        **{r: str(files[r]) if r in files else "" for r in public},
         sft=str(files["sft"]), rm=str(files["rm"]), ppo=str(files["ppo"]), eval=str(files["eval"]),
         counts=counts, users={**{k: len(v) for k, v in ids.items()}, "shared": len(in_two)},
         root=str(final), built=False, per_record_users=per_record,

@@ -235,14 +235,15 @@ def run_rm(
     )
 
 
-def _reward_model(ctx: StageContext, sft_dir: str) -> tuple[torch.nn.Module, Any]:
-    """The SFT backbone + a new LoRA + a fresh score head, in this order of random draws (seeded by the caller)."""
+def reward_model(cfg: Any, init_dir: str | Path) -> tuple[torch.nn.Module, Any]:
+    """The initial model's backbone + a new LoRA (``cfg``: the rm config section) + a fresh score head, in this
+    order of random draws (seeded by the caller): what the stage trains, and what the controller benchmark's
+    reward-model runs start from."""
     from trainers.models.base import load_base_model
     from trainers.models.lora import add_lora
     from trainers.rlhf.heads import ScoreModel
 
-    cfg = ctx.cfg.rm
-    backbone, tokenizer = load_base_model(sft_dir)
+    backbone, tokenizer = load_base_model(init_dir)
     backbone = add_lora(backbone, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                         target_modules=tuple(cfg.lora.target_modules))
     return ScoreModel(backbone), tokenizer
@@ -259,7 +260,7 @@ def learn_rm(ctx: StageContext, plan: RMPlan, learner: Learner) -> dict[str, Any
     cfg = ctx.cfg.rm
     steps, pairs = plan.steps, plan.pairs
     torch.manual_seed(ctx.seed)
-    model, tokenizer = _reward_model(ctx, plan.sft_dir)
+    model, tokenizer = reward_model(ctx.cfg.rm, plan.sft_dir)
     model.to(learner.device)
     model.train()
     records = {k: v.to(learner.device) for k, v in plan.records.items()}
@@ -304,7 +305,7 @@ def learn_rm(ctx: StageContext, plan: RMPlan, learner: Learner) -> dict[str, Any
                                      steps_lost_in_crash=lost),
     )
     save_outputs(learner, model, ds_engine, tokenizer, exporter=_export_rm,
-                 init=lambda: _reward_model(ctx, plan.sft_dir)[0])
+                 init=lambda: reward_model(ctx.cfg.rm, plan.sft_dir)[0])
     return {"status": status, "reason": reason, "steps": done, "accuracy_start": acc0, "accuracy": acc,
             "resumed_at_step": start, "steps_lost_in_crash": lost, "mechanism": engine.mechanism()}
 
