@@ -161,7 +161,8 @@ def main() -> int:
         print(f"  {'group':<48} {'numel':>6} {'C_k':>7} {'norm med':>9} {'clipped':>8} {'signal':>8} {'noise':>8} "
               f"{'SNR':>6}")
         for g in groups:
-            print(f"  {g['group'][-48:]:<48} {g['numel']:>6} {g['threshold']:>7.3f} {g['norm_median']:>9.3f} "
+            name = g["group"].split("base_model.model.")[-1]  # peft's wrapper prefix says nothing here
+            print(f"  {name[-48:]:<48} {g['numel']:>6} {g['threshold']:>7.3f} {g['norm_median']:>9.3f} "
                   f"{g['clipped']:>8.2f} {g['signal']:>8.4f} {g['noise']:>8.4f} {g['snr']:>6.2f}")
     print(load.line())
     blob: dict[str, Any] = {"benchmark": "update_snr", "config": repo_relative(args.config),
