@@ -413,8 +413,10 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, Path], *, bas
         lines.append("")
     if base_model and base_model.get("perplexity") is not None:
         lines += [
-            f"Base model: {base_model['params']:,} parameters; public held-out perplexity "
-            f"{_fmt(base_model['perplexity'])} against a unigram model's {_fmt(base_model['unigram_perplexity'])}.",
+            f"Base model: {base_model['params']:,} parameters; perplexity on held-out text of its public "
+            f"pretraining corpus {_fmt(base_model['perplexity'])} against a unigram model's "
+            f"{_fmt(base_model['unigram_perplexity'])} (the evaluation table's perplexity is on the stages' "
+            "validation text).",
             "",
         ]
     lines += ["## What was protected", "", "| stage | private | why |", "|---|---|---|"]

@@ -110,6 +110,8 @@ def test_report_round_trip_plots_and_verify(tmp_path, ledger_run):
     tmp_path = _run_dir(tmp_path, ledger_run)
     privacy = ledger_run[1]
     report = _report(RUN_ID, privacy)
+    report["base_model"] = {"path": "base", "built": True, "params": 1000, "perplexity": 4.5,
+                            "unigram_perplexity": 9.0}
     assert {n for n, s in report["stages"].items() if s["privacy"]} == {"sft", "rm"}
     paths = write_report(
         report, report_json=tmp_path / "report.json", report_md=tmp_path / "report.md", plots_dir=tmp_path / "plots"
@@ -118,6 +120,8 @@ def test_report_round_trip_plots_and_verify(tmp_path, ledger_run):
         assert paths[name].read_bytes()[:8] == PNG
     md = (tmp_path / "report.md").read_text()
     assert "plots/gold_reward.png" in md and "| rm | yes |" in md and "[0.000" not in md
+    # the base model's own perplexity is on its pretraining corpus, not the validation text of the table
+    assert "perplexity on held-out text of its public pretraining corpus 4.5" in md
     loaded = load_report(tmp_path / "report.json")
     assert loaded["privacy"] == json.loads(json.dumps(privacy))
     assert loaded["schema_version"] == 2
