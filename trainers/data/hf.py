@@ -30,10 +30,12 @@ from trainers.data.io import (
     EVAL_COLUMNS,
     PPO_COLUMNS,
     PUBLIC_COLUMNS,
+    PUBLIC_ROLES,
     RM_COLUMNS,
     SFT_COLUMNS,
     DataError,
     _check_rows,
+    describe_task_files,
     write_jsonl,
 )
 
@@ -163,26 +165,5 @@ def load_task_hf(cfg: DataConfig, *, cache_dir: str | os.PathLike) -> dict[str, 
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    from trainers.data.io import (
-        load_eval_prompts,
-        load_preferences,
-        load_prompts,
-        load_public,
-        load_sft,
-        user_ids,
-    )
-
-    sft, rm, ppo = load_sft(files["sft"]), load_preferences(files["rm"]), load_prompts(files["ppo"])
-    evals = load_eval_prompts(files["eval"])
-    ids = {"sft": user_ids(sft), "rm": user_ids(rm), "ppo": user_ids(ppo)}
-    in_two = (ids["sft"] & ids["rm"]) | (ids["sft"] & ids["ppo"]) | (ids["rm"] & ids["ppo"])
-    counts = {"sft": len(sft), "rm": len(rm), "ppo": len(ppo), "eval": len(evals)}
-    public = ("public_train", "public_valid", "domain_valid")  # optional roles, column text
-    counts.update({r: len(load_public(files[r])) for r in public if r in files})
-    per_record = tuple(name for name, d in (("sft", sft), ("rm", rm), ("ppo", ppo)) if d.per_record_users)
-    return dict(
-        **{r: str(files[r]) if r in files else "" for r in public},
-        sft=str(files["sft"]), rm=str(files["rm"]), ppo=str(files["ppo"]), eval=str(files["eval"]),
-        counts=counts, users={**{k: len(v) for k, v in ids.items()}, "shared": len(in_two)},
-        root=str(final), built=False, per_record_users=per_record,
-    )
+    paths = {r: str(files[r]) if r in files else "" for r in (*PUBLIC_ROLES, "sft", "rm", "ppo", "eval")}
+    return dict(**paths, **describe_task_files(paths), root=str(final), built=False)

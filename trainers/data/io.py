@@ -221,6 +221,32 @@ def user_ids(data: StageData | Any) -> set[str]:
     return set(rows["user_id"])
 
 
+PUBLIC_ROLES = ("public_train", "public_valid", "domain_valid")
+"""The optional public files of a task (column ``text``; no user ids, no privacy cost)."""
+
+
+def describe_task_files(paths: dict[str, str]) -> dict[str, Any]:
+    """Validate a task's stage files (``sft``, ``rm``, ``ppo``, ``eval``) and its public files that are set (a role
+    of :data:`PUBLIC_ROLES` with a non-empty path), all before any training, and describe them: ``counts`` (rows
+    per file), ``users`` (distinct users per stage and how many are in more than one: what decides parallel or
+    sequential composition) and ``per_record_users`` (stages without a user_id column). One definition for user
+    files (``data.source=files``) and Hugging Face datasets written as JSONL (``data.source=hf``).
+
+    Raises:
+        DataError: a missing file, column or malformed row.
+    """
+    sft, rm, ppo = load_sft(paths["sft"]), load_preferences(paths["rm"]), load_prompts(paths["ppo"])
+    counts = {"sft": len(sft), "rm": len(rm), "ppo": len(ppo), "eval": len(load_eval_prompts(paths["eval"]))}
+    counts.update({r: len(load_public(paths[r])) for r in PUBLIC_ROLES if paths.get(r)})
+    ids = {"sft": user_ids(sft), "rm": user_ids(rm), "ppo": user_ids(ppo)}
+    in_two = (ids["sft"] & ids["rm"]) | (ids["sft"] & ids["ppo"]) | (ids["rm"] & ids["ppo"])
+    return {
+        "counts": counts,
+        "users": {**{k: len(v) for k, v in ids.items()}, "shared": len(in_two)},
+        "per_record_users": tuple(name for name, d in (("sft", sft), ("rm", rm), ("ppo", ppo)) if d.per_record_users),
+    }
+
+
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> int:
     """Write records as JSONL (UTF-8, one object per line); returns the number of rows."""
     n = 0

@@ -51,16 +51,7 @@ from dpalign.config import config_hash, to_dict
 from trainers.data.clinical import ClinicalNoteGenerator
 from trainers.data.config import DataConfig
 from trainers.data.generator import ReviewGenerator
-from trainers.data.io import (
-    DataError,
-    load_eval_prompts,
-    load_preferences,
-    load_prompts,
-    load_public,
-    load_sft,
-    user_ids,
-    write_jsonl,
-)
+from trainers.data.io import DataError, describe_task_files, write_jsonl
 from trainers.data.oracle import gold_reward
 
 CANARY_PREFIX = "my code is"
@@ -407,30 +398,10 @@ def build_task(cfg: DataConfig, *, cache_dir: str | os.PathLike, progress: bool 
 
 def load_task_files(cfg: DataConfig) -> TaskData:
     """Validate the files of ``source=files`` (all of them, before any training) and describe them."""
-    sft, rm, ppo = load_sft(cfg.sft_path), load_preferences(cfg.rm_path), load_prompts(cfg.ppo_path)
-    evals = load_eval_prompts(cfg.eval_path)
-    counts = {"sft": len(sft), "rm": len(rm), "ppo": len(ppo), "eval": len(evals)}
-    if cfg.public_path:
-        counts["public_train"] = len(load_public(cfg.public_path))
-        counts["public_valid"] = len(load_public(cfg.public_valid_path))
-    if cfg.domain_valid_path:
-        counts["domain_valid"] = len(load_public(cfg.domain_valid_path))
-    ids = {"sft": user_ids(sft), "rm": user_ids(rm), "ppo": user_ids(ppo)}
-    in_two = (ids["sft"] & ids["rm"]) | (ids["sft"] & ids["ppo"]) | (ids["rm"] & ids["ppo"])
-    per_record = tuple(name for name, d in (("sft", sft), ("rm", rm), ("ppo", ppo)) if d.per_record_users)
-    return TaskData(
-        public_train=cfg.public_path,
-        public_valid=cfg.public_valid_path,
-        domain_valid=cfg.domain_valid_path,
-        sft=cfg.sft_path,
-        rm=cfg.rm_path,
-        ppo=cfg.ppo_path,
-        eval=cfg.eval_path,
-        counts=counts,
-        users={**{k: len(v) for k, v in ids.items()}, "shared": len(in_two)},
-        built=False,
-        per_record_users=per_record,
-    )
+    paths = dict(public_train=cfg.public_path, public_valid=cfg.public_valid_path,
+                 domain_valid=cfg.domain_valid_path, sft=cfg.sft_path, rm=cfg.rm_path, ppo=cfg.ppo_path,
+                 eval=cfg.eval_path)
+    return TaskData(**paths, **describe_task_files(paths), built=False)
 
 
 __all__ = [
