@@ -44,6 +44,7 @@ class SNRProbe:
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
+        self._releases: dict[str, int] = {}
         self._original: Any = None
 
     def __enter__(self) -> SNRProbe:
@@ -88,8 +89,10 @@ class SNRProbe:
                 "clipped": float((norms > c).double().mean()) if norms.numel() else 0.0,
                 "signal": signal, "noise": noise, "snr": signal / noise if noise > 0 else math.inf,
             })
-        self.rows.append({"stage": engine.stage, "step": len([r for r in self.rows if r["stage"] == engine.stage]),
-                          "users": int(per_user[0].shape[0]), "groups": groups})
+        # The stage's release index (its step when ppo_epochs is 1; K repeats of one sample are K releases).
+        release = self._releases[engine.stage] = self._releases.get(engine.stage, -1) + 1
+        self.rows.append({"stage": engine.stage, "release": release, "users": int(per_user[0].shape[0]),
+                          "groups": groups})
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
