@@ -14,10 +14,18 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+# The head processes (GCS, raylet, monitors) of the embedded Ray this process started, found as this process's new
+# children across ray.init: shutdown_ray reaps their whole tree by pid, never by name.
+_EMBEDDED_HEADS: list[psutil.Process] = []
 
 
 @dataclass(frozen=True)
@@ -108,7 +116,10 @@ def init_ray(
         )
     else:
         kwargs["address"] = target
+    before = {c.pid for c in psutil.Process().children()}
     ray.init(**kwargs)
+    if target is None:
+        _EMBEDDED_HEADS[:] = [c for c in psutil.Process().children() if c.pid not in before]
     return _describe(ray, embedded=target is None, started_here=True)
 
 
@@ -123,14 +134,58 @@ def _describe(ray: Any, *, embedded: bool, started_here: bool) -> RayRuntime:
     )
 
 
-def shutdown_ray() -> None:
-    """Disconnect from Ray (an embedded Ray stops with it). Safe to call twice or without Ray up."""
+def shutdown_ray(*, grace_s: float = 10.0) -> None:
+    """Disconnect from Ray (an embedded Ray stops with it). Safe to call twice or without Ray up.
+
+    An embedded Ray's processes are then reaped: every process of its tree (head processes, workers, actors and
+    what they started), snapshotted before the shutdown, gets ``grace_s`` seconds to exit and is then killed by
+    pid. Ray stops them itself almost always; on a loaded machine a Ray Train controller actor was once seen
+    surviving its raylet, orphaned, for good. A joined cluster's processes are not this process's and are left alone.
+    """
     try:
         import ray
     except ImportError:
         return
+    tree = _process_tree(_EMBEDDED_HEADS)
+    _EMBEDDED_HEADS.clear()
     if ray.is_initialized():
         ray.shutdown()
+    survivors = reap(tree, grace_s=grace_s)
+    if survivors:
+        log.warning("embedded Ray: killed %d process(es) that outlived ray.shutdown(): pids %s",
+                    len(survivors), survivors)
+
+
+def _process_tree(roots: Sequence[psutil.Process]) -> list[psutil.Process]:
+    """``roots`` still running and all their descendants (a root whose pid was reused is not ours: skipped)."""
+    tree: list[psutil.Process] = []
+    for root in roots:
+        try:
+            if root.is_running():
+                tree += [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+    return tree
+
+
+def reap(procs: Sequence[psutil.Process], *, grace_s: float) -> list[int]:
+    """Wait up to ``grace_s`` for ``procs`` to exit, SIGKILL those still running; return the pids killed.
+
+    psutil refuses to signal a process whose pid was reused since the snapshot, so only the snapshot's own
+    processes can be killed.
+    """
+    if not procs:
+        return []
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    killed = []
+    for p in alive:
+        try:
+            p.kill()
+            killed.append(p.pid)
+        except psutil.Error:  # exited meanwhile, or the pid now belongs to another process
+            continue
+    psutil.wait_procs(alive, timeout=5.0)
+    return killed
 
 
 @contextmanager
