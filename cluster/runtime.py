@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -172,11 +173,10 @@ def reap(procs: Sequence[psutil.Process], *, grace_s: float) -> list[int]:
     """Wait up to ``grace_s`` for ``procs`` to exit, SIGKILL those still running; return the pids killed.
 
     psutil refuses to signal a process whose pid was reused since the snapshot, so only the snapshot's own
-    processes can be killed.
+    processes can be killed. A zombie counts as exited: once its raylet is gone a Ray worker is an orphan, and
+    where PID 1 does not reap (some containers) it stays a zombie forever, dead but listed.
     """
-    if not procs:
-        return []
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    alive = _wait_gone(procs, timeout=grace_s)
     killed = []
     for p in alive:
         try:
@@ -184,8 +184,26 @@ def reap(procs: Sequence[psutil.Process], *, grace_s: float) -> list[int]:
             killed.append(p.pid)
         except psutil.Error:  # exited meanwhile, or the pid now belongs to another process
             continue
-    psutil.wait_procs(alive, timeout=5.0)
+    _wait_gone(alive, timeout=5.0)
     return killed
+
+
+def _wait_gone(procs: Sequence[psutil.Process], *, timeout: float) -> list[psutil.Process]:
+    """Poll until every process has exited (or is a zombie) or ``timeout`` passes; return those still running."""
+    deadline = time.monotonic() + timeout
+    alive = list(procs)
+    while True:
+        alive = [p for p in alive if _running(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @contextmanager

@@ -35,7 +35,7 @@ def test_reap_kills_a_tree_that_outlives_its_grace_and_only_that_tree():
         killed = runtime.reap(tree, grace_s=0.3)
         assert time.perf_counter() - t0 >= 0.3  # the tree had its grace first
         assert sorted(killed) == sorted(p.pid for p in tree)
-        assert not any(p.is_running() for p in tree)
+        assert not any(runtime._running(p) for p in tree)  # gone, or a zombie until its parent waits
         assert psutil.Process(bystander.pid).is_running()  # not in the snapshot: untouched
         assert runtime.reap([], grace_s=5.0) == []
     finally:
@@ -68,3 +68,25 @@ def test_the_embedded_rays_tree_holds_its_workers(ray_module, ray_cluster):
         return
     assert heads and all(h.ppid() == os.getpid() for h in heads)
     assert pid in {p.pid for p in runtime._process_tree(heads)}
+
+
+def test_a_zombie_counts_as_exited_and_costs_no_grace():
+    """An orphaned Ray worker that exits where PID 1 does not reap stays a zombie: dead, so no wait for it. The
+    zombie here is a grandchild whose parent never waits (our own child would be reaped by psutil's wait)."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time\n"
+         "print(subprocess.Popen([sys.executable, '-c', 'pass']).pid, flush=True)\ntime.sleep(300)\n"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        zombie = psutil.Process(int(parent.stdout.readline()))
+        deadline = time.time() + 30
+        while zombie.status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+            time.sleep(0.02)
+        assert zombie.status() == psutil.STATUS_ZOMBIE
+        t0 = time.perf_counter()
+        assert runtime.reap([zombie], grace_s=30.0) == []
+        assert time.perf_counter() - t0 < 10.0  # not the 30 s grace
+    finally:
+        parent.kill()
+        parent.wait()
