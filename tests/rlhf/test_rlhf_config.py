@@ -51,3 +51,17 @@ def test_batch_whitening_refused_at_load_time() -> None:
 def test_out_of_range_values_name_the_field(override: str, field_name: str) -> None:
     with pytest.raises(ConfigError, match=field_name.replace(".", r"\.")):
         load_config(Root, None, [override])
+
+
+def test_rloo_needs_several_samples_and_no_per_trajectory_whitening() -> None:
+    from launch.schema import RunConfig
+
+    cfg = load_config(RunConfig, None, ["ppo.objective.advantage_estimator=rloo", "ppo.samples_per_prompt=2"])
+    assert not cfg.ppo.objective.critic and load_config(RunConfig).ppo.objective.critic
+    with pytest.raises(ConfigError, match=r"ppo\.samples_per_prompt: must be >= 2 with objective\.advantage_estimator"):
+        load_config(RunConfig, None, ["ppo.objective.advantage_estimator=rloo"])
+    with pytest.raises(ConfigError, match=r"advantage_normalization: per_trajectory whitens"):
+        load_config(RunConfig, None, ["ppo.objective.advantage_estimator=rloo", "ppo.samples_per_prompt=2",
+                                      "ppo.objective.advantage_normalization=per_trajectory"])
+    with pytest.raises(ConfigError, match=r"advantage_estimator"):
+        load_config(RunConfig, None, ["ppo.objective.advantage_estimator=grpo", "ppo.samples_per_prompt=2"])

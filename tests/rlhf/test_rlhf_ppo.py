@@ -22,6 +22,7 @@ from trainers.rlhf.ppo import (
     logprobs_from_logits,
     normalize_advantages,
     ppo_loss_per_record,
+    rloo_advantages,
 )
 
 # ------------------------------------------------------------------------------------------------ references
@@ -369,3 +370,42 @@ def test_garbage_on_padding_cannot_poison_a_record() -> None:
     torch.testing.assert_close(dirty.detach(), clean)
     (g,) = torch.autograd.grad(dirty.sum(), new2)
     assert torch.isfinite(g).all() and (g[0, 2:] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------------ RLOO
+
+
+def test_rloo_is_the_return_minus_the_mean_of_the_other_samples_of_the_prompt() -> None:
+    # rows 0-2 answer prompt 7 (user 1), rows 3-4 prompt 2 (user 0); padding holds garbage that must not count
+    rewards = torch.tensor([[0.0, 0.5, 1e9], [1.0, 1.0, 0.0], [2.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [3.0, 1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 0, 0], [1, 1, 0]])
+    group, users = torch.tensor([7, 7, 7, 2, 2]), torch.tensor([1, 1, 1, 0, 0])
+    adv = rloo_advantages(rewards, mask, group, users)
+    returns = [0.5, 2.0, 2.0, -1.0, 4.0]
+    expected = [0.5 - 2.0, 2.0 - 1.25, 2.0 - 1.25, -1.0 - 4.0, 4.0 + 1.0]
+    for i in range(5):
+        assert returns[i] - expected[i] != returns[i]  # the baseline is not zero anywhere in this case
+        torch.testing.assert_close(adv[i], torch.where(mask[i].bool(), torch.tensor(expected[i]), torch.tensor(0.0)))
+    # leave-one-out advantages are centred within each prompt: they sum to zero over its samples
+    assert float(adv[:3, 0].sum()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rloo_reads_only_its_own_group() -> None:
+    """Another user's rollouts (another group) cannot move this user's advantages: per-user sensitivity."""
+    gen = torch.Generator().manual_seed(0)
+    rewards, mask = torch.randn(6, 4, generator=gen), random_mask(gen, 6, 4, holes=False)
+    group, users = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([5, 5, 6, 6, 7, 7])
+    before = rloo_advantages(rewards, mask, group, users)
+    changed = rewards.clone()
+    changed[2:4] += 100.0 * torch.randn(2, 4, generator=gen)
+    after = rloo_advantages(changed, mask, group, users)
+    torch.testing.assert_close(after[[0, 1, 4, 5]], before[[0, 1, 4, 5]])
+    assert not torch.allclose(after[2:4], before[2:4])
+
+
+def test_rloo_refuses_a_lonely_sample_and_a_group_across_users() -> None:
+    rewards, mask = torch.ones(3, 2), torch.ones(3, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        rloo_advantages(rewards, mask, torch.tensor([0, 0, 1]), torch.tensor([0, 0, 1]))
+    with pytest.raises(ValueError, match="two users"):
+        rloo_advantages(rewards[:2], mask[:2], torch.tensor([4, 4]), torch.tensor([0, 1]))

@@ -387,3 +387,52 @@ def test_public_reward_normalization_is_folded_into_the_head_and_kept(dirs, tmp_
     ctx.eval_prompts = None
     with pytest.raises(ValueError, match="reward_normalization=public"):
         run(dirs, ctx, tmp_path / "refused", use_ray=False)
+
+
+def test_rloo_scores_groups_of_one_users_samples_and_leaves_the_value_head(dirs, tmp_path, monkeypatch):
+    """samples_per_prompt=2 with RLOO: every sampled record is generated twice, its two rollouts form one group of
+    one user, the advantages are leave-one-out within it, the value head is frozen (not trained, not noised) while
+    the LoRA moves, and the ledger is what G=1 would write (G changes compute, not sensitivity or q)."""
+    from safetensors.torch import load_file
+
+    import trainers.stages.ppo as ppo_stage
+    from trainers.rlhf.models import build_actor
+
+    seen = []
+    real = ppo_stage.build_experience
+
+    def recording(models, rollouts, user_index, **kw):
+        exp = real(models, rollouts, user_index, **kw)
+        seen.append((kw["group"].clone(), exp))
+        return exp
+
+    monkeypatch.setattr(ppo_stage, "build_experience", recording)
+    cfg = make_cfg("ppo.samples_per_prompt=2", "ppo.objective.advantage_estimator=rloo")
+    ledger = Ledger.open(tmp_path / "ledger.jsonl", run_id="rloo", target_epsilon=TARGET_EPS,
+                         target_delta=TARGET_DELTA, composition="parallel")
+    try:
+        with recorded_samples() as samples:
+            s = run(dirs, make_ctx(cfg, private=True, ledger=ledger), tmp_path / "out", use_ray=False)
+    finally:
+        ledger.close()
+    assert s["status"] == "completed" and s["steps"] == 2
+    events = [e for e in read_ledger(tmp_path / "ledger.jsonl").events if e.stage == "ppo"]
+    assert [(e.step, e.repeats) for e in events] == [(0, 2), (1, 2)]
+    assert_samples_follow_the_ledger(samples, events, seed=SEED, num_users=NUM_USERS)
+    assert seen, "no iteration sampled a record"
+    for group, exp in seen:
+        ids, counts = torch.unique(group, return_counts=True)
+        assert (counts == 2).all(), "each sampled record is rolled out samples_per_prompt times"
+        for g in ids:
+            rows = (group == g).nonzero().flatten()
+            assert exp.user_index[rows].unique().numel() == 1
+            a, b = exp.advantages[rows[0]], exp.advantages[rows[1]]
+            ra, rb = exp.rewards[rows[0]].sum(), exp.rewards[rows[1]].sum()
+            assert float(a[exp.action_mask[rows[0]].bool()][0]) == pytest.approx(float(ra - rb), abs=1e-5)
+            assert float(b[exp.action_mask[rows[1]].bool()][0]) == pytest.approx(float(rb - ra), abs=1e-5)
+    init = build_actor(sft_dir=dirs["sft"], lora=cfg.ppo.lora, seed=SEED)
+    head = load_file(str(tmp_path / "out" / "value_head.safetensors"))
+    assert torch.equal(head["weight"], init.head.weight.detach()), "the value head is frozen under RLOO"
+    adapter = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b), "the policy's LoRA moved"

@@ -10,7 +10,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dpalign.config import ConfigError, require
-from trainers.rlhf.ppo import AdaptiveKLController, FixedKLController, check_advantage_normalization
+from trainers.rlhf.ppo import (
+    ADVANTAGE_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    check_advantage_normalization,
+)
 
 
 @dataclass
@@ -41,6 +46,12 @@ class PPOObjectiveConfig:
     """adaptive: the KL (nats per sequence) beta is steered toward."""
     kl_horizon: float = 10000.0
     """adaptive: samples over which beta may change by at most a factor ~e^0.2."""
+    advantage_estimator: Literal["gae", "rloo"] = "gae"
+    """gae: a value head trained in the same DP step, GAE over each trajectory (TRL's PPO). rloo: no critic; each
+    sample's return (score - beta * KL) minus the mean return of the other samples of the same prompt, on every
+    action (REINFORCE leave-one-out, TRL's RLOOTrainer), still under the clipped ratio. Needs
+    ``ppo.samples_per_prompt >= 2``; the value head is frozen and takes no share of the clipped norm. The samples
+    of one prompt belong to one user, so the baseline never crosses users."""
     advantage_normalization: str = "none"
     """none | per_trajectory (whiten within one response) | fixed (divide by advantage_scale). Batch-wide
     whitening is refused: it couples users and breaks per-user sensitivity."""
@@ -67,6 +78,11 @@ class PPOObjectiveConfig:
             require(self.init_kl_coef > 0.0, "init_kl_coef", "must be > 0 with kl_controller=adaptive")
             require(self.kl_target > 0.0, "kl_target", "must be > 0")
             require(self.kl_horizon > 0.0, "kl_horizon", "must be > 0")
+        require(self.advantage_estimator in ADVANTAGE_ESTIMATORS, "advantage_estimator",
+                f"must be one of {', '.join(ADVANTAGE_ESTIMATORS)}")
+        require(not (self.advantage_estimator == "rloo" and self.advantage_normalization == "per_trajectory"),
+                "advantage_normalization", "per_trajectory whitens the one RLOO advantage of a trajectory to 0; "
+                "use none or fixed with advantage_estimator=rloo")
         require(self.advantage_scale > 0.0, "advantage_scale", "must be > 0")
         require(self.reward_normalization in ("none", "public"), "reward_normalization", "must be none or public")
         require(self.reward_norm_seeds >= 1, "reward_norm_seeds", "must be >= 1")
@@ -74,6 +90,11 @@ class PPOObjectiveConfig:
             check_advantage_normalization(self.advantage_normalization, field="advantage_normalization")
         except ValueError as err:  # BatchWhiteningError included: the loader reports ConfigErrors
             raise ConfigError(str(err)) from None
+
+    @property
+    def critic(self) -> bool:
+        """Whether the value head is trained (GAE) or frozen with no value loss (RLOO)."""
+        return self.advantage_estimator == "gae"
 
     @property
     def value_clip_or_none(self) -> float | None:

@@ -13,7 +13,7 @@ batch (tested), so callers may build experience in chunks to bound memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -29,6 +29,7 @@ from trainers.rlhf.ppo import (
     masked_fill_zero,
     normalize_advantages,
     ppo_loss_per_record,
+    rloo_advantages,
 )
 
 
@@ -229,6 +230,31 @@ def make_experience(
         advantages=advantages,
         returns=returns,
     )
+
+
+def with_rloo_advantages(
+    exp: Experience, group: Tensor, *, advantage_normalization: str, advantage_scale: float = 1.0
+) -> Experience:
+    """The experience with GAE's targets replaced by RLOO's: leave-one-out advantages over the samples of each
+    prompt (``rloo_advantages``), normalized by a user-safe mode, and the rollout-time values as value targets.
+
+    There is no critic under RLOO: the stage freezes the value head and gives the value loss weight 0, and
+    ``returns = values`` makes the value loss 0 on its own as well. ``per_trajectory`` normalization is refused:
+    the advantage is constant along a trajectory, so whitening within it would zero every advantage.
+
+    Args:
+        exp: experience of G >= 2 samples per prompt (``make_experience``, any advantages).
+        group: [R] int64 group of each row (the record its prompt came from; one user per group).
+        advantage_normalization: "none" or "fixed"; advantage_scale: the public constant of "fixed".
+    """
+    if advantage_normalization == "per_trajectory":
+        raise ValueError(
+            "advantage_normalization=per_trajectory with advantage_estimator=rloo: an RLOO advantage is one number "
+            "per trajectory, which whitening within the trajectory turns into 0; use 'none' or 'fixed'"
+        )
+    raw = rloo_advantages(exp.rewards, exp.action_mask, group.to(exp.rewards.device), exp.user_index)
+    advantages = normalize_advantages(raw, exp.action_mask, mode=advantage_normalization, scale=advantage_scale)
+    return replace(exp, advantages=advantages, returns=exp.values.clone())
 
 
 def ppo_loss_on_experience(

@@ -11,7 +11,9 @@ ratio = pi_ref / pi (unbiased and non-negative, lower variance; Schulman's "appr
 and ours, is k1.
 
 Advantages: GAE per trajectory (gamma, lambda; TRL default 1.0 and 0.95), bootstrapping 0 after the last real
-token, so nothing leaks from one trajectory into another or from padding into a trajectory.
+token, so nothing leaks from one trajectory into another or from padding into a trajectory. Or, with several
+samples per prompt, RLOO: each sample's return minus the mean return of the prompt's other samples, on every
+action (``rloo_advantages``); the samples of one prompt belong to one user, so no quantity crosses users.
 
 Why there is no batch-wide whitening: the engine clips each user's gradient to bound how much one user can move
 the sum. If advantages (or rewards) are whitened with the batch mean and std, every record's loss depends on all
@@ -195,6 +197,68 @@ def gae_advantages(
         next_value = torch.where(valid, values[:, t], next_value)
     returns = masked_fill_zero(advantages + values, m)  # [R, T]
     return advantages, returns
+
+
+# ------------------------------------------------------------------------------------------ RLOO advantages
+
+AdvantageEstimator = Literal["gae", "rloo"]
+ADVANTAGE_ESTIMATORS: tuple[str, ...] = ("gae", "rloo")
+
+
+def rloo_advantages(rewards: Tensor, mask: Tensor, group: Tensor, user_index: Tensor) -> Tensor:
+    """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024, TRL's RLOOTrainer).
+
+    Each prompt is sampled G >= 2 times; the rows of one prompt form a group. A row's sequence return is the sum
+    of its token rewards (the score minus beta times its KL), and its advantage is that return minus the mean
+    return of the OTHER rows of its group, placed on every one of its actions (no critic, no bootstrapping).
+
+    Why this suits DP-PPO: the baseline removes what the prompt alone decides about the reward, the part an
+    untrained value head leaves in GAE's advantages, so a user's gradient points along "this response rather than
+    that one" instead of along the noise of the score function. Why it is user-safe: a group is the samples of ONE
+    record, so the baseline reads only the same user's rollouts (checked here: a group that spans users is
+    refused), and adding or removing another user changes nothing in this user's loss.
+
+    Args:
+        rewards: [R, T] per-token rewards (``compute_token_rewards``), 0 on padding.
+        mask: [R, T] 1 on real actions.
+        group: [R] int64 group id of each row (the record index its prompt came from).
+        user_index: [R] int64 user of each row.
+
+    Returns:
+        [R, T] advantages, the row's leave-one-out advantage on each real action, 0 on padding; detached.
+
+    Raises:
+        ValueError: a group with fewer than two rows (no leave-one-out baseline), or one spanning two users.
+    """
+    if rewards.dim() != 2 or mask.shape != rewards.shape or group.shape != rewards.shape[:1]:
+        raise ValueError(
+            f"expected rewards and mask [R, T] and group [R]; got {tuple(rewards.shape)}, {tuple(mask.shape)}, "
+            f"{tuple(group.shape)}"
+        )
+    if user_index.shape != group.shape:
+        raise ValueError(f"user_index {tuple(user_index.shape)} must be [R] like group {tuple(group.shape)}")
+    returns = masked_fill_zero(rewards.detach().float(), mask).sum(dim=1)  # [R] sequence returns
+    ids, slot = torch.unique(group, return_inverse=True)  # slot: [R] in 0..G_count-1
+    count = torch.zeros(len(ids), dtype=returns.dtype, device=returns.device).index_add_(
+        0, slot, torch.ones_like(returns))  # [groups]
+    if bool((count < 2).any()):
+        lonely = int(ids[(count < 2).nonzero()[0]])
+        raise ValueError(
+            f"group {lonely} has one sample: the leave-one-out baseline needs ppo.samples_per_prompt >= 2"
+        )
+    users_lo = torch.full((len(ids),), torch.iinfo(torch.int64).max, dtype=torch.int64, device=group.device)
+    users_hi = torch.full_like(users_lo, torch.iinfo(torch.int64).min)
+    users_lo.scatter_reduce_(0, slot, user_index.long(), reduce="amin")
+    users_hi.scatter_reduce_(0, slot, user_index.long(), reduce="amax")
+    if bool((users_lo != users_hi).any()):
+        bad = int(ids[(users_lo != users_hi).nonzero()[0]])
+        raise ValueError(
+            f"group {bad} holds rows of two users: a leave-one-out baseline across users would make one user's "
+            "advantages depend on another's rollouts (per-user sensitivity); group the samples of one record"
+        )
+    total = torch.zeros_like(count).index_add_(0, slot, returns)  # [groups]
+    baseline = (total[slot] - returns) / (count[slot] - 1.0)  # [R] mean of the other rows of the group
+    return masked_fill_zero((returns - baseline).unsqueeze(1).expand_as(rewards), mask)
 
 
 # ------------------------------------------------------------------------------------ advantage normalization

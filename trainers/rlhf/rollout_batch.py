@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from trainers.precision import autocast
-from trainers.rlhf.experience import Experience, make_experience, rollout_masks
+from trainers.rlhf.experience import Experience, make_experience, rollout_masks, with_rloo_advantages
 from trainers.rlhf.heads import (
     PolicyValueModel,
     last_token_index,
@@ -141,14 +141,17 @@ def build_experience(
     beta: float,
     objective: Any,
     chunk_records: int,
+    group: Tensor | None = None,
 ) -> Experience:
     """Score a sample of rollouts and build its PPO targets, ``chunk_records`` rows at a time (memory bound).
 
-    ``make_experience`` is per record, so the chunked result equals the whole-batch one row for row.
+    ``make_experience`` is per record, so the chunked result equals the whole-batch one row for row. RLOO's
+    baseline spans the samples of one prompt, which a chunk may split, so it is applied to the whole result.
 
     Args:
         user_index: [R] int64 user of each rollout (the engine's privacy unit).
         objective: ``PPOObjectiveConfig``.
+        group: [R] int64 prompt (record) each rollout answers; needed by ``advantage_estimator=rloo``.
     """
     parts: list[Experience] = []
     device = models.device
@@ -180,7 +183,13 @@ def build_experience(
                     kl_estimator=objective.kl_estimator,
                 )
             )
-    return concat_experience(parts)
+    exp = concat_experience(parts)
+    if objective.advantage_estimator == "rloo":
+        if group is None:
+            raise ValueError("advantage_estimator=rloo needs the group (prompt) of every rollout")
+        exp = with_rloo_advantages(exp, group, advantage_normalization=objective.advantage_normalization,
+                                   advantage_scale=objective.advantage_scale)
+    return exp
 
 
 def concat_experience(parts: Sequence[Experience]) -> Experience:
@@ -201,9 +210,12 @@ def ppo_loss_fn(actor: PolicyValueModel, objective: Any) -> Any:
     """The per-record loss the engine differentiates: clipped policy loss + vf_coef * clipped value loss.
 
     One forward of the shared actor-critic per micro-batch, so one per-user gradient covers the LoRA and the value
-    head. Returns [R]; nothing is reduced across records.
+    head. Without a critic (``advantage_estimator=rloo``) the value loss has weight 0: its gradient would reach
+    the LoRA through the shared hidden states. Returns [R]; nothing is reduced across records.
     """
     from trainers.rlhf.experience import ppo_loss_on_experience
+
+    vf_coef = objective.vf_coef if objective.critic else 0.0
 
     def loss_fn(exp: Experience) -> Tensor:
         logits, values = actor(exp.sequences, exp.attention_mask)  # [r, S, V], [r, S]
@@ -213,7 +225,7 @@ def ppo_loss_fn(actor: PolicyValueModel, objective: Any) -> Any:
             values,
             clip_eps=objective.clip_eps,
             value_clip=objective.value_clip_or_none,
-            vf_coef=objective.vf_coef,
+            vf_coef=vf_coef,
         )
         return loss  # [r]
 

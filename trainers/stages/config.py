@@ -411,6 +411,10 @@ class PPOConfig:
     ppo_epochs: int = 1
     """K passes over one sampled batch. Accounted as ONE Poisson-sampled event of K Gaussian releases of the same
     sample (multiplier sigma_eff / sqrt(K)), never as K fresh steps. Wu et al. use 1 to keep accounting simple."""
+    samples_per_prompt: int = 1
+    """G: responses generated per sampled prompt. All G belong to the prompt's user, whose per-user gradient sums
+    them before clipping, so G changes compute, not sensitivity. G >= 2 gives ``objective.advantage_estimator=
+    rloo`` its leave-one-out baseline (the other samples of the same prompt)."""
     minibatches: int = 1
     """Noisy updates per epoch over disjoint slices of the sampled users (each user is in exactly one slice, so
     one epoch is one release per user). 1: one update per epoch over the whole sample."""
@@ -441,6 +445,13 @@ class PPOConfig:
         require(self.expected_users_per_iteration >= 1, "expected_users_per_iteration", "must be >= 1")
         require(self.ppo_epochs >= 1, "ppo_epochs", "must be >= 1")
         require(self.minibatches >= 1, "minibatches", "must be >= 1")
+        require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
+        require(
+            self.objective.advantage_estimator != "rloo" or self.samples_per_prompt >= 2,
+            "samples_per_prompt",
+            "must be >= 2 with objective.advantage_estimator=rloo: the leave-one-out baseline of a sample is the "
+            "other samples of the same prompt",
+        )
         require(
             self.minibatches == 1,
             "minibatches",

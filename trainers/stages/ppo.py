@@ -26,6 +26,9 @@ Privacy decisions, and why:
     q * N. See ``check_supported``.
   * The loss is per record: the clipped surrogate and the value loss are means over the record's own actions,
     advantages are normalized per trajectory or by a public constant (batch whitening is refused at config load).
+  * ``ppo.samples_per_prompt`` = G rollouts of each sampled record, all the record's user's: the per-user
+    gradient sums them before clipping, so G changes compute, not sensitivity. Their RLOO baseline
+    (``objective.advantage_estimator=rloo``) is the mean return of the record's other samples: one user's data.
   * The reward model's scores and the reference's log-probs are post-processing of DP (or public) models.
   * beta is fixed, or adapted from the KL measured on PUBLIC prompts only; never from the private batch.
   * Every logged number is public: epsilon and sigma_eff (ledger), and statistics of generations on a fixed set
@@ -384,6 +387,8 @@ def learn_ppo(ctx: StageContext, plan: PPOPlan, learner: Learner) -> dict[str, A
 
     models = load_ppo_models(sft_dir=Path(plan.sft_dir), rm_dir=Path(plan.rm_dir), lora=pcfg.lora, seed=ctx.seed)
     models = models.to(learner.device)
+    if not objective.critic:  # RLOO: no value loss, so the head would only take a share of the clip and noise
+        models.actor.head.requires_grad_(False)
     ds_engine, optimizer, apply_fn, restored_step = make_learner_optimizer(
         learner, models.actor, lambda ps: torch.optim.Adam(ps, lr=pcfg.lr)
     )
@@ -467,7 +472,8 @@ def learn_ppo(ctx: StageContext, plan: PPOPlan, learner: Learner) -> dict[str, A
         for t in range(start, T):
             t0 = time.perf_counter()
             sampled = sampler.sample(t)  # [n] user indices (private: never logged), the same on every rank
-            records = users.records_of(sampled)  # [R] record indices of every sampled user
+            # [R * G] record index of every rollout: each sampled user's records, each G times (in a row)
+            records = users.records_of(sampled).repeat_interleave(pcfg.samples_per_prompt)
             payload = None
             if rollout is not None:
                 gen = (
@@ -539,7 +545,8 @@ def shard_batch(
     """This rank's part of the iteration's sample as a ``UserBatch`` of Experience (empty: a noise-only share).
 
     All rollouts are padded together first, so every rank sees the widths of the single-process run; then only the
-    rows of this rank's users (``shard_users``) are scored. ``gen[i]`` is the rollout of record ``records[i]``.
+    rows of this rank's users (``shard_users``) are scored. ``gen[i]`` is the rollout of record ``records[i]``; a
+    record appears ``ppo.samples_per_prompt`` times, and its rollouts form one RLOO group (one user's).
     """
     from trainers.distributed import shard_users
     from trainers.engine.engine import UserBatch
@@ -558,7 +565,7 @@ def shard_batch(
         padded = padded.select(rows)
     exp = build_experience(
         models, padded.to(models.device), users.record_user[records[rows]], beta=beta, objective=objective,
-        chunk_records=chunk_records,
+        chunk_records=chunk_records, group=records[rows],
     )
     return UserBatch(records=exp, user_ids=exp.user_index)
 
