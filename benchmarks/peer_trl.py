@@ -17,9 +17,10 @@ Matched: the base model, LoRA (r, alpha, target modules) on every stage, learnin
 without weight decay, constant learning rate), steps (dpalign's stage schedule), records per step (dpalign's
 expected batch: expected users x mean records per user), maximum lengths, generation length and temperature, the
 KL coefficient, and the prompt layout (``<|endoftext|> + prompt``). Not matched, by design of each library: dpalign
-samples users by Poisson sampling, TRL shuffles fixed-size batches; dpalign's PPO learns a value head and takes
-one rollout per prompt, GRPO samples ``num_generations`` per prompt (so its prompts per step are fewer for the same
-number of rollouts).
+samples users by Poisson sampling, TRL shuffles fixed-size batches; dpalign's PPO takes ``ppo.samples_per_prompt``
+rollouts per prompt (with a learned value head at 1, RLOO's leave-one-out baseline at >= 2, as the demo config),
+GRPO samples ``num_generations`` = max(2, that) per prompt and divides advantages by the group's deviation; the
+rollouts per step are matched (so GRPO's prompts per step are fewer where it samples more per prompt).
 
 Measured the same way for both, with dpalign's public evaluation code: gold reward (VADER) of samples on the
 public held-out prompts with a 95% CI, KL of the final policy to its own SFT model on those samples, reward-model
@@ -128,8 +129,9 @@ def run_trl(cfg: Any, task: Any, base_dir: Path, work: Path) -> dict[str, Any]:
 
     # GRPO on D3 prompts with that reward model
     t = time.perf_counter()
-    gens = 2
-    rollouts = max(gens, 2 * math.ceil(cfg.ppo.expected_users_per_iteration / 2))  # dpalign: one rollout per user
+    gens = max(2, cfg.ppo.samples_per_prompt)
+    per_iteration = cfg.ppo.expected_users_per_iteration * cfg.ppo.samples_per_prompt  # dpalign's rollouts, about
+    rollouts = max(gens, gens * math.ceil(per_iteration / gens))
     ppo_ds = datasets.Dataset.from_dict({"prompt": [bos + p for p in ppo_rows.rows["prompt"]]})
     args = GRPOConfig(**_common_args(work / "grpo", steps=cfg.ppo.iterations, batch=rollouts, lr=cfg.ppo.lr),
                       num_generations=gens, max_completion_length=cfg.ppo.max_new_tokens,
