@@ -100,22 +100,33 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_path(path.parent)
 
 
-def config_diff(saved: Any, given: Any, prefix: str = "") -> list[str]:
-    """Dotted differences between two plain-data configs: ``["sft.lr: saved 0.001, given 0.002", ...]``."""
+def config_diff(saved: Any, given: Any, prefix: str = "", *, defaults: Any = None) -> list[str]:
+    """Dotted differences between two plain-data configs: ``["sft.lr: saved 0.001, given 0.002", ...]``.
+
+    ``defaults`` (the config class's defaults, same layout): a key the saved config lacks is no difference when the
+    given value is its default. That is a field added to dpalign after the run was saved, and a new field's default
+    keeps the old behaviour, so a run crashed under the previous version can be resumed after an upgrade.
+    """
     if isinstance(saved, dict) and isinstance(given, dict):
         out: list[str] = []
         for key in sorted(set(saved) | set(given), key=str):
             name = f"{prefix}.{key}" if prefix else str(key)
+            default = defaults.get(key, _NO_DEFAULT) if isinstance(defaults, dict) else _NO_DEFAULT
             if key not in given:
                 out.append(f"{name}: saved {saved[key]!r}, missing in the given config")
             elif key not in saved:
-                out.append(f"{name}: not in the saved config, given {given[key]!r}")
+                if given[key] != default:
+                    out.append(f"{name}: not in the saved config, given {given[key]!r}")
             else:
-                out.extend(config_diff(saved[key], given[key], name))
+                out.extend(config_diff(saved[key], given[key], name,
+                                       defaults=None if default is _NO_DEFAULT else default))
         return out
     if isinstance(saved, (list, tuple)) and isinstance(given, (list, tuple)):
         saved, given = list(saved), list(given)
     return [] if saved == given else [f"{prefix}: saved {saved!r}, given {given!r}"]
+
+
+_NO_DEFAULT = object()
 
 
 class RunDir:
@@ -199,7 +210,7 @@ class RunDir:
         if config is not None:
             diffs = [
                 d
-                for d in config_diff(run.saved_config(), to_dict(config))
+                for d in config_diff(run.saved_config(), to_dict(config), defaults=_defaults_of(config))
                 if not any(d.startswith(f"{key}:") or d.startswith(f"{key}.") for key in ignore)
             ]
             if diffs:
@@ -361,3 +372,11 @@ def _check_stage(name: str) -> str:
     if not _STAGE_NAME.match(name):
         raise RunDirError(f"stage name {name!r}: use lowercase letters, digits and '_' (it names a directory)")
     return name
+
+
+def _defaults_of(config: Any) -> dict[str, Any] | None:
+    """The plain-data defaults of ``config``'s class, or None when it cannot be built without arguments."""
+    try:
+        return to_dict(type(config)())
+    except TypeError:
+        return None

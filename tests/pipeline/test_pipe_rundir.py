@@ -149,3 +149,19 @@ def test_checkpoint_outlives_a_crash_and_goes_only_after_the_commit(tmp_path):
     resumed.drop_checkpoint("rm")  # what the pipeline does for a done stage; idempotent
     resumed.drop_checkpoint("rm")
     assert not ckpt.exists() and (resumed.stage_dir("rm") / "head.bin").read_bytes() == b"h"
+
+
+def test_a_field_added_since_the_run_was_saved_resumes_at_its_default(tmp_path):
+    """A run saved by an older dpalign lacks fields added since: at their default they are no difference (the
+    default keeps the old behaviour), at any other value they are."""
+    import yaml
+
+    run = RunDir.create(_Cfg(), dir=tmp_path / "r")
+    saved = yaml.safe_load(run.config_path.read_text())
+    del saved["sft"]["layers"]  # as if `layers` had been added to _Sec after this run was saved
+    run.config_path.write_text(yaml.safe_dump(saved))
+    RunDir.resume(run.path, _Cfg())
+    with pytest.raises(RunDirError, match=r"sft\.layers: not in the saved config, given \[1, 2, 3\]"):
+        RunDir.resume(run.path, _Cfg(sft=_Sec(layers=[1, 2, 3])))
+    assert config_diff({"a": {}}, {"a": {"b": 1}}, defaults={"a": {"b": 1}}) == []
+    assert config_diff({"a": {}}, {"a": {"b": 2}}, defaults={"a": {"b": 1}}) == ["a.b: not in the saved config, given 2"]
