@@ -254,7 +254,7 @@ def with_rloo_advantages(
         )
     raw = rloo_advantages(exp.rewards, exp.action_mask, group.to(exp.rewards.device), exp.user_index)
     advantages = normalize_advantages(raw, exp.action_mask, mode=advantage_normalization, scale=advantage_scale)
-    return replace(exp, advantages=advantages, returns=exp.values.clone())
+    return replace(exp, advantages=advantages, returns=exp.values)
 
 
 def ppo_loss_on_experience(

@@ -184,7 +184,7 @@ def build_experience(
                 )
             )
     exp = concat_experience(parts)
-    if objective.advantage_estimator == "rloo":
+    if not objective.critic:  # RLOO
         if group is None:
             raise ValueError("advantage_estimator=rloo needs the group (prompt) of every rollout")
         exp = with_rloo_advantages(exp, group, advantage_normalization=objective.advantage_normalization,
