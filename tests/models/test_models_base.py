@@ -79,6 +79,29 @@ def test_model_round_trip_identical_logits_and_untied(built):
         assert torch.equal(model(input_ids=x).logits, again(input_ids=x).logits)
 
 
+def test_fused_activation_is_the_same_function_saved_in_the_config(tmp_path):
+    """model.activation=gelu_pytorch_tanh builds GPT-2 with the fused GELU kernel: the same function as gelu_new
+    (outputs within float rounding at equal weights), written to config.json so a plain from_pretrained uses it."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from trainers.models.base import build_model
+
+    fused, plain = replace(TINY, activation="gelu_pytorch_tanh"), TINY
+    a = build_model(fused, vocab_size=300, eos_token_id=0)
+    b = build_model(plain, vocab_size=300, eos_token_id=0)
+    assert isinstance(a.transformer.h[0].mlp.act, GELUTanh)
+    assert isinstance(b.transformer.h[0].mlp.act, NewGELUActivation)
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        la, lb = a(input_ids=x).logits, b(input_ids=x).logits
+    assert torch.allclose(la, lb, atol=1e-5) and not torch.equal(la, lb)  # different kernels, same function
+    a.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["activation_function"] == "gelu_pytorch_tanh"
+    with pytest.raises(ValueError, match="model.activation"):
+        replace(TINY, activation="relu").check()
+
+
 def test_pretraining_lowers_loss_and_beats_unigram(built):
     _, info = built
     m = info.metrics

@@ -173,6 +173,7 @@ def build_model(cfg: BaseModelConfig, *, vocab_size: int, eos_token_id: int) -> 
         n_embd=cfg.n_embd,
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
+        activation_function=cfg.activation,
         resid_pdrop=cfg.dropout,
         embd_pdrop=cfg.dropout,
         attn_pdrop=cfg.dropout,
