@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/dp_overhead.py --json
 	$(PY) benchmarks/controller.py --json
 	$(PY) benchmarks/ppo_iteration.py --json
+	$(PY) benchmarks/demo_speedups.py --json
 
 # The overhead and PPO benchmarks at GPT-2-small scale on a CUDA device, bf16, JSON under benchmarks/results/.
 bench-gpu: $(STAMP)

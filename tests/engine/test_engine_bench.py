@@ -72,3 +72,13 @@ def test_ppo_iteration_json_has_shares_and_a_generate_yardstick(tmp_path):
     assert r["iteration_s"] == pytest.approx(sum(r["seconds"].values()))
     assert r["generate_tokens_per_s_ratio"] == pytest.approx(
         r["generated_tokens_per_s"] / r["plain_generate_tokens_per_s"])
+
+
+def test_demo_speedups_json_compares_each_setting_with_its_baseline(tmp_path):
+    blob = _run(["benchmarks/demo_speedups.py", "--records", "2", "--seq", "8", "--reps", "2", "--prompts", "6",
+                 "--batch-sizes", "2,6", "--max-new-tokens", "2"], tmp_path / "speedups.json")
+    act, gen = blob["activation"], blob["generation"]
+    assert act["speedup"] == pytest.approx(act["gelu_new_ms"] / act["gelu_pytorch_tanh_ms"])
+    assert 0 < act["max_abs_diff"] < 1e-5  # two kernels of one function: they round differently, nothing more
+    assert list(gen["seconds"]) == ["2", "6"] and gen["ratio_to_first"]["2"] == 1.0
+    assert gen["ratio_to_first"]["6"] == pytest.approx(gen["seconds"]["6"] / gen["seconds"]["2"])
