@@ -36,7 +36,7 @@ class BaseModelConfig:
     activation: str = "gelu_new"
     """Embedded model: the MLP activation (``GPT2Config.activation_function``). ``gelu_new`` is GPT-2's tanh GELU
     written as seven elementwise ops; ``gelu_pytorch_tanh`` is the same function as one fused torch kernel (outputs
-    within 3e-7; the activation ~4.5x faster on 2 CPU cores).
+    within 5e-7; forward + backward 3.9x faster on 2 CPU cores, ``benchmarks/demo_speedups.py``).
     The default is GPT-2's own definition (what a hub ``gpt2`` uses, and every build before this field existed);
     the shipped demo uses the fused one. Saved in the model's config.json, so every later load (the stages, the
     exported model in plain transformers) uses the same function."""
