@@ -34,6 +34,7 @@ def _activation(*, records: int, seq: int, reps: int) -> dict[str, float]:
     import torch
     from transformers.activations import GELUTanh, NewGELUActivation
 
+    torch.manual_seed(0)  # the same inputs every run
     x = torch.randn(records, seq, 4 * 128, requires_grad=True)  # [R, S, 4 * n_embd]: the MLP's hidden activation
     grad = torch.randn_like(x)
     out: dict[str, float] = {}
