@@ -15,7 +15,9 @@ Both shares come with Fieller's 95% interval over seeds (``dpalign.stats.ratio_c
 recomputed from its ledger at Wu et al.'s delta = 1/N (``epsilon_at_delta_1_over_n``: the same released mechanism,
 compared like for like), every run is checked with `dpalign privacy verify` (the script exits 1 if one fails), and
 ``--decoupled-epsilons`` adds reference rows where only the reward model is private (Cho & Sun): the gap between
-them and the non-private row is the loss the private reward model alone causes.
+them and the non-private row is the loss the private reward model alone causes. ``--ppo-only-epsilons`` adds the
+mirror rows where only PPO is private (``privacy.preset=ppo_only``: non-private SFT and reward models): the loss
+DP-PPO alone causes. With the full private row the three give the decomposition of where the gain is lost.
 
 Each run is a fresh `dpalign run` process (``--jobs`` of them at a time, each with cores/jobs threads; rollouts
 are generated in process, ``ppo.rollout_actors=0``, which gives the same samples as Ray actors without starting
@@ -163,6 +165,9 @@ def main() -> int:
     ap.add_argument("--decoupled-epsilons", default="4",
                     help="comma-separated epsilons of reference rows with privacy.preset=decoupled (only the reward "
                          "model private, Cho & Sun; the loss the private RM alone causes); empty: none")
+    ap.add_argument("--ppo-only-epsilons", default="4",
+                    help="comma-separated epsilons of reference rows with privacy.preset=ppo_only (only PPO "
+                         "private; the loss DP-PPO alone causes); empty: none")
     ap.add_argument("--out", default=str(REPO / "runs" / "bench-privacy-utility"))
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (each gets cores/jobs threads)")
     ap.add_argument("--no-warmup", action="store_true",
@@ -178,6 +183,9 @@ def main() -> int:
     ] + [
         (f"decoupled eps={e}", ["privacy.preset=decoupled", f"privacy.target_epsilon={e}"])
         for e in args.decoupled_epsilons.split(",") if e.strip()
+    ] + [
+        (f"ppo_only eps={e}", ["privacy.preset=ppo_only", f"privacy.target_epsilon={e}"])
+        for e in args.ppo_only_epsilons.split(",") if e.strip()
     ]
     jobs = max(1, args.jobs)
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -209,7 +217,8 @@ def main() -> int:
 
     def order(row: dict) -> tuple:  # the table reads nonprivate, then private by epsilon, then the references
         name = row["setting"]
-        return (name != "nonprivate", name.startswith("decoupled"), float(name.rsplit("=", 1)[-1])
+        return (name != "nonprivate", name.startswith("decoupled"), name.startswith("ppo_only"),
+                float(name.rsplit("=", 1)[-1])
                 if "=" in name else 0.0, row["seed"])
 
     rows.sort(key=order)

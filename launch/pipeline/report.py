@@ -138,7 +138,7 @@ def build_report(
 
     Args:
         run_id: the run's id (the ledger's run_id).
-        preset: "private", "nonprivate" or "decoupled".
+        preset: "private", "nonprivate", "decoupled" or "ppo_only".
         status: "completed" or "partial" (a stage failed or was refused).
         stages: ``{name: stage_entry(...)}`` in stage order.
         ledger_privacy: ``Ledger.report()`` (verbatim), or None when no stage is private (no ledger events).
@@ -232,8 +232,8 @@ def validate_report(report: Mapping[str, Any]) -> None:
     if _need(report, "schema_version", int, w) != SCHEMA_VERSION:
         raise ReportSchemaError(f"report.schema_version: this dpalign writes and reads version {SCHEMA_VERSION}")
     _need(report, "run_id", str, w)
-    if _need(report, "preset", str, w) not in ("private", "nonprivate", "decoupled"):
-        raise ReportSchemaError("report.preset: must be private, nonprivate or decoupled")
+    if _need(report, "preset", str, w) not in ("private", "nonprivate", "decoupled", "ppo_only"):
+        raise ReportSchemaError("report.preset: must be private, nonprivate, decoupled or ppo_only")
     if _need(report, "status", str, w) not in ("completed", "partial"):
         raise ReportSchemaError("report.status: must be completed or partial")
     _need(report, "created", _NUM, w)

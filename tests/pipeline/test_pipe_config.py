@@ -96,6 +96,8 @@ def test_presets_say_which_stages_are_private():
     assert not any(v.private for v in presets("nonprivate").values())
     assert {k: v.private for k, v in presets("decoupled").items()} == {"sft": False, "rm": True, "ppo": False}
     assert "public" in presets("decoupled")["ppo"].reason
+    assert {k: v.private for k, v in presets("ppo_only").items()} == {"sft": False, "rm": False, "ppo": True}
+    assert "every user of D3 is protected" in presets("ppo_only")["ppo"].reason
     with pytest.raises(ValueError, match="preset"):
         presets("half")
 
@@ -112,6 +114,7 @@ def test_composition_follows_the_data_and_overlap_needs_shares():
     assert resolve_composition(split, SHARED) == "sequential"
     # decoupled: only rm is private, so users shared with public stages do not force sequential composition
     assert resolve_composition(PrivacyConfig(preset="decoupled"), SHARED) == "parallel"
+    assert resolve_composition(PrivacyConfig(preset="ppo_only"), SHARED) == "parallel"
     with pytest.raises(CompositionError, match="rm_share is 0"):
         resolve_composition(PrivacyConfig(sft_share=0.5, rm_share=0.0, ppo_share=0.5), SHARED)
 

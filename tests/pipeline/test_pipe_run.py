@@ -92,7 +92,8 @@ def test_private_run_reports_within_budget_and_verifies(tmp_path, cache, capsys)
     assert f"ε = {run_eps:.3f}" in (run_dir / "stages" / "ppo" / "model" / "README.md").read_text()
 
 
-@pytest.mark.parametrize("preset, private_stages", [("nonprivate", set()), ("decoupled", {"rm"})])
+@pytest.mark.parametrize("preset, private_stages", [("nonprivate", set()), ("decoupled", {"rm"}),
+                                                      ("ppo_only", {"ppo"})])
 def test_presets_protect_what_they_say(tmp_path, cache, preset, private_stages):
     code, run_dir = _run(tmp_path, cache, f"privacy.preset={preset}", name=preset)
     assert code == 0
@@ -104,6 +105,7 @@ def test_presets_protect_what_they_say(tmp_path, cache, preset, private_stages):
         assert set(report["privacy"]["stages"]) == private_stages
         lines = [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines()]
         assert {x["stage"] for x in lines if x["type"] == "event"} == private_stages
+        assert main(["privacy", "verify", str(run_dir)]) == 0  # the epsilon is recomputed from those events alone
 
 
 def test_learned_controller_runs_every_stage_within_budget(tmp_path, cache):

@@ -25,7 +25,7 @@ STAGES: tuple[str, ...] = ("sft", "rm", "ppo")
 """Pipeline stages in execution order."""
 STAGE_DATA: dict[str, str] = {"sft": "D1", "rm": "D2", "ppo": "D3"}
 """Which private split each stage trains on."""
-Preset = Literal["private", "nonprivate", "decoupled"]
+Preset = Literal["private", "nonprivate", "decoupled", "ppo_only"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ def presets(preset: str) -> dict[str, StageProtection]:
     * ``nonprivate``: no stage is DP (the baseline; no ledger events).
     * ``decoupled`` (Cho & Sun): only the reward model is DP; D1 and D3 are treated as public, so the policy is
       post-processing of the private RM and guarantees nothing for the users of D1 or D3.
+    * ``ppo_only``: only PPO is DP; the SFT model and the reward model are trained on D1 and D2 without noise (as
+      if public). D3's users are protected (PPO is the DP mechanism over D3; the SFT and reward models are fixed
+      inputs to it); D1's and D2's are not. The mirror image of ``decoupled``: side by side, the two isolate what
+      the private reward model and what DP-PPO each cost (the README's decomposition table), and it fits a team
+      whose preference data is public but whose prompts are not.
 
     Raises:
         ValueError: unknown preset.
@@ -79,7 +84,18 @@ def presets(preset: str) -> dict[str, StageProtection]:
                 "reward model, so D2 stays protected but D3 users are not",
             ),
         }
-    raise ValueError(f"preset={preset!r} is unknown; allowed: 'private', 'nonprivate', 'decoupled'")
+    if preset == "ppo_only":
+        return {
+            "sft": StageProtection("sft", False, "preset ppo_only: D1 is treated as public (no protection)"),
+            "rm": StageProtection("rm", False, "preset ppo_only: D2 is treated as public (no protection)"),
+            "ppo": StageProtection(
+                "ppo",
+                True,
+                "DP-PPO on D3 with a non-private reward model and SFT reference (fixed inputs): every user of D3 is "
+                "protected, D1 and D2 users are not",
+            ),
+        }
+    raise ValueError(f"preset={preset!r} is unknown; allowed: 'private', 'nonprivate', 'decoupled', 'ppo_only'")
 
 
 @dataclass
@@ -88,7 +104,9 @@ class PrivacyConfig:
 
     preset: Preset = "private"
     """private: all three stages DP (default). nonprivate: none (the baseline). decoupled: only the reward model
-    is DP, D1 and D3 are treated as public (Cho & Sun). The report states exactly what was protected."""
+    is DP, D1 and D3 are treated as public (Cho & Sun). ppo_only: only PPO is DP, D1 and D2 are treated as public
+    (with decoupled, the decomposition of what each private stage costs). The report states exactly what was
+    protected."""
     target_epsilon: float = 4.0
     """The run's epsilon. Under parallel composition (disjoint stage users) every private stage gets all of it;
     under sequential composition each stage gets its share below."""
