@@ -42,7 +42,7 @@ PAD_TOKEN = "<|pad|>"
 STAGE_DATA = {
     "sft": "D1, demonstrations (prompt, response) of private users",
     "rm": "D2, pairwise preferences (prompt, chosen, rejected) of private users",
-    "ppo": "D3, prompts of private users (rollouts scored by the DP reward model)",
+    "ppo": "D3, prompts of private users (rollouts scored by the reward model of the rm stage)",
 }
 """What each stage trains on, for the model cards."""
 
