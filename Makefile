@@ -63,7 +63,8 @@ bench: $(STAMP)
 bench-gpu: $(STAMP)
 	PY=$(PY) benchmarks/gpu.sh
 
-# The privacy-utility table (Wu et al. Table 1 style): 18 full demo runs, 2 at a time; about 75 minutes on 2 cores.
+# The privacy-utility table (Wu et al. Table 1 style): 21 full demo runs (non-private, eps 1/2/4/8, and the
+# decoupled and ppo_only decomposition rows at eps 4; 3 seeds each), 2 at a time: about 2.5 hours on 2 cores.
 bench-utility: $(STAMP)
 	$(PY) benchmarks/privacy_utility.py --json
 
