@@ -12,6 +12,7 @@ DP engine and a write-ahead ledger with the RDP filter at one fixed order) runs 
   online_module / online_lora_param   the same at granularity module (one threshold per adapted module) or
              lora_param (one per LoRA A and per LoRA B tensor; the engine clips per tensor)
   frozen     the learned controller pretrained on PUBLIC proxy fine-tuning (SB3 here, or --artifact PATH)
+  finetune   the same pretrained controller as a warm start that keeps learning online in the run
   nonprivate the same LoRA, steps and sampled users with no clipping or noise (one run per seed serves every
              epsilon): the non-private headroom (base -> non-private perplexity) and the end of each method's gap
 Domain: ``data.private_domain=clinical`` fine-tunes on pseudo-clinical notes the base model never saw (headroom);
@@ -50,8 +51,9 @@ if sys.path[0] != str(ROOT):  # first even when PYTHONPATH has it: this file's o
     sys.path.insert(0, str(ROOT))  # `import controller` find this script instead of the package
 
 METHODS = ("nonprivate", "fixed", "per_layer", "adaptive", "noise_schedule", "online", "online_module",
-           "online_lora_param", "frozen")
-GRANULARITY = {"online": "bucket", "frozen": "bucket", "online_module": "module", "online_lora_param": "lora_param"}
+           "online_lora_param", "frozen", "finetune")
+GRANULARITY = {"online": "bucket", "frozen": "bucket", "finetune": "bucket", "online_module": "module",
+               "online_lora_param": "lora_param"}
 """controller.granularity of each controller method; online_lora_param clips every LoRA A and B separately."""
 BASELINES = ("fixed", "per_layer", "adaptive", "noise_schedule")
 
@@ -253,14 +255,20 @@ def pretrain_frozen(args: argparse.Namespace, out: Path) -> str:
     from controller.env import ProxyDPEnv
     from controller.sb3 import train_sb3
 
+    overrides = _controller_overrides(args)
     cfg = ControllerConfig(
         interval=args.interval,
         learning_starts=4,
         batch_size=32,
         gradient_steps=8,
-        env=ProxyEnvConfig(steps=args.steps, interval=args.interval, target_epsilons=list(args.epsilons)),
-        **{k: v for k, v in _controller_overrides(args).items()
-           if k in ("clip_range", "noise_range", "buckets", "reward_scale", "privacy_penalty")},
+        env=ProxyEnvConfig(
+            steps=args.steps,
+            interval=args.interval,
+            target_epsilons=list(args.epsilons),
+            **{k: v for k, v in overrides.items() if k in ("reward", "reward_scale", "privacy_penalty")},
+        ),
+        **{k: v for k, v in overrides.items()
+           if k in ("clip_range", "noise_range", "buckets", "reward", "reward_scale", "privacy_penalty")},
     )
     env = ProxyDPEnv(cfg.env, cfg.spec())
     train_sb3(
@@ -336,6 +344,16 @@ def _controller_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _check_controller_overrides(args: argparse.Namespace) -> None:
+    from controller.config import ControllerConfig
+    from dpalign.config import ConfigError
+
+    try:
+        ControllerConfig(**_controller_overrides(args)).check()
+    except ConfigError as err:
+        raise SystemExit(f"--controller: {err}") from None
+
+
 def run_one(
     prep: dict[str, Any],
     *,
@@ -402,12 +420,12 @@ def run_one(
             target_quantile=0.5,
         )
     else:
-        mode = "frozen" if method == "frozen" else "online"
+        mode = method if method in ("frozen", "finetune") else "online"
         fields = {"learning_starts": 2, "batch_size": 16, "gradient_steps": 4, **_controller_overrides(args)}
         ccfg = ControllerConfig(
             mode=mode,
             granularity=GRANULARITY[method],
-            load=artifact if mode == "frozen" else "",
+            load=artifact if mode != "online" else "",
             interval=args.interval,
             seed=seed,
             **fields,
@@ -583,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="noise_schedule: last step's sigma over the first's (geometric in between)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument(
-        "--artifact", default="", help="pretrained controller for 'frozen' (default: pretrain one)"
+        "--artifact", default="", help="pretrained controller for 'frozen' and 'finetune' (default: pretrain one)"
     )
     parser.add_argument("--pretrain-episodes", type=int, default=20)
     parser.add_argument("--controller", nargs="+", default=[], metavar="FIELD=VALUE",
@@ -591,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    _check_controller_overrides(args)  # a mistyped --controller field fails before the task is built
     torch.set_num_threads(args.threads)
     t0 = time.time()
     prep = prepare(args)
@@ -599,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         artifact = args.artifact or None
         pretrain_s = 0.0
-        if "frozen" in args.methods and artifact is None:
+        if {"frozen", "finetune"} & set(args.methods) and artifact is None:
             t = time.time()
             artifact = pretrain_frozen(args, work / "artifact")
             pretrain_s = time.time() - t

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from controller.reward import REWARD_KINDS
 from dpalign.config import require
 
 
@@ -49,6 +50,8 @@ class ProxyEnvConfig:
     """Reference clip threshold C_ref of every module."""
     lr: float = 5e-3
     """Adam learning rate of the LoRA fine-tune."""
+    reward: Literal["validation_gain", "gain_per_budget"] = "validation_gain"
+    """The episode's reward, as in a private run (controller.reward; controller/reward.py)."""
     reward_scale: float = 100.0
     """Reward = reward_scale * (validation-loss decrease / initial loss) - privacy_penalty * (epsilon spent / target)."""
     privacy_penalty: float = 0.0
@@ -83,6 +86,7 @@ class ProxyEnvConfig:
         require(0.0 < self.delta < 1.0, f"{prefix}.delta", "must be in (0, 1)")
         require(self.reference_clip > 0, f"{prefix}.reference_clip", "must be > 0")
         require(self.lr > 0, f"{prefix}.lr", "must be > 0")
+        require(self.reward in REWARD_KINDS, f"{prefix}.reward", f"must be one of {', '.join(REWARD_KINDS)}")
         require(self.privacy_penalty >= 0, f"{prefix}.privacy_penalty", "must be >= 0")
         require(self.threads >= 0, f"{prefix}.threads", "must be >= 0")
 
@@ -142,8 +146,14 @@ class ControllerConfig:
     0.3 and 0 were level with it (0.999-1.002x); 0.3 keeps some spread in what SAC learns from."""
     hidden: list[int] = field(default_factory=lambda: [64, 64])
     """Hidden layer sizes of the actor and critics (ReLU MLPs)."""
+    reward: Literal["validation_gain", "gain_per_budget"] = "validation_gain"
+    """What a decision interval earns (controller/reward.py): ``validation_gain`` the relative decrease of the public
+    validation loss; ``gain_per_budget`` RLDP's utility gain per unit of privacy spent (the same gain divided by the
+    interval's share of the stage's RDP budget, relative to an even pace). Measured on the clinical benchmark
+    (README, "Learned controller")."""
     reward_scale: float = 100.0
-    """Reward = reward_scale * (validation-loss decrease / initial) - privacy_penalty * (budget share spent)."""
+    """Reward = reward_scale * (validation-loss decrease / initial) - privacy_penalty * (epsilon spent / target);
+    under ``gain_per_budget`` the gain is divided by the interval's budget share over an even pace's."""
     privacy_penalty: float = 0.0
     """Penalty per unit of budget share spent in an interval."""
     seed: int = 0
@@ -196,6 +206,7 @@ class ControllerConfig:
             "controller.hidden",
             "must be a non-empty list of sizes >= 1",
         )
+        require(self.reward in REWARD_KINDS, "controller.reward", f"must be one of {', '.join(REWARD_KINDS)}")
         require(self.privacy_penalty >= 0, "controller.privacy_penalty", "must be >= 0")
         require(self.pretrain_iterations >= 1, "controller.pretrain_iterations", "must be >= 1")
         require(self.pretrain_env_runners >= 0, "controller.pretrain_env_runners", "must be >= 0")

@@ -5,8 +5,9 @@ reviews, run by the REAL DP engine (trainers/engine): Poisson sampling at rate q
 module, group-wise clipping to C_k, isotropic Gaussian noise s_k = sigma * ||C||_2, division by the public
 expected batch size q*N, Adam. Every
 ``interval`` DP steps the agent sets (C_k, sigma) for the next interval through the same spaces and the same budget
-layer a private run uses, and is rewarded by the decrease of the held-out (public) validation loss, minus an
-optional penalty on the budget share spent. The episode's "private" texts are public, so the accounting inside an
+layer a private run uses, and is rewarded as a private run rewards it (controller/reward.py: the decrease of the
+held-out public validation loss, or that gain per unit of the budget share spent), minus an optional penalty on
+the epsilon spent. The episode's "private" texts are public, so the accounting inside an
 episode costs nothing: it only teaches the agent how budgets behave.
 
 The observation is built by :func:`controller.spaces.features_from_released` from a :class:`Released` record, as
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 from controller.budget import BudgetGuard
 from controller.config import ProxyEnvConfig
 from controller.records import Released, ValidationStats
+from controller.reward import interval_reward
 from controller.spaces import SpaceSpec, features_from_released, initial_observation
 
 EOS_BYTE = 256
@@ -272,7 +274,9 @@ class ProxyDPEnv(gym.Env):
         clips, sigma = self.space_spec.decode_action(
             action, reference_clips=self.reference_clips, sigma_floor=self.guard.floor()
         )
-        eps_before = self.guard.epsilon_spent()
+        eps_before, share_before, steps_before = (
+            self.guard.epsilon_spent(), self.guard.budget_share(), self.guard.steps_done
+        )
         released = None
         for _ in range(min(self.cfg.interval, self.guard.steps_left)):
             safe = self.guard.safe_action(clip_norms=clips, sigma=sigma)
@@ -283,10 +287,17 @@ class ProxyDPEnv(gym.Env):
             )
             self.guard.record(event)  # the engine's own event: sigma_eff recomputed from (C_k, s_k)
         loss = self.trainer.validation_loss()
-        spent = self.guard.epsilon_spent() - eps_before
-        reward = self.cfg.reward_scale * (
-            self.prev_loss - loss
-        ) / self.initial_loss - self.cfg.privacy_penalty * (spent / self.guard.target_epsilon)
+        reward = interval_reward(
+            kind=self.cfg.reward,
+            previous_loss=self.prev_loss,
+            loss=loss,
+            initial_loss=self.initial_loss,
+            scale=self.cfg.reward_scale,
+            budget_share=self.guard.budget_share() - share_before,
+            pace_share=(self.guard.steps_done - steps_before) / self.guard.steps,
+            epsilon_share=(self.guard.epsilon_spent() - eps_before) / self.guard.target_epsilon,
+            privacy_penalty=self.cfg.privacy_penalty,
+        )
         validation = ValidationStats(loss=loss, previous_loss=self.prev_loss, initial_loss=self.initial_loss)
         self.prev_loss = loss
         obs = features_from_released(

@@ -35,6 +35,7 @@ from controller.artifact import (
 from controller.budget import BudgetGuard, SafeAction
 from controller.config import ControllerConfig
 from controller.records import Released, ValidationStats
+from controller.reward import interval_reward
 from controller.spaces import SpaceMismatch, SpaceSpec, features_from_released, initial_observation
 
 # sigma_eff is recomputed by the engine from (C_k, s_k); a relative 1e-9 margin keeps float rounding from putting
@@ -164,6 +165,8 @@ class LearnedController:
         self._initial_loss: float | None = None
         self._previous_loss: float | None = None
         self._eps_at_decision = 0.0
+        self._share_at_decision = 0.0
+        self._steps_at_decision = 0
         self._pending_decision = True
         self.last_safe: SafeAction | None = None
         self.history: list[dict[str, float]] = []  # per decision: sigma, epsilon, validation loss, reward
@@ -260,9 +263,17 @@ class LearnedController:
             spec=self.spec,
             reference_clips=self.reference_clips,
         )
-        eps = self.guard.epsilon_spent()
-        reward = self.config.reward_scale * (self._previous_loss - loss) / self._initial_loss - (
-            self.config.privacy_penalty * (eps - self._eps_at_decision) / self.guard.target_epsilon
+        eps, share = self.guard.epsilon_spent(), self.guard.budget_share()
+        reward = interval_reward(
+            kind=self.config.reward,
+            previous_loss=self._previous_loss,
+            loss=loss,
+            initial_loss=self._initial_loss,
+            scale=self.config.reward_scale,
+            budget_share=share - self._share_at_decision,
+            pace_share=(self.guard.steps_done - self._steps_at_decision) / self.guard.steps,
+            epsilon_share=(eps - self._eps_at_decision) / self.guard.target_epsilon,
+            privacy_penalty=self.config.privacy_penalty,
         )
         if self.learner is not None and self._action is not None:
             self.learner.add(self._obs, self._action, reward, obs, done)
@@ -272,11 +283,13 @@ class LearnedController:
                 "step": self.guard.steps_done,
                 "sigma": self.guard.sigma_current,
                 "epsilon": eps,
+                "budget_share": share,
                 "validation_loss": loss,
                 "reward": reward,
             }
         )
         self._obs, self._previous_loss, self._eps_at_decision = obs, loss, eps
+        self._share_at_decision, self._steps_at_decision = share, self.guard.steps_done
         self._pending_decision = True
 
     def _decide(self) -> None:
@@ -307,6 +320,8 @@ class LearnedController:
             "initial_loss": self._initial_loss,
             "previous_loss": self._previous_loss,
             "eps_at_decision": self._eps_at_decision,
+            "share_at_decision": self._share_at_decision,
+            "steps_at_decision": self._steps_at_decision,
             "pending_decision": self._pending_decision,
             "previous_flat": None
             if self._previous_flat is None
@@ -329,6 +344,9 @@ class LearnedController:
         self.reference_clips = None if state["reference_clips"] is None else tuple(state["reference_clips"])
         self._initial_loss, self._previous_loss = state["initial_loss"], state["previous_loss"]
         self._eps_at_decision = float(state["eps_at_decision"])
+        # Checkpoints from before gain_per_budget: the interval's budget share counts from the resume.
+        self._share_at_decision = float(state.get("share_at_decision", self.guard.budget_share()))
+        self._steps_at_decision = int(state.get("steps_at_decision", self.guard.steps_done))
         self._pending_decision = bool(state["pending_decision"])
         prev = state["previous_flat"]
         self._previous_flat = None if prev is None else [torch.tensor(t) for t in prev]

@@ -118,3 +118,28 @@ def test_geometric_noise_schedule_spends_what_the_constant_one_does():
         spent = sum(guard._rdp(s) for s in sigmas)  # the guard's own per-step RDP: the schedule is checked against it
         assert budget * (1 - 1e-6) <= spent <= budget
     assert bench.geometric_noise_schedule(guard, ratio=1.0)[0] == pytest.approx(guard.sigma_reference, rel=1e-6)
+
+
+def test_finetune_method_warm_starts_from_the_pretrained_controller_under_rldps_reward(tmp_path, capsys,
+                                                                                       tiny_cache):
+    """--methods frozen finetune: one controller pretrained on the public proxy (under the reward the runs use)
+    drives both (finetune keeps learning from it); both spend exactly their epsilon, and a mistyped or invalid
+    --controller field fails before the task is built."""
+    spec = importlib.util.spec_from_file_location("bench_controller", ROOT / "benchmarks" / "controller.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--seeds", "1", "--steps", "8", "--interval", "2", "--eval-every", "4", "--epsilons", "2",
+            "--methods", "frozen", "finetune", "--pretrain-episodes", "1", "--controller", "reward=gain_per_budget",
+            "--json", "data.num_users=120", "data.private_domain=clinical", f"run.cache_dir={tiny_cache}"]
+    assert bench.main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["pretrain_seconds"] > 0  # pretrained once, shared by both methods
+    runs = {r["method"]: r for r in out["runs"]}
+    assert set(runs) == {"frozen", "finetune"}
+    for r in runs.values():
+        assert 2.0 * 0.999 < r["epsilon_spent"] <= 2.0 and r["policy_seconds"] > 0
+    assert out["settings"]["controller"] == ["reward=gain_per_budget"]
+    with pytest.raises(SystemExit, match="--controller"):
+        bench.main(["--controller", "rewards=gain_per_budget", "--methods", "fixed"])
+    with pytest.raises(SystemExit, match="controller.reward"):
+        bench.main(["--controller", "reward=perplexity", "--methods", "fixed"])
