@@ -479,7 +479,21 @@ def run_one(
     ledger.end_stage(stage)
     eps = ledger.epsilon(stage)
     ledger.close()
+    extra["ledger_verified"] = verify_ledger(run_dir / "ledger.jsonl", stage=stage, epsilon=eps, steps=steps)
     return _result(method, epsilon, seed, eps, curve, step_seconds, steps, timed.seconds, sigma, extra)
+
+
+def verify_ledger(path: Path, *, stage: str, epsilon: float, steps: int) -> bool:
+    """The run's epsilon recomputed from its ledger file alone (a fresh read and a fresh accountant, as
+    ``dpalign privacy verify`` does) equals what the run's ledger reported, over one event per planned step."""
+    from accounting.ledger import compute_privacy, read_ledger
+
+    recomputed = compute_privacy(read_ledger(path))["stages"][stage]
+    return (
+        math.isclose(recomputed["epsilon"], epsilon, rel_tol=1e-9)
+        and recomputed["num_events"] == steps
+        and recomputed["status"] == "completed"
+    )
 
 
 def _train_and_evaluate(
@@ -638,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
                         prep, method=m, epsilon=eps, seed=seed, args=args, artifact=artifact, workdir=work
                     )
                     assert r["epsilon_spent"] <= eps, f"{m} overspent: {r['epsilon_spent']} > {eps}"
+                    assert m == "nonprivate" or r["ledger_verified"], f"{m} eps={eps} seed={seed}: ledger does not verify"
                     runs.append(r)
                     if not args.json:
                         print(

@@ -67,6 +67,7 @@ def test_clinical_benchmark_reports_headroom_and_the_gap_each_method_closes(tmp_
         assert m["fixed"]["gap_closed"] == 0.0 and m["nonprivate"]["gap_closed"] == pytest.approx(1.0)
         assert m["fixed"]["steps_to_fixed"] == 6 and float(eps) * 0.999 < m["fixed"]["max_epsilon_spent"] <= float(eps)
         assert float(eps) * 0.999 < m["noise_schedule"]["max_epsilon_spent"] <= float(eps)  # same budget, other shape
+    assert all(r["ledger_verified"] for r in out["runs"] if r["method"] != "nonprivate")
 
 
 def test_reward_model_stage_measures_heldout_pairs_and_rewards_the_controller_on_public_pairs(tmp_path, capsys,
@@ -137,7 +138,7 @@ def test_finetune_method_warm_starts_from_the_pretrained_controller_under_rldps_
     runs = {r["method"]: r for r in out["runs"]}
     assert set(runs) == {"frozen", "finetune"}
     for r in runs.values():
-        assert 2.0 * 0.999 < r["epsilon_spent"] <= 2.0 and r["policy_seconds"] > 0
+        assert 2.0 * 0.999 < r["epsilon_spent"] <= 2.0 and r["policy_seconds"] > 0 and r["ledger_verified"]
     assert out["settings"]["controller"] == ["reward=gain_per_budget"]
     with pytest.raises(SystemExit, match="--controller"):
         bench.main(["--controller", "rewards=gain_per_budget", "--methods", "fixed"])
