@@ -256,11 +256,11 @@ def pretrain_frozen(args: argparse.Namespace, out: Path) -> str:
     from controller.sb3 import train_sb3
 
     overrides = _controller_overrides(args)
+    sac = {"learning_starts": 4, "batch_size": 32, "gradient_steps": 8,
+           **_controller_overrides(args, items=args.pretrain_controller)}
     cfg = ControllerConfig(
         interval=args.interval,
-        learning_starts=4,
-        batch_size=32,
-        gradient_steps=8,
+        **sac,
         env=ProxyEnvConfig(
             steps=args.steps,
             interval=args.interval,
@@ -268,7 +268,8 @@ def pretrain_frozen(args: argparse.Namespace, out: Path) -> str:
             **{k: v for k, v in overrides.items() if k in ("reward", "reward_scale", "privacy_penalty")},
         ),
         **{k: v for k, v in overrides.items()
-           if k in ("clip_range", "noise_range", "buckets", "reward", "reward_scale", "privacy_penalty")},
+           if k in ("clip_range", "noise_range", "buckets", "reward", "reward_scale", "privacy_penalty")
+           and k not in sac},
     )
     env = ProxyDPEnv(cfg.env, cfg.spec())
     train_sb3(
@@ -328,18 +329,20 @@ class ScheduledNoisePolicy:
         return None
 
 
-def _controller_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """``--controller clip_range=2 noise_range=1.5``: ControllerConfig fields for every controller method, typed
-    like the field's default."""
+def _controller_overrides(args: argparse.Namespace, items: list[str] | None = None) -> dict[str, Any]:
+    """``--controller clip_range=2 noise_range=1.5`` (or the ``items`` given, e.g. ``--pretrain-controller``):
+    ControllerConfig fields, typed like the field's default."""
     from controller.config import ControllerConfig
 
     defaults = ControllerConfig()
     out: dict[str, Any] = {}
-    for item in args.controller:
+    for item in args.controller if items is None else items:
         key, sep, value = item.partition("=")
-        if not sep or not hasattr(defaults, key) or key in ("mode", "granularity", "load", "interval", "seed"):
+        if not sep or not hasattr(defaults, key) or key in (
+            "mode", "granularity", "load", "interval", "seed", "env", "hidden"
+        ):
             raise SystemExit(f"--controller {item!r}: expected FIELD=VALUE with a ControllerConfig field "
-                             "(mode, granularity, load, interval and seed are set by the benchmark)")
+                             "(mode, granularity, load, interval, seed, env and hidden are set by the benchmark)")
         out[key] = type(getattr(defaults, key))(value)
     return out
 
@@ -350,6 +353,7 @@ def _check_controller_overrides(args: argparse.Namespace) -> None:
 
     try:
         ControllerConfig(**_controller_overrides(args)).check()
+        ControllerConfig(**_controller_overrides(args, items=args.pretrain_controller)).check()
     except ConfigError as err:
         raise SystemExit(f"--controller: {err}") from None
 
@@ -620,6 +624,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-episodes", type=int, default=20)
     parser.add_argument("--controller", nargs="+", default=[], metavar="FIELD=VALUE",
                         help="controller config fields for every controller method, e.g. clip_range=2 noise_range=1.5")
+    parser.add_argument("--pretrain-controller", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="controller config fields of the SB3 pretraining only (frozen / finetune), e.g. "
+                             "ent_coef=0.01 gradient_steps=8; they override --controller there")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

@@ -122,7 +122,7 @@ def test_geometric_noise_schedule_spends_what_the_constant_one_does():
 
 
 def test_finetune_method_warm_starts_from_the_pretrained_controller_under_rldps_reward(tmp_path, capsys,
-                                                                                       tiny_cache):
+                                                                                       tiny_cache, monkeypatch):
     """--methods frozen finetune: one controller pretrained on the public proxy (under the reward the runs use)
     drives both (finetune keeps learning from it); both spend exactly their epsilon, and a mistyped or invalid
     --controller field fails before the task is built."""
@@ -131,16 +131,31 @@ def test_finetune_method_warm_starts_from_the_pretrained_controller_under_rldps_
     spec.loader.exec_module(bench)
     args = ["--seeds", "1", "--steps", "8", "--interval", "2", "--eval-every", "4", "--epsilons", "2",
             "--methods", "frozen", "finetune", "--pretrain-episodes", "1", "--controller", "reward=gain_per_budget",
-            "--json", "data.num_users=120", "data.private_domain=clinical", f"run.cache_dir={tiny_cache}"]
+            "--pretrain-controller", "ent_coef=0.001", "gradient_steps=2", "--json", "data.num_users=120", "data.private_domain=clinical", f"run.cache_dir={tiny_cache}"]
+    import controller.sb3
+
+    real_train, seen = controller.sb3.train_sb3, []
+
+    def recording_train(env, *, config, **kw):  # the real pretraining, with its config recorded
+        seen.append((config, env.unwrapped.cfg))
+        return real_train(env, config=config, **kw)
+
+    monkeypatch.setattr(controller.sb3, "train_sb3", recording_train)
     assert bench.main(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["pretrain_seconds"] > 0  # pretrained once, shared by both methods
+    [(pre, env_cfg)] = seen
+    assert (pre.ent_coef, pre.gradient_steps, pre.reward, env_cfg.reward) == (
+        "0.001", 2, "gain_per_budget", "gain_per_budget")
     runs = {r["method"]: r for r in out["runs"]}
     assert set(runs) == {"frozen", "finetune"}
     for r in runs.values():
         assert 2.0 * 0.999 < r["epsilon_spent"] <= 2.0 and r["policy_seconds"] > 0 and r["ledger_verified"]
     assert out["settings"]["controller"] == ["reward=gain_per_budget"]
+    assert out["settings"]["pretrain_controller"] == ["ent_coef=0.001", "gradient_steps=2"]
     with pytest.raises(SystemExit, match="--controller"):
         bench.main(["--controller", "rewards=gain_per_budget", "--methods", "fixed"])
     with pytest.raises(SystemExit, match="controller.reward"):
         bench.main(["--controller", "reward=perplexity", "--methods", "fixed"])
+    with pytest.raises(SystemExit, match="controller.ent_coef"):
+        bench.main(["--pretrain-controller", "ent_coef=-1", "--methods", "frozen"])
