@@ -221,6 +221,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         (f"{T_PRIV}::test_what_a_policy_observes_is_the_noisy_release_itself",),
     ),
     Mutation(
+        "controller_sigma_below_the_floor",
+        "the learned controller's budget guard passes a proposal below the floor that affords the remaining steps",
+        (("controller/budget.py", "        s = min(max(s, floor), self.max_noise_multiplier)\n",
+          "        s = min(max(s, 0.5 * floor), self.max_noise_multiplier)\n"),),
+        ("tests/controller/test_ctrl_budget.py::test_adversarial_proposals_never_exceed_target",),
+    ),
+    Mutation(
         "tuning_mean_ignored",
         "a repeat-and-select study ledger is accounted as if one trial ran (E[K] = 1), whatever its law of K",
         (("accounting/ledger_file.py", 'mean_trials=params["mean_trials"],', "mean_trials=1.0,"),),
