@@ -283,6 +283,7 @@ def pretrain_frozen(args: argparse.Namespace, out: Path) -> str:
             epsilons=list(args.epsilons),
             delta=cfg.env.delta,
             steps=cfg.env.steps,
+            reward=cfg.env.reward,
         ),
         out=out,
     )

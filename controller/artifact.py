@@ -111,6 +111,9 @@ class Provenance:
     model_groups: list[str] = field(default_factory=list)
     """A run's export: the engine's clipping-group names of the model it controlled (public; at bucket
     granularity the spaces do not record them)."""
+    reward: str = ""
+    """The reward it learned from (controller.reward, or controller.env.reward for pretraining); empty in
+    artifacts written before the field existed (they learned from validation_gain)."""
 
 
 @dataclass

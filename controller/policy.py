@@ -371,6 +371,7 @@ class LearnedController:
             stage=self.guard.stage,
             source_run=self.source_run,
             mode=self.config.mode,
+            reward=self.config.reward,
             parent=str(self.artifact.path) if self.artifact is not None and self.artifact.path else "",
             model_groups=list(self.group_names or ()),
         )

@@ -153,6 +153,7 @@ def pretrain_rllib(
         steps=config.env.steps,
         env_steps=env_steps,
         training_curve=curve,
+        reward=config.env.reward,
     )
     path = save_artifact(out, spec=spec, actor=actor, obs_norm=norm, provenance=provenance)
     return path, curve

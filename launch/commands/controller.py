@@ -116,6 +116,7 @@ def main(args: argparse.Namespace) -> int:
             epsilons=list(ctrl.env.target_epsilons),
             delta=ctrl.env.delta,
             steps=ctrl.env.steps,
+            reward=ctrl.env.reward,
         )
         _, curve = train_sb3(
             env, config=ctrl, episodes=ctrl.pretrain_iterations, provenance=provenance, out=ctrl.out

@@ -30,6 +30,7 @@ def test_pretrain_sb3_writes_artifact_and_show_reads_it(tmp_path, capsys, monkey
             "controller.env.base_pretrain_steps=2",
             "controller.env.train_texts=32",
             "controller.env.valid_texts=4",
+            "controller.env.reward=gain_per_budget",
             f"controller.out={out}",
             "--json",
         ]
@@ -40,6 +41,7 @@ def test_pretrain_sb3_writes_artifact_and_show_reads_it(tmp_path, capsys, monkey
     assert main(["controller", "show", str(out)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["provenance"]["trainer"] == "sb3" and shown["has_sb3_state"]
+    assert shown["provenance"]["reward"] == "gain_per_budget"  # what it learned from, as pretrained
     assert shown["actor_hidden"] == [8, 8]
     left = [p.name for p in scratch.iterdir() if p.name.startswith("SB3-")]  # (torch's inductor cache may appear)
     assert left == [], f"SAC training left {left} behind"

@@ -54,6 +54,7 @@ def test_exported_controller_drives_another_run_frozen_and_finetune(tmp_path, ca
     shown = json.loads(capsys.readouterr().out)
     assert shown["sft"]["granularity"] == "lora_param" and shown["sft"]["slots"] == 4
     assert shown["sft"]["provenance"]["stage"] == "sft" and shown["sft"]["has_sb3_state"]
+    assert shown["sft"]["provenance"]["reward"] == "validation_gain"
 
     # frozen: the exported actor acts (deterministically) in a run on another seed
     model2 = H.tiny_lora_lm(2, seed=1)
