@@ -55,7 +55,7 @@ class ProxyEnvConfig:
     reward_scale: float = 100.0
     """Reward = reward_scale * (validation-loss decrease / initial loss) - privacy_penalty * (epsilon spent / target)."""
     privacy_penalty: float = 0.0
-    """Penalty per unit of the budget share spent in the interval."""
+    """Penalty per unit of the target epsilon spent in the interval (epsilon spent / target)."""
     seed: int = 0
     """Seed of the public texts, the base model and the episodes."""
     threads: int = 1
@@ -158,7 +158,7 @@ class ControllerConfig:
     """Reward = reward_scale * (validation-loss decrease / initial) - privacy_penalty * (epsilon spent / target);
     under ``gain_per_budget`` the gain is divided by the interval's budget share over an even pace's."""
     privacy_penalty: float = 0.0
-    """Penalty per unit of budget share spent in an interval."""
+    """Penalty per unit of the target epsilon spent in an interval (epsilon spent / target)."""
     seed: int = 0
     """Seed of the SAC networks and its exploration."""
     env: ProxyEnvConfig = field(default_factory=ProxyEnvConfig)
