@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from accounting.accountants import check_delta, mechanism_rdp, rdp_epsilon_at_order
 from accounting.events import PrivacyEvent
+from accounting.tuning import trial_rdp_bound
 from controller.records import LedgerState
 
 MIN_SIGMA = 1e-3
@@ -142,7 +143,8 @@ class BudgetGuard:
         self.rdp_order = float(rdp_order)
         self.sigma_reference = self.floor()
         self.sigma_current = self.sigma_reference
-        self._rdp_budget = self._rdp_at_target()
+        # The stage's RDP budget at this order (what budget_share divides by): the largest RDP the filter admits.
+        self._rdp_budget = trial_rdp_bound(target_epsilon=self.target_epsilon, delta=self.delta, order=self.rdp_order)
 
     # --- accounting on a copy of the history, never mutating it -------------------------------------------
     def _rdp(self, sigma: float) -> float:
@@ -158,22 +160,6 @@ class BudgetGuard:
     def epsilon_spent(self) -> float:
         """Epsilon of the history under the filter's order (0 before the first event)."""
         return self._epsilon_of(self._history_rdp) if self._events else 0.0
-
-    def _rdp_at_target(self) -> float:
-        """The stage's RDP budget at this order: the largest RDP whose epsilon is within the target (what
-        budget_share divides by; the reference sigma spends it up to the floor's tolerance)."""
-        lo, hi = 0.0, max(2.0 * self.steps * self._rdp(self.sigma_reference), 1e-12)
-        while self._epsilon_of(hi) <= self.target_epsilon:
-            lo, hi = hi, 2.0 * hi
-        for _ in range(100):
-            mid = 0.5 * (lo + hi)
-            if self._epsilon_of(mid) <= self.target_epsilon:
-                lo = mid
-            else:
-                hi = mid
-            if hi - lo <= 1e-12 * hi:
-                break
-        return lo
 
     def budget_share(self) -> float:
         """Share of the stage's RDP budget (at the filter's order) the history has spent: additive across steps, so
