@@ -77,6 +77,15 @@ class SafeAction:
     fell_back: bool
 
 
+@dataclass(frozen=True)
+class SpendMark:
+    """The guard's spending at one moment (public bookkeeping): what a decision interval's reward is measured from."""
+
+    epsilon: float
+    budget_share: float
+    steps: int
+
+
 class BudgetGuard:
     """Tracks a stage's spent RDP at a fixed order and turns proposals into affordable steps.
 
@@ -165,6 +174,10 @@ class BudgetGuard:
         """Share of the stage's RDP budget (at the filter's order) the history has spent: additive across steps, so
         every step at the reference sigma costs 1/steps of it."""
         return self._history_rdp / self._rdp_budget
+
+    def mark(self) -> SpendMark:
+        """Epsilon, budget share and steps spent so far."""
+        return SpendMark(self.epsilon_spent(), self.budget_share(), self.steps_done)
 
     @property
     def steps_left(self) -> int:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from controller.budget import BudgetGuard
 from controller.config import ProxyEnvConfig
 from controller.records import Released, ValidationStats
-from controller.reward import interval_reward
+from controller.reward import reward_since
 from controller.spaces import SpaceSpec, features_from_released, initial_observation
 
 EOS_BYTE = 256
@@ -274,9 +274,7 @@ class ProxyDPEnv(gym.Env):
         clips, sigma = self.space_spec.decode_action(
             action, reference_clips=self.reference_clips, sigma_floor=self.guard.floor()
         )
-        eps_before, share_before, steps_before = (
-            self.guard.epsilon_spent(), self.guard.budget_share(), self.guard.steps_done
-        )
+        start = self.guard.mark()
         released = None
         for _ in range(min(self.cfg.interval, self.guard.steps_left)):
             safe = self.guard.safe_action(clip_norms=clips, sigma=sigma)
@@ -287,16 +285,8 @@ class ProxyDPEnv(gym.Env):
             )
             self.guard.record(event)  # the engine's own event: sigma_eff recomputed from (C_k, s_k)
         loss = self.trainer.validation_loss()
-        reward = interval_reward(
-            kind=self.cfg.reward,
-            previous_loss=self.prev_loss,
-            loss=loss,
-            initial_loss=self.initial_loss,
-            scale=self.cfg.reward_scale,
-            budget_share=self.guard.budget_share() - share_before,
-            pace_share=(self.guard.steps_done - steps_before) / self.guard.steps,
-            epsilon_share=(self.guard.epsilon_spent() - eps_before) / self.guard.target_epsilon,
-            privacy_penalty=self.cfg.privacy_penalty,
+        reward = reward_since(
+            start, self.guard, config=self.cfg, previous_loss=self.prev_loss, loss=loss, initial_loss=self.initial_loss
         )
         validation = ValidationStats(loss=loss, previous_loss=self.prev_loss, initial_loss=self.initial_loss)
         self.prev_loss = loss

@@ -32,10 +32,10 @@ from controller.artifact import (
     resolve_artifact_dir,
     save_artifact,
 )
-from controller.budget import BudgetGuard, SafeAction
+from controller.budget import BudgetGuard, SafeAction, SpendMark
 from controller.config import ControllerConfig
 from controller.records import Released, ValidationStats
-from controller.reward import interval_reward
+from controller.reward import reward_since
 from controller.spaces import SpaceMismatch, SpaceSpec, features_from_released, initial_observation
 
 # sigma_eff is recomputed by the engine from (C_k, s_k); a relative 1e-9 margin keeps float rounding from putting
@@ -164,9 +164,7 @@ class LearnedController:
         self._previous_flat: list[torch.Tensor] | None = None
         self._initial_loss: float | None = None
         self._previous_loss: float | None = None
-        self._eps_at_decision = 0.0
-        self._share_at_decision = 0.0
-        self._steps_at_decision = 0
+        self._mark = SpendMark(0.0, 0.0, 0)  # the guard's spending when the current interval began
         self._pending_decision = True
         self.last_safe: SafeAction | None = None
         self.history: list[dict[str, float]] = []  # per decision: sigma, epsilon, validation loss, reward
@@ -263,18 +261,11 @@ class LearnedController:
             spec=self.spec,
             reference_clips=self.reference_clips,
         )
-        eps, share = self.guard.epsilon_spent(), self.guard.budget_share()
-        reward = interval_reward(
-            kind=self.config.reward,
-            previous_loss=self._previous_loss,
-            loss=loss,
+        reward = reward_since(
+            self._mark, self.guard, config=self.config, previous_loss=self._previous_loss, loss=loss,
             initial_loss=self._initial_loss,
-            scale=self.config.reward_scale,
-            budget_share=share - self._share_at_decision,
-            pace_share=(self.guard.steps_done - self._steps_at_decision) / self.guard.steps,
-            epsilon_share=(eps - self._eps_at_decision) / self.guard.target_epsilon,
-            privacy_penalty=self.config.privacy_penalty,
         )
+        now = self.guard.mark()
         if self.learner is not None and self._action is not None:
             self.learner.add(self._obs, self._action, reward, obs, done)
             self.learner.update()
@@ -282,14 +273,13 @@ class LearnedController:
             {
                 "step": self.guard.steps_done,
                 "sigma": self.guard.sigma_current,
-                "epsilon": eps,
-                "budget_share": share,
+                "epsilon": now.epsilon,
+                "budget_share": now.budget_share,
                 "validation_loss": loss,
                 "reward": reward,
             }
         )
-        self._obs, self._previous_loss, self._eps_at_decision = obs, loss, eps
-        self._share_at_decision, self._steps_at_decision = share, self.guard.steps_done
+        self._obs, self._previous_loss, self._mark = obs, loss, now
         self._pending_decision = True
 
     def _decide(self) -> None:
@@ -319,9 +309,9 @@ class LearnedController:
             "reference_clips": self.reference_clips,
             "initial_loss": self._initial_loss,
             "previous_loss": self._previous_loss,
-            "eps_at_decision": self._eps_at_decision,
-            "share_at_decision": self._share_at_decision,
-            "steps_at_decision": self._steps_at_decision,
+            "eps_at_decision": self._mark.epsilon,
+            "share_at_decision": self._mark.budget_share,
+            "steps_at_decision": self._mark.steps,
             "pending_decision": self._pending_decision,
             "previous_flat": None
             if self._previous_flat is None
@@ -343,10 +333,12 @@ class LearnedController:
         self._sigma = float(state["sigma"])
         self.reference_clips = None if state["reference_clips"] is None else tuple(state["reference_clips"])
         self._initial_loss, self._previous_loss = state["initial_loss"], state["previous_loss"]
-        self._eps_at_decision = float(state["eps_at_decision"])
         # Checkpoints from before gain_per_budget: the interval's budget share counts from the resume.
-        self._share_at_decision = float(state.get("share_at_decision", self.guard.budget_share()))
-        self._steps_at_decision = int(state.get("steps_at_decision", self.guard.steps_done))
+        self._mark = SpendMark(
+            float(state["eps_at_decision"]),
+            float(state.get("share_at_decision", self.guard.budget_share())),
+            int(state.get("steps_at_decision", self.guard.steps_done)),
+        )
         self._pending_decision = bool(state["pending_decision"])
         prev = state["previous_flat"]
         self._previous_flat = None if prev is None else [torch.tensor(t) for t in prev]

@@ -20,7 +20,10 @@ accounted bookkeeping: the public validation loss and the ledger's own spending.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from controller.budget import BudgetGuard, SpendMark
 
 RewardKind = Literal["validation_gain", "gain_per_budget"]
 REWARD_KINDS: tuple[str, ...] = ("validation_gain", "gain_per_budget")
@@ -62,3 +65,22 @@ def interval_reward(
             raise ValueError(f"pace_share must be > 0, got {pace_share}")
         gain *= pace_share / max(budget_share, MIN_PACE_FRACTION * pace_share)
     return gain - privacy_penalty * epsilon_share
+
+
+def reward_since(
+    mark: SpendMark, guard: BudgetGuard, *, config: Any, previous_loss: float, loss: float, initial_loss: float
+) -> float:
+    """The reward of the interval since ``mark`` (taken with ``guard.mark()`` at its start), as ``config`` (a
+    ControllerConfig or ProxyEnvConfig: ``reward``, ``reward_scale``, ``privacy_penalty``) defines it."""
+    now = guard.mark()
+    return interval_reward(
+        kind=config.reward,
+        previous_loss=previous_loss,
+        loss=loss,
+        initial_loss=initial_loss,
+        scale=config.reward_scale,
+        budget_share=now.budget_share - mark.budget_share,
+        pace_share=(now.steps - mark.steps) / guard.steps,
+        epsilon_share=(now.epsilon - mark.epsilon) / guard.target_epsilon,
+        privacy_penalty=config.privacy_penalty,
+    )
