@@ -39,9 +39,11 @@ lock: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/dpalign run --config $(CONFIG)
 
-# pytest exits 5 when it collects no test: not a failure of the suite itself.
+# pytest exits 5 when it collects no test: not a failure of the suite itself. Two pytest-xdist workers, one test
+# module at a time each, the modules with `heavy` tests first (tests/conftest.py); TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q || [ $$? -eq 5 ]
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder || [ $$? -eq 5 ]
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]

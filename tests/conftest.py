@@ -106,3 +106,19 @@ def tiny_tokenizer():
     from tests.tiny_models import tiny_tokenizer
 
     return tiny_tokenizer()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with ``heavy`` tests run first, the most marked seconds first; every other module, and the tests
+    within a module, keep their order (a stable sort, so module-scoped fixtures are still built once).
+
+    Why: ``make test`` runs the suite on two pytest-xdist workers, one module at a time each (``--dist loadscope``),
+    in this order. The few end-to-end tests that start Ray, Tune or subprocesses take most of the suite's time; begun
+    last, one of them would run alone on one core at the end while the other worker idles."""
+    cost: dict[str, float] = {}
+    for item in items:
+        mark = item.get_closest_marker("heavy")
+        if mark is not None:
+            key = item.nodeid.split("::")[0]
+            cost[key] = cost.get(key, 0.0) + float(mark.args[0] if mark.args else 1.0)
+    items.sort(key=lambda item: -cost.get(item.nodeid.split("::")[0], 0.0))

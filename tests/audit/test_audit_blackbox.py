@@ -42,6 +42,7 @@ def test_canary_rows_are_seeded_distinct_and_keyed() -> None:
     assert 10 < sum(r["chosen"] < r["rejected"] for r in first.values()) < 54
 
 
+@pytest.mark.heavy(16)
 def test_private_sft_record_canary_audit_is_consistent_with_its_claim(cache: str) -> None:
     cfg = _cfg(cache, "sft.steps=3", "sft.expected_batch_users=12")
     res = run_record_canary_audit(cfg, stage="sft", m=32, seed=0)

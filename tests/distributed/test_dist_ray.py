@@ -121,6 +121,7 @@ def _reference(optimizer_factory, noise: float, *, engine: bool = False) -> list
     return [p.detach() for p in params]
 
 
+@pytest.mark.heavy(32)
 def test_two_gloo_learners_equal_single_process_and_ledger_is_write_ahead(ray_session):
     from accounting.ledger import Ledger
     from cluster.ledger import start_ledger_sink, stop_ledger_sink

@@ -46,6 +46,7 @@ def _check_overhead(blob: dict, variants: list[str]) -> None:
     assert all4["lora_targets"] == ["c_attn", "c_proj", "c_fc"] and all4["records_per_user"] == 4
 
 
+@pytest.mark.heavy(22)
 def test_dp_overhead_json_carries_ratios_of_one_run(tmp_path):
     variants = ["nonprivate", "engine", "opacus"]
     blob = _run(["benchmarks/dp_overhead.py", "--sizes", "tiny", "--settings", "all4", "--steps", "1", "--batch", "8",
@@ -63,6 +64,7 @@ def test_dp_overhead_every_variant_and_setting(tmp_path):
     assert sorted(blob["results"]["tiny"]) == ["all4", "all4+glibc", "attn1", "attn1+glibc"]
 
 
+@pytest.mark.heavy(8)
 def test_ppo_iteration_json_has_shares_and_a_generate_yardstick(tmp_path):
     blob = _run(["benchmarks/ppo_iteration.py", "--size", "tiny", "--records", "4", "--eval-prompts", "2",
                  "--iterations", "1", "--max-new-tokens", "3", "--rollout-batch-size", "2"], tmp_path / "ppo.json")

@@ -234,6 +234,7 @@ def test_tune_cli_help_config_and_config_errors_exit_2(capsys):
     assert "study.num_samples" in capsys.readouterr().err
 
 
+@pytest.mark.heavy(47)
 @pytest.mark.timeout(900)
 def test_tiny_studies_in_all_three_modes_choose_release_and_account(tmp_path, ray_cluster):
     """>= 6 tiny trials under Ray Tune, in-process on the session's Ray, two at a time: public_proxy (2 proxy trials

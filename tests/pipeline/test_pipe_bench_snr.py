@@ -23,6 +23,7 @@ def _main(monkeypatch, *argv: str) -> int:
     return bench.main()
 
 
+@pytest.mark.heavy(9)
 def test_noise_is_the_ledgers_sigma_and_signal_never_exceeds_the_thresholds(tmp_path, tiny_cache, monkeypatch):
     run_dir, out = tmp_path / "run", tmp_path / "snr.json"
     assert _main(monkeypatch, "--config", str(ROOT / "launch" / "configs" / "tiny.yaml"), "--json-out", str(out),

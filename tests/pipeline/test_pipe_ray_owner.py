@@ -13,6 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent('''
@@ -55,6 +57,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.heavy(24)
 def test_rollout_actors_run_in_the_runs_ray_with_the_configured_resources(tmp_path):
     env = {"PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "PATH": "/usr/bin:/bin",
            "HOME": str(tmp_path), "TOKENIZERS_PARALLELISM": "false"}

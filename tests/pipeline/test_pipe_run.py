@@ -160,6 +160,7 @@ def test_shared_users_without_budget_split_are_refused_before_any_step(tmp_path,
     assert not run_dir.exists()  # refused while planning: nothing spent, no half-made run directory
 
 
+@pytest.mark.heavy(17)
 def test_sequential_composition_with_shares_stays_within_total(tmp_path, cache):
     code, run_dir = _run(tmp_path, cache, "data.shared_users=3", "privacy.sft_share=0.4", "privacy.rm_share=0.3",
                          "privacy.ppo_share=0.3", name="seq")
@@ -187,6 +188,7 @@ def _stage_events(ledger: Path, stage: str) -> list[int]:
     return [x["step"] for x in map(json.loads, lines) if x["type"] == "event" and x["stage"] == stage]
 
 
+@pytest.mark.heavy(22)
 def test_killed_run_resumes_without_rerunning_finished_stages(tmp_path, cache):
     """SIGKILL in the middle of the reward model, after SFT committed. The resume skips SFT, and RM continues at
     the ledger's count of its steps from its last checkpoint: no step is taken twice, the stage takes exactly its

@@ -179,6 +179,7 @@ def test_two_gloo_workers_share_rank_0s_secret_noise(dirs, ray_module, sft_refer
     assert any(not torch.allclose(v, sft_reference[1][k]) for k, v in tensors.items() if "lora_B" in k)
 
 
+@pytest.mark.heavy(21)
 def test_learned_controller_on_two_gloo_workers_equals_in_process(dirs, ray_module, tmp_path):
     """The controller decides on rank 0 and its plan travels with the admission answer: 2 Ray Train workers give
     the in-process run's events (the plans the ledger accounts for) and, to float tolerance, its weights."""

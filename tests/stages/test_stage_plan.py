@@ -26,6 +26,7 @@ def _users(prefix: str, n: int) -> set[str]:
     return {f"{prefix}-{i}" for i in range(n)}
 
 
+@pytest.mark.heavy(11)
 def test_prepare_run_is_one_frozen_plan_from_the_data():
     cfg = load_config(RunConfig, None, ["privacy.target_epsilon=4", "privacy.accountant=rdp",
                                         "sft.expected_batch_users=8", "sft.steps=20",

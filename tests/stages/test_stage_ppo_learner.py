@@ -85,6 +85,7 @@ def reference(dirs):
     return run_stage(dirs, dirs["root"] / "ppo-local")
 
 
+@pytest.mark.heavy(20)
 def test_one_ray_worker_with_in_process_generation_equals_in_process(dirs, ray_module, reference):
     """ray.num_workers=1, ppo.rollout_actors=0: the Ray Train worker generates itself; the outputs come back."""
     got = run_stage(dirs, dirs["root"] / "ppo-ray1", "ray.num_workers=1", "ppo.rollout_actors=0",
