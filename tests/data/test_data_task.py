@@ -132,7 +132,7 @@ def test_build_writes_loadable_files_and_reuses_the_cache(tmp_path: Path):
     assert changed.built and changed.root != first.root
     assert Path(changed.sft).read_text() != Path(first.sft).read_text()
     # No temp directories left behind.
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(
+    assert sorted(p.name for p in (tmp_path / "data").iterdir() if p.is_dir()) == sorted(
         [Path(first.root).name, Path(changed.root).name]
     )
 
@@ -160,3 +160,26 @@ def test_a_half_written_cache_directory_is_rebuilt(tmp_path: Path):
 def test_data_config_errors_name_the_field(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_config(RunConfig, None, ["data.num_users=60", override])
+
+
+def test_callers_that_miss_one_entry_at_once_build_it_once(tmp_path: Path, monkeypatch):
+    """Concurrent Tune trials (or workers) on one node that need the same missing task: one generates it, the
+    others wait for its build lock and read it (dpalign.cache.build_lock), instead of each generating a copy."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import trainers.data.task as task_module
+
+    generated, real = [], task_module.generate_task
+
+    def slow_generate(cfg, **kw):
+        generated.append(threading.get_ident())
+        time.sleep(0.5)  # every caller has checked the cache before the first build ends
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(task_module, "generate_task", slow_generate)
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda _: build_task(SMALL, cache_dir=tmp_path, progress=False), range(3)))
+    assert len(generated) == 1
+    assert sorted(t.built for t in got) == [False, False, True] and len({t.root for t in got}) == 1

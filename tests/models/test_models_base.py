@@ -152,7 +152,7 @@ def test_cache_reuse_then_rebuild_on_config_change(built):
         progress=False,
     )
     assert other_data.built and other_data.path != changed.path
-    leftovers = [p.name for p in (cache / "models").iterdir() if p.name.startswith(".")]
+    leftovers = [p.name for p in (cache / "models").iterdir() if p.name.startswith(".") and p.is_dir()]
     assert leftovers == []  # temp build dirs were renamed or removed
 
     # A directory whose metrics.json is not a complete build of this version is rebuilt, not trusted.
@@ -208,7 +208,7 @@ def test_public_files_are_read_and_validated_by_the_data_loader(tmp_path):
         ensure_base_model(
             replace(cfg, seed=2), DataConfig(), cache_dir=tmp_path, public_train="", public_valid=""
         )
-    leftovers = [p.name for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]
+    leftovers = [p.name for p in (tmp_path / "models").iterdir() if p.name.startswith(".") and p.is_dir()]
     assert leftovers == []  # failed builds leave no temp directory behind
 
 
@@ -225,3 +225,28 @@ def test_base_model_cache_ignores_the_private_population():
     assert path() == path("data.num_users=3000", "data.canary_users=5", "data.sft_user_fraction=0.3")
     assert path() != path("data.public_reviews=500")
     assert path() != path("model.n_layer=2")
+
+
+def test_callers_that_miss_one_base_model_at_once_pretrain_it_once(tmp_path: Path, monkeypatch):
+    """Concurrent trials on one node with a cold cache: one pretrains the base model, the others wait for its
+    build lock and load it (dpalign.cache.build_lock), instead of each pretraining a copy to throw away."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import trainers.models.base as base_module
+
+    built, real = [], base_module.build_base_model
+
+    def slow_build(*args, **kw):
+        built.append(threading.get_ident())
+        time.sleep(0.5)  # every caller has checked the cache before the first build ends
+        return real(*args, **kw)
+
+    monkeypatch.setattr(base_module, "build_base_model", slow_build)
+    cfg = replace(TINY, pretrain_steps=2)
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda _: ensure_base_model(cfg, DataConfig(), cache_dir=tmp_path, public_train=TRAIN,
+                                                        public_valid=VALID, progress=False), range(2)))
+    assert len(built) == 1
+    assert sorted(i.built for i in got) == [False, True] and got[0].path == got[1].path

@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpalign.cache import build_lock
 from dpalign.config import config_hash, to_dict
 from trainers.data.clinical import ClinicalNoteGenerator
 from trainers.data.config import DataConfig
@@ -355,9 +356,16 @@ def build_task(cfg: DataConfig, *, cache_dir: str | os.PathLike, progress: bool 
     final = task_dir(cfg, cache_dir=cache_dir)
     if (final / MANIFEST).is_file():
         return _from_manifest(final, json.loads((final / MANIFEST).read_text()), built=False)
+    with build_lock(final):  # one build per node: concurrent callers wait for it, then read it
+        if (final / MANIFEST).is_file():
+            return _from_manifest(final, json.loads((final / MANIFEST).read_text()), built=False)
+        return _build_into(final, cfg, progress=progress)
+
+
+def _build_into(final: Path, cfg: DataConfig, *, progress: bool) -> TaskData:
+    """Generate the embedded task into a temporary directory next to ``final`` and rename it into place."""
     started = time.perf_counter()
     data = generate_task(cfg, progress=progress)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         counts = {name: write_jsonl(tmp / f"{name}.jsonl", data[name]) for name in FILES}
@@ -388,7 +396,7 @@ def build_task(cfg: DataConfig, *, cache_dir: str | os.PathLike, progress: bool 
         except OSError:
             if not (final / MANIFEST).is_file():
                 raise
-            # A concurrent build of the same config finished first; it is identical, keep it.
+            # A concurrent build the lock did not reach (another node) finished first; it is identical, keep it.
             return _from_manifest(final, json.loads((final / MANIFEST).read_text()), built=False)
     finally:
         if tmp.exists():

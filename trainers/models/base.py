@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dpalign.cache import build_lock
 from dpalign.config import config_hash, to_dict
 from trainers.models.config import BaseModelConfig
 from trainers.models.tokenizer import load_tokenizer, train_tokenizer
@@ -383,7 +384,17 @@ def ensure_base_model(
     cached = read_metrics(final)
     if cached is not None:
         return BaseModelInfo(path=str(final), metrics=cached, built=False)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(final):  # one build per node: concurrent callers wait for it, then read it
+        cached = read_metrics(final)
+        if cached is not None:
+            return BaseModelInfo(path=str(final), metrics=cached, built=False)
+        return _build_into(final, model_cfg, data_cfg, public_train=public_train, public_valid=public_valid,
+                           progress=progress)
+
+
+def _build_into(final: Path, model_cfg: BaseModelConfig, data_cfg: Any, *, public_train: Texts,
+                public_valid: Texts, progress: bool) -> BaseModelInfo:
+    """Build the base model into a temporary directory next to ``final`` and rename it into place."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         metrics = build_base_model(
@@ -400,7 +411,7 @@ def ensure_base_model(
             theirs = read_metrics(final)
             if theirs is None:
                 raise
-            # A concurrent build finished first; theirs is equivalent (same config), keep it.
+            # A concurrent build the lock did not reach (another node) finished first; it is equivalent, keep it.
             return BaseModelInfo(path=str(final), metrics=theirs, built=False)
     finally:
         if tmp.exists():
