@@ -49,7 +49,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
 
 # The privacy core's mutation suite (tools/mutate.py): each privacy bug applied to a copy of the tree must be
-# killed by the fast tests it names; fails if one survives. About 5 minutes on 2 cores; not part of `make test`.
+# killed by the fast tests it names; fails if one survives. About 3.5 minutes on 2 cores (--jobs 2); not part of `make test`.
 mutate: $(STAMP)
 	$(PY) tools/mutate.py
 

@@ -13,7 +13,8 @@ generic tool would not write them. Each mutation below is one such bug, applied 
 
 A mutation is KILLED when those tests fail (pytest exit 1) on the mutated copy; SURVIVED when they pass; ERROR when
 pytest could not run them (exit >= 2: the mutation broke an import, or a named test does not exist). The unmutated
-copy must pass the same tests first, so a kill is the mutation's doing. Every row prints the seconds it took.
+copy must pass the same tests first, so a kill is the mutation's doing. Every row prints the seconds it took
+(``--jobs`` mutations run side by side, each in its own copy: 2 by default).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated mutation names")
     ap.add_argument("--json", action="store_true", help="print one JSON object after the table")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per pytest run")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="mutations tested at once, each in its own copy (default 2: one per core of the CI machine)")
     args = ap.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only.split(",")]
     unknown = set(filter(None, args.only.split(","))) - {m.name for m in MUTATIONS}
@@ -304,15 +308,20 @@ def main(argv: list[str] | None = None) -> int:
         if rc != 0:
             print("the unmutated tree must pass the killing tests first", file=sys.stderr)
             return 2
-        for m in chosen:
+
+        def test_one(m: Mutation) -> dict:
             tree = Path(tmp) / m.name
             shutil.copytree(clean, tree)
             apply(tree, m)
             rc, secs, summary = run_tests(tree, m.tests, timeout=args.timeout)
-            verdict = "killed" if rc == 1 else ("SURVIVED" if rc == 0 else "ERROR")
-            rows.append({"mutation": m.name, "verdict": verdict, "killed_by": summary, "seconds": round(secs, 1)})
-            print(f"{m.name:<38} {verdict:<9} {secs:6.1f} s  {summary}", flush=True)
             shutil.rmtree(tree, ignore_errors=True)
+            verdict = "killed" if rc == 1 else ("SURVIVED" if rc == 0 else "ERROR")
+            print(f"{m.name:<38} {verdict:<9} {secs:6.1f} s  {summary}", flush=True)
+            return {"mutation": m.name, "verdict": verdict, "killed_by": summary, "seconds": round(secs, 1)}
+
+        # Each mutation has its own copy and pytest process, so they run side by side; rows print as they finish.
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            rows = list(pool.map(test_one, chosen))
     survived = [r["mutation"] for r in rows if r["verdict"] != "killed"]
     print(f"\n{len(rows) - len(survived)} of {len(rows)} mutations killed"
           + (f"; not killed: {', '.join(survived)}" if survived else ""))
