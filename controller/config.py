@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from controller.reward import REWARD_KINDS
+from controller.reward import REWARD_KINDS, RewardKind
 from dpalign.config import require
 
 
@@ -50,7 +50,7 @@ class ProxyEnvConfig:
     """Reference clip threshold C_ref of every module."""
     lr: float = 5e-3
     """Adam learning rate of the LoRA fine-tune."""
-    reward: Literal["validation_gain", "gain_per_budget"] = "validation_gain"
+    reward: RewardKind = "validation_gain"
     """The episode's reward, as in a private run (controller.reward; controller/reward.py)."""
     reward_scale: float = 100.0
     """Reward = reward_scale * (validation-loss decrease / initial loss) - privacy_penalty * (epsilon spent / target)."""
@@ -149,7 +149,7 @@ class ControllerConfig:
     0.3 and 0 were level with it (0.999-1.002x); 0.3 keeps some spread in what SAC learns from."""
     hidden: list[int] = field(default_factory=lambda: [64, 64])
     """Hidden layer sizes of the actor and critics (ReLU MLPs)."""
-    reward: Literal["validation_gain", "gain_per_budget"] = "validation_gain"
+    reward: RewardKind = "validation_gain"
     """What a decision interval earns (controller/reward.py): ``validation_gain`` the relative decrease of the public
     validation loss; ``gain_per_budget`` RLDP's utility gain per unit of privacy spent (the same gain divided by the
     interval's share of the stage's RDP budget, relative to an even pace). Measured on the clinical benchmark

@@ -20,13 +20,14 @@ accounted bookkeeping: the public validation loss and the ledger's own spending.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:
     from controller.budget import BudgetGuard, SpendMark
 
 RewardKind = Literal["validation_gain", "gain_per_budget"]
-REWARD_KINDS: tuple[str, ...] = ("validation_gain", "gain_per_budget")
+"""The type of ``controller.reward`` and ``controller.env.reward`` (one list of names for both and the checks)."""
+REWARD_KINDS: tuple[str, ...] = get_args(RewardKind)
 
 # An interval's budget share never counts as less than this fraction of the even pace: the largest sigma the
 # budget layer allows bounds it from below anyway; the clamp keeps a degenerate (zero-cost) interval finite.
