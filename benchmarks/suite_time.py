@@ -79,10 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     ap.add_argument("--json-out", help="also write the JSON here")
     args = ap.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", args.baseline], cwd=REPO, capture_output=True,
-                            text=True, check=True).stdout.strip()
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    commit, head = (subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, capture_output=True, text=True,
+                                   check=True).stdout.strip() for rev in (args.baseline, "HEAD"))
     runner = ["-n", str(args.workers), "--dist", "loadscope", "--no-loadscope-reorder"] if args.workers else []
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
     load = LoadAverage()
